@@ -1,0 +1,143 @@
+"""GPU benchmark of deform_conv2d (v2, with mask; 3x3, stride 1, padding 1): cudeform against
+torchvision.ops.deform_conv2d and cuDNN's dense conv2d of the same shape, in one run.
+
+    python benchmarks/bench_deform_conv.py [--quick] [--deterministic]
+
+For each shape and dtype: median forward and forward+backward times (CUDA events), the ratios
+cudeform/torchvision and cudeform/dense, and the peak extra memory of each forward (beyond
+its inputs and output). CuPy allocates through PyTorch's caching allocator here, so one
+counter sees both libraries. Prints a Markdown table.
+"""
+
+import argparse
+import datetime
+
+import cupy
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import cudeform
+
+SPEC_SHAPES = [(16, 128, 64, 64), (16, 256, 32, 32), (16, 512, 16, 16), (2, 256, 100, 152)]
+DETECTION_SHAPES = [(2, 128, 100, 152), (2, 256, 50, 76), (2, 512, 25, 38)]
+DTYPES = ["float16", "bfloat16", "float32"]
+
+
+def use_torch_allocator():
+    def malloc(size, device):
+        return torch.cuda.caching_allocator_alloc(size, device, torch.cuda.current_stream(device))
+
+    cupy.cuda.set_allocator(cupy.cuda.memory.PythonFunctionAllocator(
+        malloc, lambda ptr, device: torch.cuda.caching_allocator_delete(ptr)).malloc)
+
+
+def median_ms(fn, warmup=3, reps=20):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return float(np.median(times))
+
+
+def extra_mib(fn):
+    """Peak memory during fn() beyond what existed before it and what it returns."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    result = fn()
+    torch.cuda.synchronize()
+    kept = torch.cuda.memory_allocated() - before
+    extra = (torch.cuda.max_memory_allocated() - before - kept) / 2**20
+    del result
+    return extra
+
+
+def bench_shape(shape, dtype, deterministic):
+    import torchvision
+
+    n, c, h, w = shape
+    dt = getattr(torch, dtype)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(n, c, h, w, device="cuda", dtype=dt, generator=gen)
+    weight = (torch.randn(c, c, 3, 3, device="cuda", dtype=dt, generator=gen) / (3 * c**0.5)).to(dt)
+    bias = torch.randn(c, device="cuda", dtype=dt, generator=gen)
+    offset = (torch.rand(n, 18, h, w, device="cuda", generator=gen) * 4 - 2).to(dt)
+    mask = torch.rand(n, 9, h, w, device="cuda", generator=gen).to(dt)
+    go = torch.randn(n, c, h, w, device="cuda", dtype=dt, generator=gen)
+    row = {}
+
+    cd_fwd = lambda: cudeform.deform_conv2d(x, offset, weight, bias, padding=1, mask=mask)
+
+    def cd_both():
+        cd_fwd()
+        return cudeform.deform_conv2d_backward(go, x, offset, weight, bias, padding=1, mask=mask,
+                                               deterministic=deterministic)
+
+    row["cd"] = (median_ms(cd_fwd), median_ms(cd_both), extra_mib(cd_fwd))
+
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, offset, weight, bias, mask)]
+    tv_fwd = lambda: torchvision.ops.deform_conv2d(leaves[0], leaves[1], leaves[2], leaves[3], padding=1,
+                                                   mask=leaves[4])
+
+    def tv_both():
+        out = tv_fwd()
+        out.backward(go)
+
+    try:
+        with torch.no_grad():
+            row["tv"] = (median_ms(tv_fwd), None, extra_mib(tv_fwd))
+        row["tv"] = (row["tv"][0], median_ms(tv_both), row["tv"][2])
+    except RuntimeError:  # torchvision has no bfloat16 kernels
+        row["tv"] = None
+
+    dx, dw, db = (t.detach().clone().requires_grad_(True) for t in (x, weight, bias))
+    dense_fwd = lambda: F.conv2d(dx, dw, db, padding=1)
+
+    def dense_both():
+        dense_fwd().backward(go)
+
+    with torch.no_grad():
+        row["dense"] = (median_ms(dense_fwd), median_ms(dense_both), None)
+    return row
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="two shapes, fp16 and fp32 only")
+    parser.add_argument("--deterministic", action="store_true", help="time the deterministic backward")
+    args = parser.parse_args()
+    use_torch_allocator()
+    torch.backends.cudnn.benchmark = True
+    shapes = SPEC_SHAPES + DETECTION_SHAPES
+    dtypes = DTYPES
+    if args.quick:
+        shapes, dtypes = [SPEC_SHAPES[1], DETECTION_SHAPES[0]], ["float16", "float32"]
+    name = torch.cuda.get_device_name()
+    print(f"\n{name}, {datetime.date.today()}, torch {torch.__version__}, "
+          f"cudeform {cudeform.__version__}{', deterministic backward' if args.deterministic else ''}; "
+          f"3x3, stride 1, padding 1, with mask and bias; median ms")
+    print("| shape (N,C,H,W) | dtype | cudeform fwd | tv fwd | dense fwd | fwd vs tv | fwd vs dense "
+          "| cudeform fwd+bwd | tv fwd+bwd | dense fwd+bwd | f+b vs tv | f+b vs dense "
+          "| cudeform fwd extra MiB | tv fwd extra MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    fmt = lambda v, spec=".3f": "n/a" if v is None else format(v, spec)
+    ratio = lambda a, b: "n/a" if a is None or b is None else f"{a / b:.2f}"
+    for shape in shapes:
+        for dtype in dtypes:
+            r = bench_shape(shape, dtype, args.deterministic)
+            cd, tv, dense = r["cd"], r["tv"] or (None, None, None), r["dense"]
+            print(f"| {','.join(map(str, shape))} | {dtype} | {fmt(cd[0])} | {fmt(tv[0])} | {fmt(dense[0])} "
+                  f"| {ratio(cd[0], tv[0])} | {ratio(cd[0], dense[0])} | {fmt(cd[1])} | {fmt(tv[1])} "
+                  f"| {fmt(dense[1])} | {ratio(cd[1], tv[1])} | {ratio(cd[1], dense[1])} "
+                  f"| {fmt(cd[2], '.0f')} | {fmt(tv[2], '.0f')} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

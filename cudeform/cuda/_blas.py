@@ -1,0 +1,49 @@
+"""Row-major (strided-batched) GEMM through cuBLAS for every storage dtype.
+
+CuPy's matmul has no bfloat16, so the GPU ops call ``cublasGemmStridedBatchedEx`` directly
+on raw pointers: float32 accumulation for the half types, float64 for float64, and exact
+float32 (no TF32) for float32.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+_DATA_TYPES = {"float16": 2, "bfloat16": 14, "float32": 0, "float64": 1}  # cudaDataType
+
+
+def matmul(a, b, c, *, m: int, n: int, k: int, dtype: str, c_dtype: str | None = None,
+           trans_a: bool = False, trans_b: bool = False, batch: int = 1,
+           stride_a: int = 0, stride_b: int = 0, stride_c: int = 0, beta: float = 0.0) -> None:
+    """``c[i] = op(a[i]) @ op(b[i]) + beta * c[i]`` for i < batch, row-major, on CuPy's
+    current stream.
+
+    ``op(a[i])`` is (m, k) and ``op(b[i])`` is (k, n); ``a``, ``b`` and ``c`` are CuPy arrays
+    (or views) whose first element starts the first matrix; the strides are in elements.
+    ``c`` may have the accumulation dtype ``c_dtype`` (float32 for half inputs).
+    """
+    import cupy
+    from cupy_backends.cuda.libs import cublas
+
+    c_dtype = c_dtype or dtype
+    compute, scalar = ((cublas.CUBLAS_COMPUTE_64F, np.float64) if dtype == "float64"
+                       else (cublas.CUBLAS_COMPUTE_32F, np.float32))
+    alpha_host = np.array(1.0, scalar)
+    beta_host = np.array(beta, scalar)
+    handle = cupy.cuda.device.get_cublas_handle()
+    cublas.setStream(handle, cupy.cuda.get_current_stream().ptr)
+    # Row-major C = A B is column-major C^T = B^T A^T: swap the operands.
+    lda = m if trans_a else k
+    ldb = k if trans_b else n
+    cublas.gemmStridedBatchedEx(
+        handle,
+        cublas.CUBLAS_OP_T if trans_b else cublas.CUBLAS_OP_N,
+        cublas.CUBLAS_OP_T if trans_a else cublas.CUBLAS_OP_N,
+        n, m, k,
+        alpha_host.ctypes.data,
+        b.data.ptr, _DATA_TYPES[dtype], ldb, stride_b,
+        a.data.ptr, _DATA_TYPES[dtype], lda, stride_a,
+        beta_host.ctypes.data,
+        c.data.ptr, _DATA_TYPES[c_dtype], n, stride_c,
+        batch, compute, cublas.CUBLAS_GEMM_DEFAULT,
+    )

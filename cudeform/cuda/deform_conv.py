@@ -1,0 +1,161 @@
+"""Deformable convolution on the GPU: kernels/deform_conv.cu around cuBLAS GEMMs.
+
+Forward, per chunk of images: im2col -> one strided-batched GEMM over the weight groups ->
+epilogue (layout and bias). Backward, per chunk: GEMM for the columns' gradient -> col2im
+(input gradient) and col2im_coord (offset and mask gradients) -> im2col again into the same
+buffer -> GEMM accumulating the weight gradient in float32 (float64 for float64).
+
+Workspace: one columns buffer of at most COLUMNS_BYTES (always at least one image), plus a
+(C_out, images, H_out*W_out) GEMM buffer when a chunk holds more than one image; the backward
+adds a float32 input-gradient accumulator for the half types and, in deterministic mode, a
+64-bit fixed-point accumulator of one chunk's input gradient.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+
+from . import _blas, _compile
+from ._compile import ACC_DTYPES, CXX_TYPES, STORAGE_DTYPES, launch
+
+SOURCE = "deform_conv.cu"
+_KERNELS = ("dcn_im2col", "dcn_col2im", "dcn_col2im_max_abs", "dcn_col2im_fixed", "dcn_col2im_coord",
+            "dcn_output_epilogue", "dcn_gather_grad_output", "bias_grad")
+NAME_EXPRESSIONS = (
+    [f"{k}<{t}>" for t in CXX_TYPES.values() for k in _KERNELS]
+    + ["cast_from_acc<__half>", "cast_from_acc<__nv_bfloat16>", "fixed_point_add<float>", "fixed_point_add<double>"]
+)
+
+COLUMNS_BYTES = 64 * 2**20
+
+
+def _kernel(name: str, dtype: str):
+    return _compile.function(sys.modules[__name__], f"{name}<{CXX_TYPES[dtype]}>")
+
+
+def _chunk(n_images: int, bytes_per_image: int) -> tuple[int, list]:
+    step = max(1, min(n_images, COLUMNS_BYTES // max(1, bytes_per_image)))
+    return step, [(n0, min(n_images, n0 + step)) for n0 in range(0, n_images, step)]
+
+
+def _geometry_args(geo, x, offset_groups, images, n0):
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = geo.kernel, geo.stride, geo.padding, geo.dilation
+    i64, i32 = np.int64, np.int32
+    return (i64(images), i64(n0), i64(x.shape[1]), i64(x.shape[2]), i64(x.shape[3]), i64(offset_groups),
+            i32(kh), i32(kw), i32(sh), i32(sw), i32(ph), i32(pw), i32(dh), i32(dw),
+            i64(geo.out_size[0]), i64(geo.out_size[1]))
+
+
+def _prepare(input, offset, weight, mask):
+    import cupy
+
+    x, offset, weight = (cupy.ascontiguousarray(a) for a in (input, offset, weight))
+    mask = cupy.ascontiguousarray(mask) if mask is not None else None
+    return cupy, x, offset, weight, mask
+
+
+def forward(input, offset, weight, bias, mask, *, geo, dtype):
+    cupy, x, offset, weight, mask = _prepare(input, offset, weight, mask)
+    n, c_in = x.shape[:2]
+    c_out, g = weight.shape[0], geo.groups
+    L = geo.out_size[0] * geo.out_size[1]
+    K = geo.kernel[0] * geo.kernel[1]
+    rows = (c_in // g) * K
+    storage = STORAGE_DTYPES[dtype]
+    out = cupy.empty((n, c_out, *geo.out_size), storage)
+    if n == 0:
+        return out
+    step, chunks = _chunk(n, c_in * K * L * x.itemsize)
+    cols = cupy.empty(c_in * K * step * L, storage)
+    buffer = cupy.empty(c_out * step * L, storage) if step > 1 else None
+    im2col, epilogue = _kernel("dcn_im2col", dtype), _kernel("dcn_output_epilogue", dtype)
+    use_mask = np.int32(mask is not None)
+    for n0, n1 in chunks:
+        b = n1 - n0
+        launch(im2col, c_in * b * L, (x, offset, mask if use_mask else x, use_mask,
+                                      *_geometry_args(geo, x, geo.offset_groups, b, n0), cols))
+        target = out[n0] if b == 1 else buffer
+        _blas.matmul(weight, cols, target, m=c_out // g, n=b * L, k=rows, dtype=dtype, batch=g,
+                     stride_a=(c_out // g) * rows, stride_b=rows * b * L, stride_c=(c_out // g) * b * L)
+        if b > 1 or bias is not None:
+            launch(epilogue, b * c_out * L, (target, bias if bias is not None else x, np.int32(bias is not None),
+                                             np.int64(c_out), np.int64(b), np.int64(L), np.int64(n0), out))
+    return out
+
+
+def backward(grad_output, input, offset, weight, bias, mask, *, geo, dtype, border_grad, deterministic):
+    cupy, x, offset, weight, mask = _prepare(input, offset, weight, mask)
+    go = cupy.ascontiguousarray(grad_output)
+    n, c_in, height, width = x.shape
+    c_out, g = weight.shape[0], geo.groups
+    L = geo.out_size[0] * geo.out_size[1]
+    K = geo.kernel[0] * geo.kernel[1]
+    rows = (c_in // g) * K
+    storage, acc_dtype = STORAGE_DTYPES[dtype], ACC_DTYPES[dtype]
+    same_acc = np.dtype(storage) == np.dtype(acc_dtype)
+    use_mask = np.int32(mask is not None)
+    mask_arg = mask if use_mask else x
+
+    grad_acc = cupy.zeros(x.shape, acc_dtype)  # the input gradient itself for float32/float64
+    grad_offset = cupy.empty_like(offset)
+    grad_mask = cupy.empty_like(mask) if use_mask else None
+    grad_weight_acc = cupy.zeros(weight.shape, acc_dtype)
+    step, chunks = _chunk(n, c_in * K * L * x.itemsize)
+    cols = cupy.empty(c_in * K * step * L, storage) if n else None
+    go_buffer = cupy.empty(c_out * step * L, storage) if step > 1 else None
+    plane = c_in * height * width
+    if deterministic and n:
+        fixed = cupy.empty(step * plane, np.uint64)
+        max_abs_bits = cupy.empty(1, np.uint32)
+
+    kernels = {name: _kernel(name, dtype) for name in _KERNELS}
+    for n0, n1 in chunks:
+        b = n1 - n0
+        geo_args = _geometry_args(geo, x, geo.offset_groups, b, n0)
+        if b == 1:
+            go_chunk = go[n0]
+        else:
+            go_chunk = go_buffer
+            launch(kernels["dcn_gather_grad_output"], b * c_out * L,
+                   (go, np.int64(c_out), np.int64(b), np.int64(L), np.int64(n0), go_chunk))
+        # The columns' gradient, W^T @ grad_output, per weight group.
+        _blas.matmul(weight, go_chunk, cols, m=rows, n=b * L, k=c_out // g, dtype=dtype, trans_a=True, batch=g,
+                     stride_a=(c_out // g) * rows, stride_b=(c_out // g) * b * L, stride_c=rows * b * L)
+        sample_args = (cols, offset, mask_arg, use_mask, *geo_args)
+        if deterministic:
+            max_abs_bits.fill(0)
+            fixed[: b * plane].fill(0)
+            launch(kernels["dcn_col2im_max_abs"], c_in * b * L, (*sample_args, max_abs_bits))
+            launch(kernels["dcn_col2im_fixed"], c_in * b * L, (*sample_args, max_abs_bits, fixed, grad_acc))
+            launch(_compile.function(sys.modules[__name__], f"fixed_point_add<{CXX_TYPES[np.dtype(acc_dtype).name]}>"),
+                   b * plane, (fixed, max_abs_bits, np.int64(K * L), np.int64(b * plane), grad_acc[n0:n1]))
+        else:
+            launch(kernels["dcn_col2im"], c_in * b * L, (*sample_args, grad_acc))
+        launch(kernels["dcn_col2im_coord"], geo.offset_groups * K * b * L,
+               (cols, x, offset, mask_arg, use_mask, np.int32(border_grad == "torchvision"), *geo_args,
+                grad_offset, grad_mask if use_mask else grad_offset))
+        # The columns again, in the same buffer, for the weight gradient.
+        launch(kernels["dcn_im2col"], c_in * b * L, (x, offset, mask_arg, use_mask, *geo_args, cols))
+        _blas.matmul(go_chunk, cols, grad_weight_acc, m=c_out // g, n=rows, k=b * L, dtype=dtype,
+                     c_dtype=np.dtype(acc_dtype).name, trans_b=True, batch=g, beta=1.0,
+                     stride_a=(c_out // g) * b * L, stride_b=rows * b * L, stride_c=(c_out // g) * rows)
+
+    grad_input = grad_acc if same_acc else _cast(grad_acc, dtype)
+    grad_weight = grad_weight_acc if same_acc else _cast(grad_weight_acc, dtype)
+    grad_bias = None
+    if bias is not None:
+        grad_bias = cupy.empty(c_out, storage)
+        launch(kernels["bias_grad"], c_out * _compile.BLOCK,
+               (go, np.int64(n), np.int64(c_out), np.int64(L), grad_bias))
+    return grad_input, grad_offset, grad_weight, grad_bias, grad_mask
+
+
+def _cast(acc, dtype):
+    import cupy
+
+    out = cupy.empty(acc.shape, STORAGE_DTYPES[dtype])
+    launch(_compile.function(sys.modules[__name__], f"cast_from_acc<{CXX_TYPES[dtype]}>"), acc.size,
+           (acc, np.int64(acc.size), out))
+    return out

@@ -1,0 +1,33 @@
+"""Shared fixtures: every op test runs on NumPy and, where a CUDA device is present, on CuPy."""
+
+import numpy as np
+import pytest
+
+
+def _cuda_available() -> bool:
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:  # no CuPy, no driver or no device
+        return False
+
+
+HAS_CUDA = _cuda_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    skip = pytest.mark.skip(reason="needs CuPy and a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip)
+
+
+@pytest.fixture(params=["numpy", pytest.param("cupy", marks=pytest.mark.gpu)])
+def xp(request):
+    """The array module a test runs on: NumPy (CPU path) or CuPy (GPU path)."""
+    if request.param == "numpy":
+        return np
+    import cupy
+
+    return cupy

@@ -1,0 +1,109 @@
+"""Array interop: what goes in, what comes out, and the errors for what cannot."""
+
+import numpy as np
+import pytest
+
+import cudeform
+from cudeform import _arrays
+
+
+class DLPackOnly:
+    """A foreign array that only speaks DLPack, on the CPU."""
+
+    def __init__(self, array, device=(1, 0)):
+        self._array = array
+        self._device = device
+
+    def __dlpack__(self, **kwargs):
+        return self._array.__dlpack__(**kwargs)
+
+    def __dlpack_device__(self):
+        return self._device
+
+
+def small_case(dtype=np.float64):
+    rng = np.random.default_rng(0)
+    return (rng.standard_normal((1, 2, 4, 5)).astype(dtype),
+            rng.uniform(-1, 1, (1, 18, 2, 3)).astype(dtype),
+            rng.standard_normal((3, 2, 3, 3)).astype(dtype))
+
+
+def test_numpy_in_numpy_out():
+    x, off, w = small_case()
+    out = cudeform.deform_conv2d(x, off, w)
+    assert isinstance(out, np.ndarray) and out.shape == (1, 3, 2, 3)
+
+
+def test_dlpack_object_taken_zero_copy():
+    x, off, w = small_case()
+    p = _arrays.prepare("op", input=DLPackOnly(x), weight=w)
+    assert p.device == _arrays.Device("cpu", 0)
+    assert np.shares_memory(p.arrays["input"], x)
+    out = cudeform.deform_conv2d(DLPackOnly(x), off, w)
+    np.testing.assert_array_equal(out, cudeform.deform_conv2d(x, off, w))
+
+
+def test_mixed_devices_rejected_before_any_copy():
+    x, off, w = small_case()
+    on_gpu = DLPackOnly(off, device=(2, 0))
+    with pytest.raises(ValueError, match=r"deform_conv2d: .*input is on cpu, offset is on cuda:0"):
+        cudeform.deform_conv2d(x, on_gpu, w)
+
+
+def test_unsupported_device_type():
+    x, off, w = small_case()
+    with pytest.raises(ValueError, match=r"offset: .*DLPack device type 8"):
+        cudeform.deform_conv2d(x, DLPackOnly(off, device=(8, 0)), w)
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.complex64, np.float16, np.bool_])
+def test_unsupported_dtypes(dtype):
+    x, off, w = small_case()
+    with pytest.raises(TypeError, match=r"input: expected one of float32, float64 on the CPU, got"):
+        cudeform.deform_conv2d(x.astype(dtype), off, w)
+
+
+def test_mismatched_dtypes():
+    x, off, w = small_case()
+    with pytest.raises(TypeError, match="input is float64, weight is float32"):
+        cudeform.deform_conv2d(x, off, w.astype(np.float32))
+
+
+def test_none_arguments_pass_through():
+    x, _, w = small_case()
+    p = _arrays.prepare("op", input=x, bias=None, weight=w)
+    assert list(p.arrays) == ["input", "bias", "weight"] and p.arrays["bias"] is None
+
+
+@pytest.fixture
+def torch():
+    return pytest.importorskip("torch")
+
+
+class TestTorch:
+    def test_tensor_in_tensor_out(self, torch):
+        x, off, w = (torch.from_numpy(a) for a in small_case())
+        out = cudeform.deform_conv2d(x, off, w)
+        assert isinstance(out, torch.Tensor) and out.device.type == "cpu" and out.dtype == torch.float64
+        np.testing.assert_array_equal(out.numpy(), cudeform.deform_conv2d(*small_case()))
+        grads = cudeform.deform_conv2d_backward(torch.ones_like(out), x, off, w)
+        assert all(isinstance(g, torch.Tensor) for g in (grads.input, grads.offset, grads.weight))
+        assert grads.bias is None and grads.mask is None
+
+    def test_requires_grad_is_detached_not_copied(self, torch):
+        x, off, w = (torch.from_numpy(a) for a in small_case())
+        x.requires_grad_(True)
+        p = _arrays.prepare("op", input=x)
+        assert np.shares_memory(p.arrays["input"], x.detach().numpy())
+        out = cudeform.deform_conv2d(x, off, w)
+        assert not out.requires_grad
+
+    def test_bfloat16_on_cpu_is_rejected(self, torch):
+        x, off, w = (torch.from_numpy(a).to(torch.bfloat16) for a in small_case())
+        with pytest.raises(TypeError, match="input: expected one of float32, float64 on the CPU, got bfloat16"):
+            cudeform.deform_conv2d(x, off, w)
+
+    def test_integer_tensor_is_rejected(self, torch):
+        x, off, w = (torch.from_numpy(a) for a in small_case())
+        with pytest.raises(TypeError, match="weight: .* got int64"):
+            cudeform.deform_conv2d(x, off, w.long())
