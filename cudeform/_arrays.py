@@ -9,6 +9,7 @@ framework, on the same device. Every op goes through :func:`prepare`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 from typing import Any, NamedTuple
 
@@ -68,30 +69,86 @@ def _locate(op: str, name: str, obj: Any) -> tuple[str, Device]:
     )
 
 
-def _convert(obj: Any, framework: str, device: Device) -> tuple[Any, str]:
-    """Zero-copy NumPy/CuPy view of ``obj`` and its dtype name.
+# How each dtype is stored in NumPy/CuPy arrays: bfloat16 has no NumPy or CuPy dtype and
+# travels as its 16 bits, its logical dtype carried beside it.
+STORAGE_DTYPES = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32, "float64": np.float64}
 
-    bfloat16 has no NumPy or CuPy dtype, so a bfloat16 tensor travels as its int16 bits and
-    its logical dtype is carried beside it.
-    """
+
+@functools.lru_cache(maxsize=None)
+def _torch_dtypes() -> dict:
+    """torch dtype -> our dtype name, for the dtypes the GPU path takes."""
+    import torch
+
+    return {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32",
+            torch.float64: "float64"}
+
+
+def _torch_dtype(name: str):
+    return next(k for k, v in _torch_dtypes().items() if v == name)
+
+
+def _from_torch(t: Any, device: Device) -> tuple[Any, str]:
+    """Zero-copy NumPy/CuPy view of a torch tensor. On the GPU this skips DLPack's per-tensor
+    stream handshake, which costs more than a small kernel: the op runs on the tensor's current
+    stream anyway (see _caller_stream)."""
+    dtype = _torch_dtypes().get(t.dtype) or str(t.dtype).replace("torch.", "")
+    if dtype not in GPU_DTYPES:
+        return None, dtype
+    if t.requires_grad:
+        t = t.detach()
+    if device.kind == "cpu":
+        return (None if dtype == "bfloat16" else t.numpy()), dtype
+    cupy = cupy_module()
+    itemsize = t.element_size()
+    extent = 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride())) if t.numel() else 0
+    memory = cupy.cuda.UnownedMemory(t.data_ptr(), extent * itemsize, t, device.index)
+    return cupy.ndarray(tuple(t.shape), STORAGE_DTYPES[dtype], cupy.cuda.MemoryPointer(memory, 0),
+                        tuple(st * itemsize for st in t.stride())), dtype
+
+
+def _convert(obj: Any, framework: str, device: Device) -> tuple[Any, str]:
+    """Zero-copy NumPy/CuPy view of ``obj`` and its dtype name (None where unsupported)."""
     if framework in ("numpy", "cupy"):
         return obj, obj.dtype.name
     if framework == "torch":
+        return _from_torch(obj, device)
+    arr = np.from_dlpack(obj) if device.kind == "cpu" else cupy_module().from_dlpack(obj)
+    return arr, arr.dtype.name
+
+
+class _TorchAllocator:
+    """Serves CuPy's allocations from PyTorch's caching allocator during a call on torch CUDA
+    tensors: outputs and workspaces come from the memory pool the caller's framework manages,
+    on its current stream, and an output goes back as a view of the torch tensor that holds its
+    memory, without a DLPack round trip."""
+
+    def __init__(self):
+        self.live: dict = {}  # device pointer -> the torch uint8 tensor that owns it
+
+    def malloc(self, size: int, device_id: int) -> int:
+        if size == 0:
+            return 0
         import torch
 
-        if obj.requires_grad:
-            obj = obj.detach()
-        if obj.dtype == torch.bfloat16:
-            if device.kind == "cpu":
-                return None, "bfloat16"
-            return cupy_module().from_dlpack(obj.view(torch.int16)), "bfloat16"
-        if obj.dtype.is_complex or not obj.dtype.is_floating_point:
-            return None, str(obj.dtype).replace("torch.", "")
-    if device.kind == "cpu":
-        arr = np.from_dlpack(obj)
-    else:
-        arr = cupy_module().from_dlpack(obj)
-    return arr, arr.dtype.name
+        block = torch.empty(size, dtype=torch.uint8, device=torch.device("cuda", device_id))
+        self.live[block.data_ptr()] = block
+        return block.data_ptr()
+
+    def free(self, ptr: int, device_id: int) -> None:
+        self.live.pop(ptr, None)
+
+    def tensor(self, arr: Any, dtype: str):
+        """The torch tensor viewing ``arr``'s memory, or None if that memory is not ours."""
+        block = self.live.get(arr.data.mem.ptr)
+        if block is None or not arr.flags.c_contiguous:
+            return None
+        import torch
+
+        start = arr.data.ptr - arr.data.mem.ptr
+        return block[start:start + arr.nbytes].view(_torch_dtype(dtype)).view(arr.shape)
+
+
+_torch_allocator = _TorchAllocator()
 
 
 class Prepared(NamedTuple):
@@ -109,7 +166,8 @@ class Prepared(NamedTuple):
         return importlib.import_module(f"cudeform.{self.device.kind}.{op_module}")
 
     def context(self):
-        """Context manager that makes this call's device and stream current (a no-op on the CPU)."""
+        """Context manager that makes this call's device and stream current (a no-op on the CPU),
+        and for torch callers, torch's memory pool CuPy's allocator."""
         return _device_context(self.device, self.stream_ptr)
 
     def wrap(self, result):
@@ -119,9 +177,13 @@ class Prepared(NamedTuple):
         if self.framework == "torch":
             import torch
 
-            if self.dtype == "bfloat16":
-                return torch.from_dlpack(result).view(torch.bfloat16)
-            return torch.from_dlpack(result)
+            if self.device.kind == "cpu":
+                return torch.from_numpy(result)
+            tensor = _torch_allocator.tensor(result, self.dtype)
+            if tensor is None:  # an empty result, which needed no memory
+                tensor = torch.empty(result.shape, dtype=_torch_dtype(self.dtype),
+                                     device=torch.device("cuda", self.device.index))
+            return tensor
         if self.framework in ("jax", "jaxlib"):
             import jax.dlpack
 
@@ -139,6 +201,22 @@ def _caller_stream(framework: str, device: Device, first: Any):
     return torch.cuda.current_stream(first.device).cuda_stream
 
 
+@functools.lru_cache(maxsize=None)
+def _torch_malloc():
+    cupy = cupy_module()
+    return cupy.cuda.memory.PythonFunctionAllocator(_torch_allocator.malloc, _torch_allocator.free).malloc
+
+
+class _StreamHandle:
+    """A raw CUDA stream pointer, offered through the CUDA stream protocol."""
+
+    def __init__(self, ptr: int):
+        self.ptr = ptr
+
+    def __cuda_stream__(self):
+        return (0, self.ptr)
+
+
 @contextlib.contextmanager
 def _device_context(device: Device, stream_ptr):
     if device.kind != "cuda":
@@ -148,7 +226,8 @@ def _device_context(device: Device, stream_ptr):
     with contextlib.ExitStack() as stack:
         stack.enter_context(cupy.cuda.Device(device.index))
         if stream_ptr is not None:
-            stack.enter_context(cupy.cuda.ExternalStream(stream_ptr, device.index))
+            stack.enter_context(cupy.cuda.Stream.from_external(_StreamHandle(stream_ptr)))
+            stack.enter_context(cupy.cuda.using_allocator(_torch_malloc()))
         yield
 
 

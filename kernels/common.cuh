@@ -11,6 +11,12 @@ namespace cudeform {
 // Sizes and offsets are 64-bit: N*C*H*W and C*kh*kw*N*H_out*W_out pass 2**31 on real inputs.
 typedef long long index_t;
 
+// a / b for non-negative a, b: in 32 bits when both fit. A 64-bit division is a long
+// subroutine on the GPU, and index decomposition is most of a light kernel's arithmetic.
+__device__ __forceinline__ index_t fast_div(index_t a, index_t b) {
+    return ((a | b) >> 31) == 0 ? (index_t)((unsigned)a / (unsigned)b) : a / b;
+}
+
 // Every kernel walks its index space with a grid-stride loop, so any grid size is valid and
 // the host can cap the grid.
 #define CUDEFORM_LOOP(i, n)                                                                    \
@@ -66,14 +72,50 @@ __device__ __forceinline__ A pixel(const T* plane, index_t height, index_t width
     return (y >= 0 && y < height && x >= 0 && x < width) ? to_acc(plane[y * width + x]) : A(0);
 }
 
+// The four taps of one zero-padded bilinear sample (a point inside the open box), computed
+// once and applied to many channel planes of the same size: sample() reads a plane,
+// for_each() visits the taps inside the image (for scatters).
+template <typename A>
+struct BilinearTaps {
+    A w00, w01, w10, w11;
+    index_t i00;  // offset of the (floor, floor) neighbour in the plane
+    index_t width;
+    bool ok00, ok01, ok10, ok11;
+
+    __device__ __forceinline__ BilinearTaps(A h, A w, index_t height, index_t width_) : width(width_) {
+        Corners<A> p(h, w);
+        const bool y0 = p.y0 >= 0, y1 = p.y0 + 1 < height, x0 = p.x0 >= 0, x1 = p.x0 + 1 < width;
+        ok00 = y0 && x0; ok01 = y0 && x1; ok10 = y1 && x0; ok11 = y1 && x1;
+        w00 = (A(1) - p.lh) * (A(1) - p.lw);
+        w01 = (A(1) - p.lh) * p.lw;
+        w10 = p.lh * (A(1) - p.lw);
+        w11 = p.lh * p.lw;
+        i00 = p.y0 * width + p.x0;
+    }
+
+    template <typename T>
+    __device__ __forceinline__ A sample(const T* plane) const {
+        A v = A(0);
+        if (ok00) v += w00 * to_acc(plane[i00]);
+        if (ok01) v += w01 * to_acc(plane[i00 + 1]);
+        if (ok10) v += w10 * to_acc(plane[i00 + width]);
+        if (ok11) v += w11 * to_acc(plane[i00 + width + 1]);
+        return v;
+    }
+
+    template <typename F>
+    __device__ __forceinline__ void for_each(F f) const {
+        if (ok00) f(i00, w00);
+        if (ok01) f(i00 + 1, w01);
+        if (ok10) f(i00 + width, w10);
+        if (ok11) f(i00 + width + 1, w11);
+    }
+};
+
 template <typename A, typename T>
 __device__ __forceinline__ A bilinear_zero(const T* plane, index_t height, index_t width, A h, A w) {
     if (!in_open_box(h, w, height, width)) return A(0);
-    Corners<A> p(h, w);
-    return (A(1) - p.lh) * ((A(1) - p.lw) * pixel<A>(plane, height, width, p.y0, p.x0)
-                            + p.lw * pixel<A>(plane, height, width, p.y0, p.x0 + 1))
-         + p.lh * ((A(1) - p.lw) * pixel<A>(plane, height, width, p.y0 + 1, p.x0)
-                   + p.lw * pixel<A>(plane, height, width, p.y0 + 1, p.x0 + 1));
+    return BilinearTaps<A>(h, w, height, width).sample(plane);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -122,6 +164,106 @@ __device__ __forceinline__ double fixed_to_double(unsigned long long q, double s
     return (double)(long long)q / scale;
 }
 
+// ---------------------------------------------------------------------------------------------
+// Bilinear sampling with clamping (RoIAlign, deformable RoI pooling). A point inside the op's
+// closed box (in_closed_box) is clamped into [0, H-1] x [0, W-1] and blended between its
+// floor and floor + 1, the latter clamped to the last row/column; RoIAlign's clamping rules
+// (y <= 0 -> 0, low corner at or past the last row -> that row) are this clamp. Where a
+// coordinate is clamped the sample does not move with it, so its derivative is 0 there;
+// elsewhere it is the bilinear slope, from the right at the kinks (integer coordinates).
+// The CPU twin is clamped_corners in cudeform/cpu/_bilinear.py.
+// ---------------------------------------------------------------------------------------------
+
+// Whether (h, w) lies in [-margin, H - 1 + margin] x [-margin, W - 1 + margin]; false for NaN.
+// RoIAlign's box has margin 1, MSRA's position-sensitive pooling's margin 0.5.
+template <typename A>
+__device__ __forceinline__ bool in_closed_box(A h, A w, index_t height, index_t width, A margin) {
+    return h >= -margin && h <= A(height - 1) + margin && w >= -margin && w <= A(width - 1) + margin;
+}
+
+template <typename A>
+struct ClampedCorners {
+    index_t y0, x0, y1, x1;  // rows and columns of the corners, inside the plane
+    A lh, lw;                // position between them
+    bool moves_h, moves_w;   // whether the clamped position follows h (w)
+
+    __device__ __forceinline__ ClampedCorners(A h, A w, index_t height, index_t width) {
+        moves_h = h >= A(0) && h < A(height - 1);
+        moves_w = w >= A(0) && w < A(width - 1);
+        const A ch = h < A(0) ? A(0) : (h > A(height - 1) ? A(height - 1) : h);
+        const A cw = w < A(0) ? A(0) : (w > A(width - 1) ? A(width - 1) : w);
+        const A fh = floor(ch), fw = floor(cw);
+        y0 = (index_t)fh;
+        x0 = (index_t)fw;
+        y1 = y0 + 1 < height ? y0 + 1 : y0;
+        x1 = x0 + 1 < width ? x0 + 1 : x0;
+        lh = ch - fh;
+        lw = cw - fw;
+    }
+
+    // The corner values: v01 is (y0, x1), v10 is (y1, x0).
+    template <typename T>
+    __device__ __forceinline__ void fetch(const T* plane, index_t width, A& v00, A& v01, A& v10, A& v11) const {
+        v00 = to_acc(plane[y0 * width + x0]);
+        v01 = to_acc(plane[y0 * width + x1]);
+        v10 = to_acc(plane[y1 * width + x0]);
+        v11 = to_acc(plane[y1 * width + x1]);
+    }
+
+    __device__ __forceinline__ A blend(A v00, A v01, A v10, A v11) const {
+        return (A(1) - lh) * ((A(1) - lw) * v00 + lw * v01) + lh * ((A(1) - lw) * v10 + lw * v11);
+    }
+
+    // d blend / dh and d blend / dw with respect to the unclamped position.
+    __device__ __forceinline__ A d_h(A v00, A v01, A v10, A v11) const {
+        return moves_h ? (A(1) - lw) * (v10 - v00) + lw * (v11 - v01) : A(0);
+    }
+    __device__ __forceinline__ A d_w(A v00, A v01, A v10, A v11) const {
+        return moves_w ? (A(1) - lh) * (v01 - v00) + lh * (v11 - v10) : A(0);
+    }
+};
+
+constexpr int WARP_SIZE = 32;
+
+// The sum over the lanes of a converged warp, in a fixed butterfly order (reproducible);
+// every lane receives it.
+template <typename A>
+__device__ __forceinline__ A warp_sum(A v) {
+    for (int s = WARP_SIZE / 2; s > 0; s >>= 1) v += __shfl_xor_sync(0xffffffffu, v, s);
+    return v;
+}
+
+// The sum over a block (blockDim.x a multiple of WARP_SIZE, every thread calling), in a fixed
+// order: warp sums, then the warps' sums by warp 0. Reproducible; the result is in thread 0.
+// scratch: WARP_SIZE elements of shared memory, reusable by the next call.
+template <typename A>
+__device__ __forceinline__ A block_sum(A v, A* scratch) {
+    v = warp_sum(v);
+    const int lane = threadIdx.x % WARP_SIZE, warp = threadIdx.x / WARP_SIZE;
+    __syncthreads();  // the previous call's readers are done with scratch
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    if (warp == 0) v = warp_sum(lane < (int)(blockDim.x / WARP_SIZE) ? scratch[lane] : A(0));
+    return v;
+}
+
+// d/dh and d/dw of bilinear_zero at (h, w), from the right at the kinks (integer coordinates):
+// non-zero on [-1, H) x [-1, W), so a point at exactly h = -1, which reads 0, is still pulled
+// into the plane (deform_conv2d's border_grad="torchvision").
+template <typename A, typename T>
+__device__ __forceinline__ void bilinear_zero_position_grad(const T* plane, index_t height, index_t width,
+                                                            A h, A w, A& grad_h, A& grad_w) {
+    grad_h = grad_w = A(0);
+    if (!(h >= A(-1) && h < A(height) && w >= A(-1) && w < A(width))) return;
+    const Corners<A> p(h, w);
+    const A v00 = pixel<A>(plane, height, width, p.y0, p.x0);
+    const A v01 = pixel<A>(plane, height, width, p.y0, p.x0 + 1);
+    const A v10 = pixel<A>(plane, height, width, p.y0 + 1, p.x0);
+    const A v11 = pixel<A>(plane, height, width, p.y0 + 1, p.x0 + 1);
+    grad_h = (A(1) - p.lw) * (v10 - v00) + p.lw * (v11 - v01);
+    grad_w = (A(1) - p.lh) * (v01 - v00) + p.lh * (v11 - v10);
+}
+
 }  // namespace cudeform
 
 // ---------------------------------------------------------------------------------------------
@@ -142,6 +284,16 @@ __global__ void fixed_point_add(const unsigned long long* __restrict__ fixed,
                                 cudeform::index_t n, A* __restrict__ acc) {
     const double scale = cudeform::fixed_point_scale(*max_abs_bits, terms);
     CUDEFORM_LOOP(i, n) { acc[i] += (A)cudeform::fixed_to_double(fixed[i], scale); }
+}
+
+// out[n, c, l] += bias[c] for an (images, channels, L) block, in place.
+template <typename T>
+__global__ void add_bias(T* out, const T* __restrict__ bias, cudeform::index_t images, cudeform::index_t channels,
+                         cudeform::index_t L) {
+    CUDEFORM_LOOP(i, images * channels * L) {
+        const cudeform::index_t c = cudeform::fast_div(i, L) % channels;
+        out[i] = cudeform::from_acc<T>(cudeform::to_acc(out[i]) + cudeform::to_acc(bias[c]));
+    }
 }
 
 // Bias gradient: out[c] = sum over (n, l) of grad_output[n, c, l]. One block per channel and a

@@ -15,104 +15,117 @@ using namespace cudeform;
     index_t offset_groups, int kh, int kw, int sh, int sw, int ph, int pw, int dh, int dw,     \
     index_t out_h, index_t out_w
 
-// One thread per (channel, image, output position); it walks the kernel points, so the
-// writes of a warp to one columns row are contiguous.
+// The work item of im2col and col2im: a run of `run` channels (inside one offset group) of
+// one image at one output position. The sampling point of a kernel point, and so its
+// bilinear taps, is shared by the run's channels: computed once, applied `run` times.
+struct DcnSite {
+    index_t l, n, y, x, c0, g, img;
+    __device__ __forceinline__ DcnSite(index_t idx, int run, DCN_GEOMETRY) {
+        const index_t L = out_h * out_w, bL = batch * L;
+        const index_t r = fast_div(idx, bL), rest = idx - r * bL;
+        n = fast_div(rest, L);
+        l = rest - n * L;
+        y = fast_div(l, out_w);
+        x = l - y * out_w;
+        c0 = r * run;
+        g = fast_div(c0, channels / offset_groups);
+        img = n0 + n;
+    }
+};
+
+#define DCN_GEOMETRY_ARGS                                                                       \
+    batch, n0, channels, height, width, offset_groups, kh, kw, sh, sw, ph, pw, dh, dw, out_h, out_w
+
+// Sampling position of kernel point (i, j) at a site, and its mask value (1 without a mask).
+template <typename A, typename T>
+__device__ __forceinline__ void dcn_point(const T* offset, const T* mask, int use_mask, const DcnSite& s,
+                                          int i, int j, DCN_GEOMETRY, A& h, A& w, A& m) {
+    const index_t L = out_h * out_w, K = (index_t)kh * kw, k = (index_t)i * kw + j;
+    const index_t gk = (s.img * offset_groups + s.g) * K + k;
+    h = A(s.y * sh - ph + (index_t)i * dh) + to_acc(offset[2 * gk * L + s.l]);
+    w = A(s.x * sw - pw + (index_t)j * dw) + to_acc(offset[(2 * gk + 1) * L + s.l]);
+    m = use_mask ? to_acc(mask[gk * L + s.l]) : A(1);
+}
+
+// Columns: cols[(c * K + k), n * L + l] = mask * sample. Work items are (run, image, position)
+// with the position fastest, so a warp writes contiguous stretches of a columns row.
 template <typename T>
 __global__ void dcn_im2col(const T* __restrict__ input, const T* __restrict__ offset,
-                           const T* __restrict__ mask, int use_mask, DCN_GEOMETRY,
+                           const T* __restrict__ mask, int use_mask, DCN_GEOMETRY, int run,
                            T* __restrict__ cols) {
     typedef typename acc<T>::type A;
-    const index_t L = out_h * out_w, K = (index_t)kh * kw, bL = batch * L;
-    const index_t per_group = channels / offset_groups;
-    CUDEFORM_LOOP(idx, channels * bL) {
-        const index_t l = idx % L, n = (idx / L) % batch, c = idx / bL;
-        const index_t y = l / out_w, x = l % out_w, g = c / per_group, img = n0 + n;
-        const T* plane = input + (img * channels + c) * height * width;
-        const T* off = offset + (img * offset_groups + g) * 2 * K * L + l;
-        const T* msk = mask + (img * offset_groups + g) * K * L + l;
-        T* col = cols + c * K * bL + n * L + l;
+    const index_t L = out_h * out_w, K = (index_t)kh * kw, bL = batch * L, hw = height * width;
+    CUDEFORM_LOOP(idx, (channels / run) * bL) {
+        const DcnSite s(idx, run, DCN_GEOMETRY_ARGS);
+        const T* plane = input + (s.img * channels + s.c0) * hw;
+        T* col = cols + s.c0 * K * bL + s.n * L + s.l;
         for (int i = 0; i < kh; ++i) {
             for (int j = 0; j < kw; ++j) {
                 const index_t k = (index_t)i * kw + j;
-                const A h = A(y * sh - ph + (index_t)i * dh) + to_acc(off[2 * k * L]);
-                const A w = A(x * sw - pw + (index_t)j * dw) + to_acc(off[(2 * k + 1) * L]);
-                A v = bilinear_zero<A>(plane, height, width, h, w);
-                if (use_mask) v *= to_acc(msk[k * L]);
-                col[k * bL] = from_acc<T>(v);
+                A h, w, m;
+                dcn_point(offset, mask, use_mask, s, i, j, DCN_GEOMETRY_ARGS, h, w, m);
+                if (!in_open_box(h, w, height, width)) {
+                    for (int c = 0; c < run; ++c) col[(c * K + k) * bL] = from_acc<T>(A(0));
+                    continue;
+                }
+                const BilinearTaps<A> taps(h, w, height, width);
+                for (int c = 0; c < run; ++c) col[(c * K + k) * bL] = from_acc<T>(m * taps.sample(plane + c * hw));
             }
         }
     }
 }
 
-// The sampling position and the masked column gradient of one (channel, image, position,
-// kernel point); false when the point cannot see the image.
-template <typename T, typename A>
-__device__ __forceinline__ bool col2im_sample(const T* gcols, const T* offset, const T* mask, int use_mask,
-                                              DCN_GEOMETRY, index_t idx, int i, int j,
-                                              A& h, A& w, A& gv, index_t& plane_index) {
+// Calls f(channel offset c, taps, masked column gradient) for every channel of the site's run
+// and every kernel point whose sample sees the image: the shared body of the input-gradient
+// kernels.
+template <typename T, typename F>
+__device__ __forceinline__ void dcn_col2im_site(const T* gcols, const T* offset, const T* mask, int use_mask,
+                                                const DcnSite& s, int run, DCN_GEOMETRY, F f) {
+    typedef typename acc<T>::type A;
     const index_t L = out_h * out_w, K = (index_t)kh * kw, bL = batch * L;
-    const index_t l = idx % L, n = (idx / L) % batch, c = idx / bL;
-    const index_t y = l / out_w, x = l % out_w, g = c / (channels / offset_groups), img = n0 + n;
-    const index_t k = (index_t)i * kw + j;
-    const index_t oi = ((img * offset_groups + g) * 2 * K + 2 * k) * L + l;
-    h = A(y * sh - ph + (index_t)i * dh) + to_acc(offset[oi]);
-    w = A(x * sw - pw + (index_t)j * dw) + to_acc(offset[oi + L]);
-    if (!in_open_box(h, w, height, width)) return false;
-    gv = to_acc(gcols[(c * K + k) * bL + n * L + l]);
-    if (use_mask) gv *= to_acc(mask[((img * offset_groups + g) * K + k) * L + l]);
-    plane_index = img * channels + c;
-    return true;
+    const T* gcol = gcols + s.c0 * K * bL + s.n * L + s.l;
+    for (int i = 0; i < kh; ++i) {
+        for (int j = 0; j < kw; ++j) {
+            const index_t k = (index_t)i * kw + j;
+            A h, w, m;
+            dcn_point(offset, mask, use_mask, s, i, j, DCN_GEOMETRY_ARGS, h, w, m);
+            if (!in_open_box(h, w, height, width)) continue;
+            const BilinearTaps<A> taps(h, w, height, width);
+            for (int c = 0; c < run; ++c) f(c, taps, m * to_acc(gcol[(c * K + k) * bL]));
+        }
+    }
 }
 
 // Input gradient, default mode: float atomics into `grad` (N, C, H, W) of type acc<T>::type.
 template <typename T>
 __global__ void dcn_col2im(const T* __restrict__ gcols, const T* __restrict__ offset,
-                           const T* __restrict__ mask, int use_mask, DCN_GEOMETRY,
+                           const T* __restrict__ mask, int use_mask, DCN_GEOMETRY, int run,
                            typename acc<T>::type* __restrict__ grad) {
     typedef typename acc<T>::type A;
-    CUDEFORM_LOOP(idx, channels * batch * out_h * out_w) {
-        for (int i = 0; i < kh; ++i) {
-            for (int j = 0; j < kw; ++j) {
-                A h, w, gv;
-                index_t plane;
-                if (!col2im_sample<T, A>(gcols, offset, mask, use_mask, batch, n0, channels, height, width,
-                                         offset_groups, kh, kw, sh, sw, ph, pw, dh, dw, out_h, out_w,
-                                         idx, i, j, h, w, gv, plane))
-                    continue;
-                Corners<A> p(h, w);
-                A* target = grad + plane * height * width;
-                for (int dy = 0; dy < 2; ++dy) {
-                    for (int dx = 0; dx < 2; ++dx) {
-                        const index_t yy = p.y0 + dy, xx = p.x0 + dx;
-                        if (yy < 0 || yy >= height || xx < 0 || xx >= width) continue;
-                        const A wt = (dy ? p.lh : A(1) - p.lh) * (dx ? p.lw : A(1) - p.lw);
-                        atomic_add(target + yy * width + xx, wt * gv);
-                    }
-                }
-            }
-        }
+    const index_t hw = height * width;
+    CUDEFORM_LOOP(idx, (channels / run) * batch * out_h * out_w) {
+        const DcnSite s(idx, run, DCN_GEOMETRY_ARGS);
+        A* planes = grad + (s.img * channels + s.c0) * hw;
+        dcn_col2im_site(gcols, offset, mask, use_mask, s, run, DCN_GEOMETRY_ARGS,
+                        [&](int c, const BilinearTaps<A>& taps, A gv) {
+                            taps.for_each([&](index_t p, A wt) { atomic_add(planes + c * hw + p, wt * gv); });
+                        });
     }
 }
 
 // Deterministic mode, pass 1: the largest finite |masked column gradient| of the chunk.
 template <typename T>
 __global__ void dcn_col2im_max_abs(const T* __restrict__ gcols, const T* __restrict__ offset,
-                                   const T* __restrict__ mask, int use_mask, DCN_GEOMETRY,
+                                   const T* __restrict__ mask, int use_mask, DCN_GEOMETRY, int run,
                                    unsigned int* __restrict__ max_abs_bits) {
     typedef typename acc<T>::type A;
     A local = A(0);
-    CUDEFORM_LOOP(idx, channels * batch * out_h * out_w) {
-        for (int i = 0; i < kh; ++i) {
-            for (int j = 0; j < kw; ++j) {
-                A h, w, gv;
-                index_t plane;
-                if (col2im_sample<T, A>(gcols, offset, mask, use_mask, batch, n0, channels, height, width,
-                                        offset_groups, kh, kw, sh, sw, ph, pw, dh, dw, out_h, out_w,
-                                        idx, i, j, h, w, gv, plane)
-                    && isfinite(gv) && fabs(gv) > local)
-                    local = fabs(gv);
-            }
-        }
+    CUDEFORM_LOOP(idx, (channels / run) * batch * out_h * out_w) {
+        const DcnSite s(idx, run, DCN_GEOMETRY_ARGS);
+        dcn_col2im_site(gcols, offset, mask, use_mask, s, run, DCN_GEOMETRY_ARGS,
+                        [&](int, const BilinearTaps<A>&, A gv) {
+                            if (isfinite(gv) && fabs(gv) > local) local = fabs(gv);
+                        });
     }
     atomic_max_abs(max_abs_bits, local);
 }
@@ -121,35 +134,23 @@ __global__ void dcn_col2im_max_abs(const T* __restrict__ gcols, const T* __restr
 // non-finite contributions go to `grad` (N, C, H, W) as in the default mode.
 template <typename T>
 __global__ void dcn_col2im_fixed(const T* __restrict__ gcols, const T* __restrict__ offset,
-                                 const T* __restrict__ mask, int use_mask, DCN_GEOMETRY,
+                                 const T* __restrict__ mask, int use_mask, DCN_GEOMETRY, int run,
                                  const unsigned int* __restrict__ max_abs_bits,
                                  unsigned long long* __restrict__ fixed,
                                  typename acc<T>::type* __restrict__ grad) {
     typedef typename acc<T>::type A;
     const double scale = fixed_point_scale(*max_abs_bits, (index_t)kh * kw * out_h * out_w);
     const index_t hw = height * width;
-    CUDEFORM_LOOP(idx, channels * batch * out_h * out_w) {
-        for (int i = 0; i < kh; ++i) {
-            for (int j = 0; j < kw; ++j) {
-                A h, w, gv;
-                index_t plane;
-                if (!col2im_sample<T, A>(gcols, offset, mask, use_mask, batch, n0, channels, height, width,
-                                         offset_groups, kh, kw, sh, sw, ph, pw, dh, dw, out_h, out_w,
-                                         idx, i, j, h, w, gv, plane))
-                    continue;
-                Corners<A> p(h, w);
-                for (int dy = 0; dy < 2; ++dy) {
-                    for (int dx = 0; dx < 2; ++dx) {
-                        const index_t yy = p.y0 + dy, xx = p.x0 + dx;
-                        if (yy < 0 || yy >= height || xx < 0 || xx >= width) continue;
-                        const A wt = (dy ? p.lh : A(1) - p.lh) * (dx ? p.lw : A(1) - p.lw);
-                        const index_t pix = yy * width + xx;
-                        atomic_add_fixed(fixed + (plane - n0 * channels) * hw + pix, grad + plane * hw + pix,
-                                         wt * gv, scale);
-                    }
-                }
-            }
-        }
+    CUDEFORM_LOOP(idx, (channels / run) * batch * out_h * out_w) {
+        const DcnSite s(idx, run, DCN_GEOMETRY_ARGS);
+        const index_t plane = s.img * channels + s.c0;
+        dcn_col2im_site(gcols, offset, mask, use_mask, s, run, DCN_GEOMETRY_ARGS,
+                        [&](int c, const BilinearTaps<A>& taps, A gv) {
+                            taps.for_each([&](index_t p, A wt) {
+                                atomic_add_fixed(fixed + (plane + c - n0 * channels) * hw + p,
+                                                 grad + (plane + c) * hw + p, wt * gv, scale);
+                            });
+                        });
     }
 }
 
@@ -166,9 +167,11 @@ __global__ void dcn_col2im_coord(const T* __restrict__ gcols, const T* __restric
     const index_t L = out_h * out_w, K = (index_t)kh * kw, bL = batch * L;
     const index_t per_group = channels / offset_groups;
     CUDEFORM_LOOP(idx, offset_groups * K * bL) {
-        const index_t l = idx % L, n = (idx / L) % batch, gk = idx / bL;
-        const index_t g = gk / K, k = gk % K, i = k / kw, j = k % kw;
-        const index_t y = l / out_w, x = l % out_w, img = n0 + n;
+        const index_t gk = fast_div(idx, bL), rest = idx - gk * bL;
+        const index_t n = fast_div(rest, L), l = rest - n * L;
+        const index_t g = fast_div(gk, K), k = gk - g * K;
+        const int i = (int)k / kw, j = (int)k % kw;
+        const index_t y = fast_div(l, out_w), x = l - y * out_w, img = n0 + n;
         const index_t oi = ((img * offset_groups * K + gk) * 2) * L + l;
         const index_t mi = (img * offset_groups * K + gk) * L + l;
         const A h = A(y * sh - ph + i * dh) + to_acc(offset[oi]);
@@ -198,14 +201,14 @@ __global__ void dcn_col2im_coord(const T* __restrict__ gcols, const T* __restric
     }
 }
 
-// (C_out, batch, L) GEMM result -> images n0.. of the (N, C_out, L) output, plus bias.
-// In place when batch == 1 (buffer == output + n0 * C_out * L).
+// (C_out, batch, L) GEMM result of several weight groups -> images n0.. of the (N, C_out, L)
+// output, plus bias.
 template <typename T>
-__global__ void dcn_output_epilogue(const T* buffer, const T* __restrict__ bias, int use_bias,
-                                    index_t c_out, index_t batch, index_t L, index_t n0, T* out) {
+__global__ void dcn_output_epilogue(const T* __restrict__ buffer, const T* __restrict__ bias, int use_bias,
+                                    index_t c_out, index_t batch, index_t L, index_t n0, T* __restrict__ out) {
     typedef typename acc<T>::type A;
     CUDEFORM_LOOP(idx, batch * c_out * L) {
-        const index_t l = idx % L, o = (idx / L) % c_out, n = idx / (L * c_out);
+        const index_t r = fast_div(idx, L), l = idx - r * L, n = fast_div(r, c_out), o = r - n * c_out;
         A v = to_acc(buffer[(o * batch + n) * L + l]);
         if (use_bias) v += to_acc(bias[o]);
         out[(n0 + n) * c_out * L + o * L + l] = from_acc<T>(v);
@@ -217,7 +220,7 @@ template <typename T>
 __global__ void dcn_gather_grad_output(const T* __restrict__ grad_output, index_t c_out, index_t batch,
                                        index_t L, index_t n0, T* __restrict__ buffer) {
     CUDEFORM_LOOP(idx, batch * c_out * L) {
-        const index_t l = idx % L, n = (idx / L) % batch, o = idx / (L * batch);
+        const index_t r = fast_div(idx, L), l = idx - r * L, o = fast_div(r, batch), n = r - o * batch;
         buffer[idx] = grad_output[(n0 + n) * c_out * L + o * L + l];
     }
 }

@@ -14,13 +14,15 @@ _DATA_TYPES = {"float16": 2, "bfloat16": 14, "float32": 0, "float64": 1}  # cuda
 
 def matmul(a, b, c, *, m: int, n: int, k: int, dtype: str, c_dtype: str | None = None,
            trans_a: bool = False, trans_b: bool = False, batch: int = 1,
-           stride_a: int = 0, stride_b: int = 0, stride_c: int = 0, beta: float = 0.0) -> None:
+           stride_a: int = 0, stride_b: int = 0, stride_c: int = 0, beta: float = 0.0,
+           ld_a: int | None = None, ld_b: int | None = None, ld_c: int | None = None) -> None:
     """``c[i] = op(a[i]) @ op(b[i]) + beta * c[i]`` for i < batch, row-major, on CuPy's
     current stream.
 
     ``op(a[i])`` is (m, k) and ``op(b[i])`` is (k, n); ``a``, ``b`` and ``c`` are CuPy arrays
-    (or views) whose first element starts the first matrix; the strides are in elements.
-    ``c`` may have the accumulation dtype ``c_dtype`` (float32 for half inputs).
+    (or views) whose first element starts the first matrix; strides and leading dimensions
+    (the distance between rows as stored; default: dense rows) are in elements. ``c`` may
+    have the accumulation dtype ``c_dtype`` (float32 for half inputs).
     """
     import cupy
     from cupy_backends.cuda.libs import cublas
@@ -33,8 +35,9 @@ def matmul(a, b, c, *, m: int, n: int, k: int, dtype: str, c_dtype: str | None =
     handle = cupy.cuda.device.get_cublas_handle()
     cublas.setStream(handle, cupy.cuda.get_current_stream().ptr)
     # Row-major C = A B is column-major C^T = B^T A^T: swap the operands.
-    lda = m if trans_a else k
-    ldb = k if trans_b else n
+    lda = ld_a or (m if trans_a else k)
+    ldb = ld_b or (k if trans_b else n)
+    ldc = ld_c or n
     cublas.gemmStridedBatchedEx(
         handle,
         cublas.CUBLAS_OP_T if trans_b else cublas.CUBLAS_OP_N,
@@ -44,6 +47,6 @@ def matmul(a, b, c, *, m: int, n: int, k: int, dtype: str, c_dtype: str | None =
         b.data.ptr, _DATA_TYPES[dtype], ldb, stride_b,
         a.data.ptr, _DATA_TYPES[dtype], lda, stride_a,
         beta_host.ctypes.data,
-        c.data.ptr, _DATA_TYPES[c_dtype], n, stride_c,
+        c.data.ptr, _DATA_TYPES[c_dtype], ldc, stride_c,
         batch, compute, cublas.CUBLAS_GEMM_DEFAULT,
     )

@@ -20,15 +20,17 @@ from pathlib import Path
 
 import numpy as np
 
+from .._arrays import STORAGE_DTYPES  # noqa: F401  (host modules take every dtype table from here)
+
 BLOCK = 256
 _MAX_BLOCKS = 65535  # grid-stride loops cover the rest
 _lock = threading.Lock()
-_modules: dict = {}
+_modules: dict = {}  # (source, device) -> cupy.RawModule
+_functions: dict = {}  # (source, device, name expression) -> cupy.RawKernel
 _debug = os.environ.get("CUDEFORM_DEBUG", "") not in ("", "0")
 
-# C++ storage type of each dtype name. bfloat16 travels in uint16 CuPy arrays.
+# C++ storage type of each dtype name (bfloat16 travels in uint16 CuPy arrays: see _arrays).
 CXX_TYPES = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float", "float64": "double"}
-STORAGE_DTYPES = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32, "float64": np.float64}
 ACC_DTYPES = {"float16": np.float32, "bfloat16": np.float32, "float32": np.float32, "float64": np.float64}
 
 
@@ -67,26 +69,25 @@ def template_args(*dtypes: str) -> str:
     return ", ".join(CXX_TYPES[d] for d in dtypes)
 
 
-def _module(source: str, name_expressions: tuple):
-    import cupy
-
-    key = (source, cupy.cuda.Device().id)
-    module = _modules.get(key)
-    if module is None:
-        with _lock:
-            module = _modules.get(key)
-            if module is None:
-                code = (kernel_dir() / source).read_text()
-                module = cupy.RawModule(code=code, options=options(), name_expressions=name_expressions)
-                module.compile()
-                _modules[key] = module
-    return module
-
-
 def function(op_module, expression: str):
     """The compiled kernel ``expression`` (e.g. ``"dcn_im2col<float>"``) of an op module that
-    declares ``SOURCE`` and ``NAME_EXPRESSIONS``."""
-    return _module(op_module.SOURCE, tuple(op_module.NAME_EXPRESSIONS)).get_function(expression)
+    declares ``SOURCE`` and ``NAME_EXPRESSIONS``, on the current device. The first call on a
+    device compiles the whole source (or loads it from CuPy's cache); later calls are a lookup."""
+    import cupy
+
+    key = (op_module.SOURCE, cupy.cuda.runtime.getDevice(), expression)
+    kernel = _functions.get(key)
+    if kernel is None:
+        with _lock:
+            module = _modules.get(key[:2])
+            if module is None:
+                code = (kernel_dir() / op_module.SOURCE).read_text()
+                module = cupy.RawModule(code=code, options=options(),
+                                        name_expressions=tuple(op_module.NAME_EXPRESSIONS))
+                module.compile()
+                _modules[key[:2]] = module
+            kernel = _functions[key] = module.get_function(expression)
+    return kernel
 
 
 def launch(kernel, threads: int, args: tuple, *, block: int = BLOCK) -> None:

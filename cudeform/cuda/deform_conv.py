@@ -1,18 +1,21 @@
 """Deformable convolution on the GPU: kernels/deform_conv.cu around cuBLAS GEMMs.
 
-Forward, per chunk of images: im2col -> one strided-batched GEMM over the weight groups ->
-epilogue (layout and bias). Backward, per chunk: GEMM for the columns' gradient -> col2im
+Forward, per chunk of images: im2col -> one strided-batched GEMM, batched over the images
+straight into the output when there is one weight group, else over the groups into a buffer
+that an epilogue lays out -> bias. Backward, per chunk: GEMM for the columns' gradient -> col2im
 (input gradient) and col2im_coord (offset and mask gradients) -> im2col again into the same
 buffer -> GEMM accumulating the weight gradient in float32 (float64 for float64).
 
 Workspace: one columns buffer of at most COLUMNS_BYTES (always at least one image), plus a
-(C_out, images, H_out*W_out) GEMM buffer when a chunk holds more than one image; the backward
+(C_out, images, H_out*W_out) GEMM buffer when a chunk of several images meets several weight
+groups (forward) or holds several images (backward); the backward
 adds a float32 input-gradient accumulator for the half types and, in deterministic mode, a
 64-bit fixed-point accumulator of one chunk's input gradient.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 
 import numpy as np
@@ -22,13 +25,16 @@ from ._compile import ACC_DTYPES, CXX_TYPES, STORAGE_DTYPES, launch
 
 SOURCE = "deform_conv.cu"
 _KERNELS = ("dcn_im2col", "dcn_col2im", "dcn_col2im_max_abs", "dcn_col2im_fixed", "dcn_col2im_coord",
-            "dcn_output_epilogue", "dcn_gather_grad_output", "bias_grad")
+            "dcn_output_epilogue", "dcn_gather_grad_output", "bias_grad", "add_bias")
 NAME_EXPRESSIONS = (
     [f"{k}<{t}>" for t in CXX_TYPES.values() for k in _KERNELS]
     + ["cast_from_acc<__half>", "cast_from_acc<__nv_bfloat16>", "fixed_point_add<float>", "fixed_point_add<double>"]
 )
 
-COLUMNS_BYTES = 64 * 2**20
+COLUMNS_BYTES = 128 * 2**20
+# im2col/col2im threads handle runs of channels that share a sampling point (within an offset
+# group): the bilinear taps are computed once per run. Longer runs mean fewer threads.
+MAX_RUN = 16
 
 
 def _kernel(name: str, dtype: str):
@@ -46,6 +52,10 @@ def _geometry_args(geo, x, offset_groups, images, n0):
     return (i64(images), i64(n0), i64(x.shape[1]), i64(x.shape[2]), i64(x.shape[3]), i64(offset_groups),
             i32(kh), i32(kw), i32(sh), i32(sw), i32(ph), i32(pw), i32(dh), i32(dw),
             i64(geo.out_size[0]), i64(geo.out_size[1]))
+
+
+def _run(geo, channels):
+    return math.gcd(channels // geo.offset_groups, MAX_RUN)
 
 
 def _prepare(input, offset, weight, mask):
@@ -69,19 +79,31 @@ def forward(input, offset, weight, bias, mask, *, geo, dtype):
         return out
     step, chunks = _chunk(n, c_in * K * L * x.itemsize)
     cols = cupy.empty(c_in * K * step * L, storage)
-    buffer = cupy.empty(c_out * step * L, storage) if step > 1 else None
-    im2col, epilogue = _kernel("dcn_im2col", dtype), _kernel("dcn_output_epilogue", dtype)
+    via_buffer = g > 1 and step > 1
+    buffer = cupy.empty(c_out * step * L, storage) if via_buffer else None
     use_mask = np.int32(mask is not None)
+    run = _run(geo, c_in)
     for n0, n1 in chunks:
         b = n1 - n0
-        launch(im2col, c_in * b * L, (x, offset, mask if use_mask else x, use_mask,
-                                      *_geometry_args(geo, x, geo.offset_groups, b, n0), cols))
-        target = out[n0] if b == 1 else buffer
-        _blas.matmul(weight, cols, target, m=c_out // g, n=b * L, k=rows, dtype=dtype, batch=g,
-                     stride_a=(c_out // g) * rows, stride_b=rows * b * L, stride_c=(c_out // g) * b * L)
-        if b > 1 or bias is not None:
-            launch(epilogue, b * c_out * L, (target, bias if bias is not None else x, np.int32(bias is not None),
-                                             np.int64(c_out), np.int64(b), np.int64(L), np.int64(n0), out))
+        launch(_kernel("dcn_im2col", dtype), c_in // run * b * L,
+               (x, offset, mask if use_mask else x, use_mask, *_geometry_args(geo, x, geo.offset_groups, b, n0),
+                np.int32(run), cols))
+        if g == 1:
+            # Image n's columns are the column block [n*L, (n+1)*L) of the (rows, b*L) matrix.
+            _blas.matmul(weight, cols, out[n0], m=c_out, n=L, k=rows, dtype=dtype, batch=b,
+                         stride_b=L, ld_b=b * L, stride_c=c_out * L)
+        elif b == 1:
+            _blas.matmul(weight, cols, out[n0], m=c_out // g, n=L, k=rows, dtype=dtype, batch=g,
+                         stride_a=(c_out // g) * rows, stride_b=rows * L, stride_c=(c_out // g) * L)
+        else:
+            _blas.matmul(weight, cols, buffer, m=c_out // g, n=b * L, k=rows, dtype=dtype, batch=g,
+                         stride_a=(c_out // g) * rows, stride_b=rows * b * L, stride_c=(c_out // g) * b * L)
+            launch(_kernel("dcn_output_epilogue", dtype), b * c_out * L,
+                   (buffer, bias if bias is not None else x, np.int32(bias is not None),
+                    np.int64(c_out), np.int64(b), np.int64(L), np.int64(n0), out))
+            continue
+        if bias is not None:
+            launch(_kernel("add_bias", dtype), b * c_out * L, (out[n0], bias, np.int64(b), np.int64(c_out), np.int64(L)))
     return out
 
 
@@ -111,6 +133,8 @@ def backward(grad_output, input, offset, weight, bias, mask, *, geo, dtype, bord
         max_abs_bits = cupy.empty(1, np.uint32)
 
     kernels = {name: _kernel(name, dtype) for name in _KERNELS}
+    run = _run(geo, c_in)
+    sites = c_in // run
     for n0, n1 in chunks:
         b = n1 - n0
         geo_args = _geometry_args(geo, x, geo.offset_groups, b, n0)
@@ -123,21 +147,21 @@ def backward(grad_output, input, offset, weight, bias, mask, *, geo, dtype, bord
         # The columns' gradient, W^T @ grad_output, per weight group.
         _blas.matmul(weight, go_chunk, cols, m=rows, n=b * L, k=c_out // g, dtype=dtype, trans_a=True, batch=g,
                      stride_a=(c_out // g) * rows, stride_b=(c_out // g) * b * L, stride_c=rows * b * L)
-        sample_args = (cols, offset, mask_arg, use_mask, *geo_args)
+        sample_args = (cols, offset, mask_arg, use_mask, *geo_args, np.int32(run))
         if deterministic:
             max_abs_bits.fill(0)
             fixed[: b * plane].fill(0)
-            launch(kernels["dcn_col2im_max_abs"], c_in * b * L, (*sample_args, max_abs_bits))
-            launch(kernels["dcn_col2im_fixed"], c_in * b * L, (*sample_args, max_abs_bits, fixed, grad_acc))
+            launch(kernels["dcn_col2im_max_abs"], sites * b * L, (*sample_args, max_abs_bits))
+            launch(kernels["dcn_col2im_fixed"], sites * b * L, (*sample_args, max_abs_bits, fixed, grad_acc))
             launch(_compile.function(sys.modules[__name__], f"fixed_point_add<{CXX_TYPES[np.dtype(acc_dtype).name]}>"),
                    b * plane, (fixed, max_abs_bits, np.int64(K * L), np.int64(b * plane), grad_acc[n0:n1]))
         else:
-            launch(kernels["dcn_col2im"], c_in * b * L, (*sample_args, grad_acc))
+            launch(kernels["dcn_col2im"], sites * b * L, (*sample_args, grad_acc))
         launch(kernels["dcn_col2im_coord"], geo.offset_groups * K * b * L,
                (cols, x, offset, mask_arg, use_mask, np.int32(border_grad == "torchvision"), *geo_args,
                 grad_offset, grad_mask if use_mask else grad_offset))
         # The columns again, in the same buffer, for the weight gradient.
-        launch(kernels["dcn_im2col"], c_in * b * L, (x, offset, mask_arg, use_mask, *geo_args, cols))
+        launch(kernels["dcn_im2col"], sites * b * L, (x, offset, mask_arg, use_mask, *geo_args, np.int32(run), cols))
         _blas.matmul(go_chunk, cols, grad_weight_acc, m=c_out // g, n=rows, k=b * L, dtype=dtype,
                      c_dtype=np.dtype(acc_dtype).name, trans_b=True, batch=g, beta=1.0,
                      stride_a=(c_out // g) * b * L, stride_b=rows * b * L, stride_c=(c_out // g) * rows)
