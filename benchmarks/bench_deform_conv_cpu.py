@@ -1,9 +1,10 @@
-"""CPU benchmark: cudeform's Numba deform_conv2d (v2, with mask) against a dense convolution
-of the same shape (torch's CPU conv2d when installed, else im2col + NumPy matmul).
+"""CPU benchmark: cudeform's Numba deform_conv2d (v2, with mask) against dense convolutions
+of the same shape: im2col + NumPy matmul (the same BLAS cudeform's GEMMs use), and torch's CPU
+conv2d (oneDNN) when torch is installed.
 
     python benchmarks/bench_deform_conv_cpu.py
 
-Prints the median time of each and the ratio to the dense convolution, forward and
+Prints median times (ms) and the ratios to each dense convolution, forward and
 forward+backward. Goal: within 3x of the dense convolution.
 """
 
@@ -35,12 +36,12 @@ def dense_numpy(x, w):
     return np.matmul(w.reshape(w.shape[0], -1), cols).reshape(n, -1, h, wd)
 
 
-def dense_timers(x, w):
+def torch_timers(x, w):
+    """(forward, forward+backward) of torch's conv2d, or Nones without torch."""
     try:
         import torch
     except ImportError:
-        fwd = median_seconds(lambda: dense_numpy(x, w))
-        return "im2col+matmul", fwd, None
+        return None, None
     tx = torch.from_numpy(x).requires_grad_(True)
     tw = torch.from_numpy(w).requires_grad_(True)
 
@@ -50,12 +51,16 @@ def dense_timers(x, w):
 
     with torch.no_grad():
         fwd = median_seconds(lambda: torch.nn.functional.conv2d(tx, tw, padding=1))
-    return f"torch {torch.__version__} conv2d", fwd, median_seconds(fwd_bwd)
+    return fwd, median_seconds(fwd_bwd)
 
 
 def main():
     rng = np.random.default_rng(0)
-    rows = []
+    print(f"float32, 3x3, padding 1, with mask; median of {REPEATS}; ms (ratio = cudeform / dense)")
+    print("| shape (N,C,H,W) | fwd | im2col+matmul fwd | ratio | torch fwd | ratio | fwd+bwd | torch fwd+bwd | ratio |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    fmt = lambda v: "n/a" if v is None else f"{v * 1e3:.2f}"
+    ratio = lambda a, b: "n/a" if b is None else f"{a / b:.1f}"
     for n, c, h, wd in SHAPES:
         x = rng.standard_normal((n, c, h, wd)).astype(np.float32)
         w = (rng.standard_normal((c, c, 3, 3)) * 0.05).astype(np.float32)
@@ -69,14 +74,10 @@ def main():
             cudeform.deform_conv2d_backward(go, x, off, w, padding=1, mask=mask)
 
         both = median_seconds(fwd_bwd)
-        name, dfwd, dboth = dense_timers(x, w)
-        rows.append(((n, c, h, wd), fwd, dfwd, both, dboth))
-    print(f"dense convolution: {name}; float32, 3x3, padding 1; median of {REPEATS} (ms)")
-    print(f"{'shape (N,C,H,W)':>18} {'fwd':>8} {'dense':>8} {'ratio':>6} {'fwd+bwd':>8} {'dense':>8} {'ratio':>6}")
-    for shape, fwd, dfwd, both, dboth in rows:
-        dense_both = f"{dboth * 1e3:8.2f}" if dboth else f"{'-':>8}"
-        ratio_both = f"{both / dboth:6.2f}" if dboth else f"{'-':>6}"
-        print(f"{str(shape):>18} {fwd * 1e3:8.2f} {dfwd * 1e3:8.2f} {fwd / dfwd:6.2f} {both * 1e3:8.2f} {dense_both} {ratio_both}")
+        dense = median_seconds(lambda: dense_numpy(x, w))
+        tfwd, tboth = torch_timers(x, w)
+        print(f"| {n},{c},{h},{wd} | {fmt(fwd)} | {fmt(dense)} | {ratio(fwd, dense)} | {fmt(tfwd)} | {ratio(fwd, tfwd)} "
+              f"| {fmt(both)} | {fmt(tboth)} | {ratio(both, tboth)} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -100,10 +100,14 @@ def _from_torch(t: Any, device: Device) -> tuple[Any, str]:
         return (None if dtype == "bfloat16" else t.numpy()), dtype
     cupy = cupy_module()
     itemsize = t.element_size()
-    extent = 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride())) if t.numel() else 0
+    if t.is_contiguous():
+        extent, strides = t.numel(), None
+    else:
+        extent = 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride())) if t.numel() else 0
+        strides = tuple(st * itemsize for st in t.stride())
     memory = cupy.cuda.UnownedMemory(t.data_ptr(), extent * itemsize, t, device.index)
     return cupy.ndarray(tuple(t.shape), STORAGE_DTYPES[dtype], cupy.cuda.MemoryPointer(memory, 0),
-                        tuple(st * itemsize for st in t.stride())), dtype
+                        strides), dtype
 
 
 def _convert(obj: Any, framework: str, device: Device) -> tuple[Any, str]:
@@ -168,7 +172,7 @@ class Prepared(NamedTuple):
     def context(self):
         """Context manager that makes this call's device and stream current (a no-op on the CPU),
         and for torch callers, torch's memory pool CuPy's allocator."""
-        return _device_context(self.device, self.stream_ptr)
+        return _DeviceContext(self.device, self.stream_ptr)
 
     def wrap(self, result):
         """Return ``result`` (NumPy/CuPy, or None) in the caller's framework."""
@@ -217,18 +221,35 @@ class _StreamHandle:
         return (0, self.ptr)
 
 
-@contextlib.contextmanager
-def _device_context(device: Device, stream_ptr):
-    if device.kind != "cuda":
-        yield
-        return
-    cupy = cupy_module()
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(cupy.cuda.Device(device.index))
-        if stream_ptr is not None:
-            stack.enter_context(cupy.cuda.Stream.from_external(_StreamHandle(stream_ptr)))
-            stack.enter_context(cupy.cuda.using_allocator(_torch_malloc()))
-        yield
+@functools.lru_cache(maxsize=64)
+def _cupy_stream(ptr: int):
+    """A CuPy view of a caller's stream (torch's streams live as long as the process, mostly)."""
+    return cupy_module().cuda.Stream.from_external(_StreamHandle(ptr))
+
+
+class _DeviceContext:
+    """Makes a call's device current, and for torch callers its stream and memory pool: a
+    plain class rather than an ExitStack, since it runs on every call."""
+
+    def __init__(self, device: Device, stream_ptr):
+        self.device, self.stream_ptr = device, stream_ptr
+        self.entered: list = []
+
+    def __enter__(self):
+        if self.device.kind == "cuda":
+            cupy = cupy_module()
+            self.entered = [cupy.cuda.Device(self.device.index)]
+            if self.stream_ptr is not None:
+                self.entered += [_cupy_stream(self.stream_ptr), cupy.cuda.using_allocator(_torch_malloc())]
+            for context in self.entered:
+                context.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        for context in reversed(self.entered):
+            context.__exit__(*exc)
+        self.entered = []
+        return False
 
 
 def prepare(op: str, **arrays: Any) -> Prepared:
@@ -253,7 +274,10 @@ def prepare(op: str, **arrays: Any) -> Prepared:
     allowed = CPU_DTYPES if device.kind == "cpu" else GPU_DTYPES
     out: dict = dict.fromkeys(arrays)
     dtype = None
-    with _device_context(device, stream_ptr):
+    # DLPack's exchange may enqueue work on the consumer's current stream: make it the caller's.
+    # CuPy arrays and torch tensors are viewed directly and need no context.
+    dlpack = device.kind == "cuda" and any(fw not in ("cupy", "torch") for fw, _ in located.values())
+    with _DeviceContext(device, stream_ptr) if dlpack else contextlib.nullcontext():
         for name, obj in given.items():
             arr, dt = _convert(obj, located[name][0], device)
             if dt not in allowed:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 
 _DATA_TYPES = {"float16": 2, "bfloat16": 14, "float32": 0, "float64": 1}  # cudaDataType
+# alpha = 1 and beta in {0, 1} as host scalars of the compute type, made once.
+_SCALARS = {(t, v): np.array(v, t) for t in (np.float32, np.float64) for v in (0.0, 1.0)}
 
 
 def matmul(a, b, c, *, m: int, n: int, k: int, dtype: str, c_dtype: str | None = None,
@@ -17,7 +19,7 @@ def matmul(a, b, c, *, m: int, n: int, k: int, dtype: str, c_dtype: str | None =
            stride_a: int = 0, stride_b: int = 0, stride_c: int = 0, beta: float = 0.0,
            ld_a: int | None = None, ld_b: int | None = None, ld_c: int | None = None) -> None:
     """``c[i] = op(a[i]) @ op(b[i]) + beta * c[i]`` for i < batch, row-major, on CuPy's
-    current stream.
+    current stream; beta is 0 or 1.
 
     ``op(a[i])`` is (m, k) and ``op(b[i])`` is (k, n); ``a``, ``b`` and ``c`` are CuPy arrays
     (or views) whose first element starts the first matrix; strides and leading dimensions
@@ -30,8 +32,8 @@ def matmul(a, b, c, *, m: int, n: int, k: int, dtype: str, c_dtype: str | None =
     c_dtype = c_dtype or dtype
     compute, scalar = ((cublas.CUBLAS_COMPUTE_64F, np.float64) if dtype == "float64"
                        else (cublas.CUBLAS_COMPUTE_32F, np.float32))
-    alpha_host = np.array(1.0, scalar)
-    beta_host = np.array(beta, scalar)
+    alpha_host = _SCALARS[scalar, 1.0]
+    beta_host = _SCALARS[scalar, beta]
     handle = cupy.cuda.device.get_cublas_handle()
     cublas.setStream(handle, cupy.cuda.get_current_stream().ptr)
     # Row-major C = A B is column-major C^T = B^T A^T: swap the operands.

@@ -15,6 +15,7 @@ adds a float32 input-gradient accumulator for the half types and, in determinist
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 
@@ -46,10 +47,13 @@ def _chunk(n_images: int, bytes_per_image: int) -> tuple[int, list]:
     return step, [(n0, min(n_images, n0 + step)) for n0 in range(0, n_images, step)]
 
 
-def _geometry_args(geo, x, offset_groups, images, n0):
+@functools.lru_cache(maxsize=1024)
+def _geometry_args(geo, shape, images, n0):
+    """The DCN_GEOMETRY kernel arguments of a chunk (cached: building NumPy scalars costs more
+    than a small kernel's launch)."""
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = geo.kernel, geo.stride, geo.padding, geo.dilation
     i64, i32 = np.int64, np.int32
-    return (i64(images), i64(n0), i64(x.shape[1]), i64(x.shape[2]), i64(x.shape[3]), i64(offset_groups),
+    return (i64(images), i64(n0), i64(shape[1]), i64(shape[2]), i64(shape[3]), i64(geo.offset_groups),
             i32(kh), i32(kw), i32(sh), i32(sw), i32(ph), i32(pw), i32(dh), i32(dw),
             i64(geo.out_size[0]), i64(geo.out_size[1]))
 
@@ -86,7 +90,7 @@ def forward(input, offset, weight, bias, mask, *, geo, dtype):
     for n0, n1 in chunks:
         b = n1 - n0
         launch(_kernel("dcn_im2col", dtype), c_in // run * b * L,
-               (x, offset, mask if use_mask else x, use_mask, *_geometry_args(geo, x, geo.offset_groups, b, n0),
+               (x, offset, mask if use_mask else x, use_mask, *_geometry_args(geo, x.shape, b, n0),
                 np.int32(run), cols))
         if g == 1:
             # Image n's columns are the column block [n*L, (n+1)*L) of the (rows, b*L) matrix.
@@ -137,7 +141,7 @@ def backward(grad_output, input, offset, weight, bias, mask, *, geo, dtype, bord
     sites = c_in // run
     for n0, n1 in chunks:
         b = n1 - n0
-        geo_args = _geometry_args(geo, x, geo.offset_groups, b, n0)
+        geo_args = _geometry_args(geo, x.shape, b, n0)
         if b == 1:
             go_chunk = go[n0]
         else:
