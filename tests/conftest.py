@@ -31,3 +31,12 @@ def xp(request):
     import cupy
 
     return cupy
+
+
+@pytest.fixture
+def torch():
+    """PyTorch with a CUDA device (GPU tests that go through torch tensors, e.g. for bfloat16)."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("PyTorch has no CUDA device")
+    return torch

@@ -15,3 +15,12 @@ def rel_err(actual, expected):
     scale = np.abs(expected).max(initial=0.0)
     diff = np.abs(actual - expected).max(initial=0.0)
     return diff / scale if scale else diff
+
+
+# Relative L2 error of a result computed in a dtype, against float64 on the same inputs.
+TOLERANCE = {"float64": 1e-12, "float32": 1e-5, "float16": 2e-3, "bfloat16": 1.5e-2}
+
+
+def l2_rel(actual, expected):
+    actual = np.asarray(actual, np.float64)
+    return float(np.linalg.norm(actual - expected) / max(np.linalg.norm(expected), 1e-300))

@@ -6,26 +6,11 @@ import pytest
 
 import cudeform
 import reference as ref
-from helpers import rel_err, to_numpy
+from helpers import TOLERANCE, l2_rel, rel_err
 from test_deform_conv import CONFIGS, make_case, on, out_size, split
 
 pytestmark = pytest.mark.gpu
 
-# Relative L2 error of a result computed in a dtype, against float64 on the same inputs.
-TOLERANCE = {"float64": 1e-12, "float32": 1e-5, "float16": 2e-3, "bfloat16": 1.5e-2}
-
-
-def l2_rel(actual, expected):
-    actual = np.asarray(actual, np.float64)
-    return float(np.linalg.norm(actual - expected) / max(np.linalg.norm(expected), 1e-300))
-
-
-@pytest.fixture
-def torch():
-    torch = pytest.importorskip("torch")
-    if not torch.cuda.is_available():
-        pytest.skip("PyTorch has no CUDA device")
-    return torch
 
 
 def rounded_case(torch, cfg, dtype, seed):
@@ -136,3 +121,55 @@ def test_index_arithmetic_past_int32():
     expected = ref.deform_conv2d(rows, off_slab, weight.get().astype(np.float64))
     del x
     assert l2_rel(out[0, :, h - 1, :].get().astype(np.float64), expected[0, :, 0, :]) < 2e-3
+
+
+def test_debug_mode_synchronises_and_checks(monkeypatch):
+    import cupy
+
+    from cudeform.cuda import _compile
+
+    synced = []
+    real = _compile._synchronize
+    monkeypatch.setattr(_compile, "_synchronize", lambda: synced.append(1) or real())
+    args, geo = make_case(CONFIGS["grouped"], seed=28)
+    pos, kw = split(on(cupy, args))
+    _compile.set_debug(True)
+    try:
+        out = cudeform.deform_conv2d(*pos, **kw, **geo)
+    finally:
+        _compile.set_debug(False)
+    assert len(synced) >= 2  # im2col and the bias epilogue of each chunk
+    assert rel_err(out, ref.deform_conv2d(*split(args)[0], **split(args)[1], **geo)) < 1e-12
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_workspace_is_bounded(torch, monkeypatch, groups):
+    """Extra memory (beyond inputs and results) stays within the documented workspace: one
+    columns buffer of at most COLUMNS_BYTES, plus one chunk's GEMM buffer."""
+    from cudeform.cuda import deform_conv as gpu
+
+    monkeypatch.setattr(gpu, "COLUMNS_BYTES", 6 * 2**20)
+    n, c, h, w = 12, 32, 32, 32
+    x = torch.randn(n, c, h, w, device="cuda")
+    weight = torch.randn(c, c // groups, 3, 3, device="cuda")
+    offset = torch.rand(n, 18, h, w, device="cuda")
+    mask = torch.rand(n, 9, h, w, device="cuda")
+    go = torch.randn(n, c, h, w, device="cuda")
+    per_image = c * 9 * h * w * 4  # columns of one image, float32
+    images = 6 * 2**20 // per_image
+    chunk_output = c * images * h * w * 4
+
+    def extra(fn):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        result = fn()
+        torch.cuda.synchronize()
+        kept = torch.cuda.memory_allocated() - before
+        return torch.cuda.max_memory_allocated() - before - kept, result
+
+    fwd_extra, out = extra(lambda: cudeform.deform_conv2d(x, offset, weight, padding=1, mask=mask))
+    assert out.shape == (n, c, h, w)
+    assert fwd_extra <= images * per_image + (chunk_output if groups > 1 else 0) + 2**20
+    bwd_extra, _ = extra(lambda: cudeform.deform_conv2d_backward(go, x, offset, weight, padding=1, mask=mask))
+    assert bwd_extra <= images * per_image + chunk_output + 2**20

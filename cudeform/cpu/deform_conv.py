@@ -92,10 +92,18 @@ def _col2im(gcols, offset, mask, use_mask, n0, kh, kw, sh, sw, ph, pw, dh, dw, g
                 lw = w - w0
                 y0 = int(h0)
                 x0 = int(w0)
-                for yy, xx, wt in ((y0, x0, (1 - lh) * (1 - lw)), (y0, x0 + 1, (1 - lh) * lw),
-                                   (y0 + 1, x0, lh * (1 - lw)), (y0 + 1, x0 + 1, lh * lw)):
-                    if 0 <= yy < height and 0 <= xx < width:
-                        target[yy, xx] += wt * gv
+                y1 = y0 + 1
+                x1 = x0 + 1
+                if y0 >= 0:
+                    if x0 >= 0:
+                        target[y0, x0] += (1 - lh) * (1 - lw) * gv
+                    if x1 < width:
+                        target[y0, x1] += (1 - lh) * lw * gv
+                if y1 < height:
+                    if x0 >= 0:
+                        target[y1, x0] += lh * (1 - lw) * gv
+                    if x1 < width:
+                        target[y1, x1] += lh * lw * gv
 
 
 @njit(parallel=True, cache=True)

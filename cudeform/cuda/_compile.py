@@ -97,9 +97,14 @@ def launch(kernel, threads: int, args: tuple, *, block: int = BLOCK) -> None:
     grid = min(_MAX_BLOCKS, -(-threads // block))
     kernel((grid,), (block,), args)
     if _debug:
-        import cupy
+        _synchronize()
 
-        cupy.cuda.get_current_stream().synchronize()
+
+def _synchronize() -> None:
+    """Wait for the current stream: an asynchronous kernel error surfaces here, at its launch."""
+    import cupy
+
+    cupy.cuda.get_current_stream().synchronize()
 
 
 def compile_for_arch(op_module, arch: str) -> bytes:
