@@ -6,8 +6,27 @@ received, so that a user can fix the call without reading the source.
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any, Sequence
+
+
+def integer(op: str, name: str, value: Any, *, minimum: int) -> int:
+    """An int (not a bool) of at least ``minimum``."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise TypeError(f"{op}: {name}: expected an int, got {value!r}")
+    if value < minimum:
+        fail(op, name, f"an int >= {minimum}", repr(value))
+    return int(value)
+
+
+def real(op: str, name: str, value: Any, *, positive: bool = False) -> float:
+    """A finite real number (not a bool), positive when asked."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise TypeError(f"{op}: {name}: expected a real number, got {value!r}")
+    if not math.isfinite(value) or (positive and value <= 0):
+        fail(op, name, "a finite positive number" if positive else "a finite number", repr(value))
+    return float(value)
 
 
 def int_pair(op: str, name: str, value: Any, *, minimum: int) -> tuple[int, int]:

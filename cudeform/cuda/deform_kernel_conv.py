@@ -1,0 +1,199 @@
+"""Deformable Kernels on the GPU: kernels/deform_kernel_conv.cu, with cuBLAS GEMMs for global DK.
+
+Global DK: ``dk_resample`` samples one kernel per image, (N, C_out, Cg, K) with Cg = C_in/groups
+and K = kh*kw. With a long reduction (Cg*K > DIRECT_MAX_REDUCTION) the convolution is, per chunk
+of images, the rigid ``dk_im2col`` and one strided-batched GEMM whose batch runs over
+(image, weight group), each with its own weight matrix; otherwise (depthwise and the like) the
+direct ``dk_global_conv``. The backward computes the resampled kernels' gradient (a GEMM, or
+``dk_global_kernel_grad``), the input gradient through the resampled kernels (GEMM + the gather
+``dk_col2im``, or ``dk_global_input_grad``), then backpropagates through the resampling:
+``dk_global_offset_grad`` (one block per (n, offset group, k)) and ``dk_global_weight_grad``
+(one thread per weight element, from the sparse resampling matrix ``dk_global_taps``).
+
+Local DK: fused kernels that sample the scope at every output position; the weight gradient is
+reduced inside blocks (``dk_local_weight_grad``), then over the blocks in a second pass.
+
+Every reduction has a fixed order, so both modes of the backward are bitwise reproducible.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+import numpy as np
+
+from . import _blas, _compile
+from ._compile import ACC_DTYPES, CXX_TYPES, STORAGE_DTYPES, launch
+
+SOURCE = "deform_kernel_conv.cu"
+_KERNELS = ("dk_resample", "dk_global_conv", "dk_global_input_grad", "dk_im2col", "dk_col2im",
+            "dk_global_kernel_grad", "dk_global_offset_grad", "dk_global_taps", "dk_global_weight_grad",
+            "dk_local_conv", "dk_local_input_grad", "dk_local_offset_grad", "dk_local_weight_grad",
+            "dk_sum_partials", "bias_grad")
+NAME_EXPRESSIONS = [f"{k}<{t}>" for t in CXX_TYPES.values() for k in _KERNELS]
+
+COLUMNS_BYTES = 64 * 2**20
+# Global DK convolves directly (no columns, no GEMM) when a GEMM would reduce over at most this
+# many terms: with depthwise weights the GEMMs are 1-row products that waste the tensor cores.
+DIRECT_MAX_REDUCTION = 64
+# dk_global_offset_grad has one block per (image, offset group, kernel point), often fewer blocks
+# than the GPU has SMs for their long (C_out/G * Cg)-term sums: wide blocks hide the latency.
+# At most the kernel's __launch_bounds__ (1024).
+OFFSET_GRAD_BLOCK = 1024
+# dk_local_weight_grad: threads per block (its shared memory holds a column per thread) and the
+# number of blocks to aim for when splitting the positions into chunks.
+WEIGHT_GRAD_BLOCK = 128
+WEIGHT_GRAD_TARGET_BLOCKS = 4096
+
+
+def _kernel(name: str, dtype: str):
+    return _compile.function(sys.modules[__name__], f"{name}<{CXX_TYPES[dtype]}>")
+
+
+@functools.lru_cache(maxsize=1024)
+def _geometry_args(geo, shape, c_out, images):
+    """The DK_GEOMETRY kernel arguments for `images` images of an input of this shape (cached:
+    building NumPy scalars costs more than a small kernel's launch)."""
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = geo.kernel, geo.stride, geo.padding, geo.dilation
+    i64, i32 = np.int64, np.int32
+    return (i64(images), i64(shape[1]), i64(shape[2]), i64(shape[3]), i64(c_out), i64(geo.groups),
+            i64(geo.offset_groups), i32(kh), i32(kw), i32(sh), i32(sw), i32(ph), i32(pw), i32(dh), i32(dw),
+            i64(geo.out_size[0]), i64(geo.out_size[1]), i64(geo.scope[0]), i64(geo.scope[1]))
+
+
+def _columns(s, x):
+    """Chunks of images whose rigid columns fit in COLUMNS_BYTES (at least one image each), and
+    a columns buffer for one chunk."""
+    import cupy
+
+    per_image = s.c_in * s.K * s.L
+    step = max(1, min(s.n, COLUMNS_BYTES // (per_image * x.itemsize)))
+    chunks = [(n0, min(s.n, n0 + step)) for n0 in range(0, s.n, step)]
+    return chunks, cupy.empty(per_image * step if chunks else 0, x.dtype)
+
+
+def _direct(s) -> bool:
+    return s.rows <= DIRECT_MAX_REDUCTION
+
+
+class _Shapes:
+    """The sizes every launch needs, from contiguous CuPy arrays."""
+
+    def __init__(self, x, weight, geo):
+        self.n, self.c_in = x.shape[:2]
+        self.c_out, self.cg = weight.shape[:2]
+        self.L = geo.out_size[0] * geo.out_size[1]
+        self.K = geo.kernel[0] * geo.kernel[1]
+        self.og = self.c_out // geo.groups
+        self.rows = self.cg * self.K  # of one (image, weight group) GEMM operand
+
+
+def _prepare(*arrays):
+    import cupy
+
+    return cupy, [None if a is None else cupy.ascontiguousarray(a) for a in arrays]
+
+
+def _resample(weight, offset, x, geo, s, dtype):
+    import cupy
+
+    kernels = cupy.empty((s.n, s.c_out, s.rows), STORAGE_DTYPES[dtype])
+    launch(_kernel("dk_resample", dtype), kernels.size,
+           (weight, offset, *_geometry_args(geo, x.shape, s.c_out, s.n), kernels))
+    return kernels
+
+
+def forward(input, weight, kernel_offset, bias, *, geo, dtype):
+    cupy, (x, weight, offset, bias) = _prepare(input, weight, kernel_offset, bias)
+    s = _Shapes(x, weight, geo)
+    out = cupy.empty((s.n, s.c_out, *geo.out_size), STORAGE_DTYPES[dtype])
+    use_bias = np.int32(bias is not None)
+    bias_arg = bias if use_bias else x
+    geo_args = _geometry_args(geo, x.shape, s.c_out, s.n)
+    if geo.local:
+        launch(_kernel("dk_local_conv", dtype), out.size, (x, weight, offset, bias_arg, use_bias, *geo_args, out))
+        return out
+    kernels = _resample(weight, offset, x, geo, s, dtype)
+    if _direct(s):
+        launch(_kernel("dk_global_conv", dtype), out.size, (x, kernels, bias_arg, use_bias, *geo_args, out))
+        return out
+    if use_bias:
+        out[...] = bias.reshape(1, s.c_out, 1, 1)  # the GEMMs add onto it (beta = 1)
+    chunks, cols = _columns(s, x)
+    im2col = _kernel("dk_im2col", dtype)
+    for n0, n1 in chunks:
+        b = n1 - n0
+        launch(im2col, b * s.c_in * s.L, (x[n0:n1], *_geometry_args(geo, x.shape, s.c_out, b), cols))
+        # One product per (image, weight group): its resampled kernels times its columns.
+        _blas.matmul(kernels[n0:n1], cols, out[n0:n1], m=s.og, n=s.L, k=s.rows, dtype=dtype, batch=b * geo.groups,
+                     stride_a=s.og * s.rows, stride_b=s.rows * s.L, stride_c=s.og * s.L, beta=float(use_bias))
+    return out
+
+
+def backward(grad_output, input, weight, kernel_offset, bias, *, geo, dtype, deterministic):
+    cupy, (go, x, weight, offset) = _prepare(grad_output, input, weight, kernel_offset)
+    s = _Shapes(x, weight, geo)
+    storage = STORAGE_DTYPES[dtype]
+    grad_input = cupy.empty(x.shape, storage)
+    grad_offset = cupy.empty(offset.shape, storage)
+    grad_weight = cupy.empty(weight.shape, storage)
+    if geo.local:
+        _local_backward(go, x, weight, offset, geo, s, dtype, grad_input, grad_offset, grad_weight)
+    else:
+        _global_backward(go, x, weight, offset, geo, s, dtype, grad_input, grad_offset, grad_weight)
+    grad_bias = None
+    if bias is not None:
+        grad_bias = cupy.empty(s.c_out, storage)
+        launch(_kernel("bias_grad", dtype), s.c_out * _compile.BLOCK,
+               (go, np.int64(s.n), np.int64(s.c_out), np.int64(s.L), grad_bias))
+    return grad_input, grad_weight, grad_offset, grad_bias
+
+
+def _global_backward(go, x, weight, offset, geo, s, dtype, grad_input, grad_offset, grad_weight):
+    import cupy
+
+    acc_dtype = ACC_DTYPES[dtype]
+    geo_args = _geometry_args(geo, x.shape, s.c_out, s.n)
+    kernels = _resample(weight, offset, x, geo, s, dtype)
+    grad_kernels = cupy.empty((s.n, s.c_out, s.rows), acc_dtype)
+    if _direct(s):
+        launch(_kernel("dk_global_input_grad", dtype), grad_input.size, (go, kernels, *geo_args, grad_input))
+        launch(_kernel("dk_global_kernel_grad", dtype), s.n * s.c_out * s.cg * _compile.BLOCK,
+               (go, x, *geo_args, grad_kernels))
+    else:
+        chunks, cols = _columns(s, x)
+        im2col, col2im = _kernel("dk_im2col", dtype), _kernel("dk_col2im", dtype)
+        for n0, n1 in chunks:
+            b = n1 - n0
+            chunk_args = _geometry_args(geo, x.shape, s.c_out, b)
+            launch(im2col, b * s.c_in * s.L, (x[n0:n1], *chunk_args, cols))
+            _blas.matmul(go[n0:n1], cols, grad_kernels[n0:n1], m=s.og, n=s.rows, k=s.L, dtype=dtype,
+                         c_dtype=np.dtype(acc_dtype).name, trans_b=True, batch=b * geo.groups,
+                         stride_a=s.og * s.L, stride_b=s.rows * s.L, stride_c=s.og * s.rows)
+            # The columns' gradient, kernels^T @ grad_output, into the same buffer.
+            _blas.matmul(kernels[n0:n1], go[n0:n1], cols, m=s.rows, n=s.L, k=s.og, dtype=dtype, trans_a=True,
+                         batch=b * geo.groups, stride_a=s.og * s.rows, stride_b=s.og * s.L, stride_c=s.rows * s.L)
+            launch(col2im, b * s.c_in * x.shape[2] * x.shape[3], (cols, *chunk_args, grad_input[n0:n1]))
+    launch(_kernel("dk_global_offset_grad", dtype), s.n * geo.offset_groups * s.K * OFFSET_GRAD_BLOCK,
+           (grad_kernels, weight, offset, *geo_args, grad_offset), block=OFFSET_GRAD_BLOCK)
+    taps = cupy.zeros((s.n, geo.offset_groups, s.K, geo.scope[0] * geo.scope[1]), acc_dtype)
+    launch(_kernel("dk_global_taps", dtype), s.n * geo.offset_groups * s.K, (offset, *geo_args, taps))
+    launch(_kernel("dk_global_weight_grad", dtype), grad_weight.size, (grad_kernels, taps, *geo_args, grad_weight))
+
+
+def _local_backward(go, x, weight, offset, geo, s, dtype, grad_input, grad_offset, grad_weight):
+    import cupy
+
+    geo_args = _geometry_args(geo, x.shape, s.c_out, s.n)
+    launch(_kernel("dk_local_input_grad", dtype), grad_input.size, (go, weight, offset, *geo_args, grad_input))
+    launch(_kernel("dk_local_offset_grad", dtype), grad_offset.size // 2,
+           (go, x, weight, offset, *geo_args, grad_offset))
+    # Enough chunks of positions to fill the GPU, each at least a block's worth of positions.
+    pairs, positions = s.c_out * s.cg, s.n * s.L
+    chunks = max(1, min(-(-WEIGHT_GRAD_TARGET_BLOCKS // pairs), positions // WEIGHT_GRAD_BLOCK))
+    partial = cupy.empty(chunks * weight.size, ACC_DTYPES[dtype])
+    launch(_kernel("dk_local_weight_grad", dtype), pairs * chunks * WEIGHT_GRAD_BLOCK,
+           (go, x, offset, np.int64(chunks), *geo_args, partial), block=WEIGHT_GRAD_BLOCK)
+    launch(_kernel("dk_sum_partials", dtype), weight.size,
+           (partial, np.int64(chunks), np.int64(weight.size), grad_weight))

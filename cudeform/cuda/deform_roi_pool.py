@@ -1,0 +1,166 @@
+"""Deformable RoI pooling on the GPU: kernels/deform_roi_pool.cu.
+
+Forward: one thread per output element. Backward of deform_roi_pool: the input gradient with
+one thread per output element and float atomics, then (with an offset or a mask) a warp per
+(RoI, bin) reducing their gradients over the channels. Backward of deform_psroi_pool: one
+launch, a warp per (RoI, class, part cell), atomics for the input gradient and warp reductions
+for the offset gradient.
+
+Workspace: for the half types, a float32 input-gradient accumulator; in deterministic mode, a
+uint64 fixed-point accumulator of the input's size and a first pass over grad_output for the
+fixed-point scale. Nothing synchronises the device: RoIs whose batch index is out of range are
+handled by the kernels (zero output, zero gradient).
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+import numpy as np
+
+from . import _compile
+from ._compile import ACC_DTYPES, CXX_TYPES, STORAGE_DTYPES, launch
+
+SOURCE = "deform_roi_pool.cu"
+_KERNELS = ("droi_forward", "droi_backward_input", "droi_backward_coords", "dpsroi_forward", "dpsroi_backward", "roi_pool_max_abs")
+NAME_EXPRESSIONS = (
+    [f"{k}<{t}>" for t in CXX_TYPES.values() for k in _KERNELS]
+    + ["cast_from_acc<__half>", "cast_from_acc<__nv_bfloat16>", "fixed_point_add<float>", "fixed_point_add<double>"]
+)
+
+WARP = 32  # threads per backward item (WARP_SIZE in common.cuh)
+
+
+def _kernel(name: str, dtype: str):
+    return _compile.function(sys.modules[__name__], f"{name}<{CXX_TYPES[dtype]}>")
+
+
+def _or(array, stand_in):
+    """An optional array, or a stand-in pointer the kernel does not read (its use_* flag is 0)."""
+    return stand_in if array is None else array
+
+
+def _contiguous(*arrays):
+    import cupy
+
+    return [None if a is None else cupy.ascontiguousarray(a) for a in arrays]
+
+
+@functools.lru_cache(maxsize=1024)
+def _droi_args(shape, n_rois, geo, dtype):
+    """The DROI_GEOMETRY kernel arguments (cached: building NumPy scalars costs more than a
+    small kernel's launch)."""
+    acc = ACC_DTYPES[dtype]
+    n, c, h, w = shape
+    return (np.int64(n_rois), np.int64(n), np.int64(c), np.int64(h), np.int64(w),
+            np.int32(geo.output_size[0]), np.int32(geo.output_size[1]), acc(geo.spatial_scale),
+            np.int32(geo.sampling_ratio), acc(geo.gamma))
+
+
+def _part_size(geo, has_offset):
+    """The kernels' part_size: without an offset every part cell is a bin (and geo.num_classes is 1)."""
+    return geo.part_size if has_offset else geo.pooled_size
+
+
+@functools.lru_cache(maxsize=1024)
+def _psroi_args(shape, n_rois, geo, has_offset, dtype):
+    """The DPSROI_GEOMETRY kernel arguments (cached, as _droi_args)."""
+    acc = ACC_DTYPES[dtype]
+    n, c, h, w = shape
+    return (np.int64(n_rois), np.int64(n), np.int64(c), np.int64(h), np.int64(w),
+            np.int32(geo.output_dim), np.int32(geo.pooled_size), np.int32(geo.group_size),
+            np.int32(_part_size(geo, has_offset)), np.int32(geo.sample_per_part), np.int32(geo.num_classes),
+            acc(geo.spatial_scale), acc(geo.trans_std))
+
+
+def forward(input, rois, offset, mask, *, geo, dtype):
+    import cupy
+
+    x, rois, offset, mask = _contiguous(input, rois, offset, mask)
+    out = cupy.empty((rois.shape[0], x.shape[1], *geo.output_size), STORAGE_DTYPES[dtype])
+    launch(_kernel("droi_forward", dtype), out.size,
+           (x, rois, _or(offset, x), _or(mask, x), np.int32(offset is not None), np.int32(mask is not None),
+            *_droi_args(x.shape, rois.shape[0], geo, dtype), out))
+    return out
+
+
+def backward(grad_output, input, rois, offset, mask, *, geo, dtype, deterministic):
+    import cupy
+
+    go, x, rois, offset, mask = _contiguous(grad_output, input, rois, offset, mask)
+    grad_offset = cupy.empty_like(offset) if offset is not None else None
+    grad_mask = cupy.empty_like(mask) if mask is not None else None
+    bins = geo.output_size[0] * geo.output_size[1]
+    grad_acc, fixed_args = _input_grad_workspace(x, go, mask, bins, dtype, deterministic)
+    flags = (np.int32(offset is not None), np.int32(mask is not None))
+    geo_args = _droi_args(x.shape, rois.shape[0], geo, dtype)
+    launch(_kernel("droi_backward_input", dtype), go.size,
+           (go, rois, _or(offset, x), _or(mask, x), *flags, *geo_args, *fixed_args, grad_acc))
+    if offset is not None or mask is not None:
+        launch(_kernel("droi_backward_coords", dtype), rois.shape[0] * bins * WARP,
+               (go, x, rois, _or(offset, x), _or(mask, x), *flags, *geo_args, _or(grad_offset, x),
+                _or(grad_mask, x)))
+    return _input_grad(grad_acc, fixed_args, rois.shape[0] * bins, dtype), grad_offset, grad_mask
+
+
+def psroi_forward(input, rois, offset, *, geo, dtype):
+    import cupy
+
+    x, rois, offset = _contiguous(input, rois, offset)
+    out = cupy.empty((rois.shape[0], geo.output_dim, geo.pooled_size, geo.pooled_size), STORAGE_DTYPES[dtype])
+    has_offset = offset is not None
+    launch(_kernel("dpsroi_forward", dtype), out.size,
+           (x, rois, _or(offset, x), np.int32(has_offset),
+            *_psroi_args(x.shape, rois.shape[0], geo, has_offset, dtype), out))
+    return out
+
+
+def psroi_backward(grad_output, input, rois, offset, *, geo, dtype, deterministic):
+    import cupy
+
+    go, x, rois, offset = _contiguous(grad_output, input, rois, offset)
+    has_offset = offset is not None
+    grad_offset = cupy.empty_like(offset) if has_offset else None
+    bins = geo.pooled_size**2
+    grad_acc, fixed_args = _input_grad_workspace(x, go, None, bins, dtype, deterministic)
+    items = rois.shape[0] * geo.num_classes * _part_size(geo, has_offset) ** 2
+    launch(_kernel("dpsroi_backward", dtype), items * WARP,
+           (go, x, rois, _or(offset, x), np.int32(has_offset),
+            *_psroi_args(x.shape, rois.shape[0], geo, has_offset, dtype), *fixed_args, grad_acc,
+            _or(grad_offset, x)))
+    return _input_grad(grad_acc, fixed_args, rois.shape[0] * bins, dtype), grad_offset
+
+
+def _input_grad_workspace(x, go, mask, bins, dtype, deterministic):
+    """The zeroed input-gradient accumulator and the backward kernels' (deterministic,
+    max_abs_bits, fixed) arguments; in deterministic mode, also runs the max-abs pass (whose
+    bound covers R * bins terms: see roi_pool_max_abs)."""
+    import cupy
+
+    grad_acc = cupy.zeros(x.shape, ACC_DTYPES[dtype])
+    if not deterministic:
+        return grad_acc, (np.int32(0), grad_acc, grad_acc)
+    max_abs_bits = cupy.zeros(1, np.uint32)
+    fixed = cupy.zeros(x.size, np.uint64)
+    launch(_kernel("roi_pool_max_abs", dtype), go.size,
+           (go, _or(mask, go), np.int32(mask is not None), np.int64(go.shape[1]), np.int64(bins), np.int64(go.size),
+            max_abs_bits))
+    return grad_acc, (np.int32(1), max_abs_bits, fixed)
+
+
+def _input_grad(grad_acc, fixed_args, terms, dtype):
+    """The input gradient in the storage dtype, after folding in the fixed-point sums."""
+    import cupy
+
+    deterministic, max_abs_bits, fixed = fixed_args
+    if deterministic:
+        acc_name = np.dtype(ACC_DTYPES[dtype]).name
+        launch(_compile.function(sys.modules[__name__], f"fixed_point_add<{CXX_TYPES[acc_name]}>"), grad_acc.size,
+               (fixed, max_abs_bits, np.int64(terms), np.int64(grad_acc.size), grad_acc))
+    if np.dtype(STORAGE_DTYPES[dtype]) == grad_acc.dtype:
+        return grad_acc
+    out = cupy.empty(grad_acc.shape, STORAGE_DTYPES[dtype])
+    launch(_compile.function(sys.modules[__name__], f"cast_from_acc<{CXX_TYPES[dtype]}>"), grad_acc.size,
+           (grad_acc, np.int64(grad_acc.size), out))
+    return out

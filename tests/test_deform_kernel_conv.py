@@ -1,0 +1,345 @@
+"""deform_kernel_conv2d (global and local DK) and its backward against the naive reference,
+finite differences, ordinary convolution identities and SPEC.md."""
+
+import numpy as np
+import pytest
+
+import cudeform
+import reference as ref
+from cudeform.testing import gradcheck
+from helpers import rel_err, to_numpy
+
+# Deliberately asymmetric configurations: every pair differs in h and w, and the scopes are
+# larger than the kernels by odd and even margins (half-integer and integer centring shifts).
+CONFIGS = {
+    "grouped": dict(N=2, C_in=4, C_out=6, groups=2, G=3, kernel=(3, 2), scope=(4, 5), H=7, W=8,
+                    stride=(2, 1), padding=(1, 0), dilation=(2, 1)),
+    "plain": dict(N=1, C_in=3, C_out=4, groups=1, G=2, kernel=(3, 3), scope=(3, 4), H=5, W=6,
+                  stride=1, padding=1, dilation=1),
+    "depthwise": dict(N=2, C_in=4, C_out=4, groups=4, G=2, kernel=(1, 3), scope=(2, 5), H=4, W=9,
+                      stride=(1, 2), padding=(0, 2), dilation=(1, 3)),
+}
+MODES = ("global", "local")
+
+
+def out_size(cfg):
+    s, p, d = (np.broadcast_to(cfg[k], 2) for k in ("stride", "padding", "dilation"))
+    kh, kw = cfg["kernel"]
+    return ((cfg["H"] + 2 * p[0] - (d[0] * (kh - 1) + 1)) // s[0] + 1,
+            (cfg["W"] + 2 * p[1] - (d[1] * (kw - 1) + 1)) // s[1] + 1)
+
+
+def offset_shape(cfg, mode):
+    channels = 2 * cfg["G"] * cfg["kernel"][0] * cfg["kernel"][1]
+    return (cfg["N"], channels) + (out_size(cfg) if mode == "local" else ())
+
+
+def make_case(cfg, mode, *, seed=0, bias=True):
+    """Random float64 NumPy inputs. The offsets spread the samples over the whole scope, its
+    border band and outside it; a continuous distribution never lands on an integer kink."""
+    rng = np.random.default_rng(seed)
+    spread = max(cfg["scope"]) / 2 + 1
+    args = dict(
+        input=rng.standard_normal((cfg["N"], cfg["C_in"], cfg["H"], cfg["W"])),
+        weight=rng.standard_normal((cfg["C_out"], cfg["C_in"] // cfg["groups"], *cfg["scope"])),
+        kernel_offset=rng.uniform(-spread, spread, offset_shape(cfg, mode)),
+        bias=rng.standard_normal(cfg["C_out"]) if bias else None,
+    )
+    geometry = dict(kernel_size=cfg["kernel"], stride=cfg["stride"], padding=cfg["padding"],
+                    dilation=cfg["dilation"], groups=cfg["groups"])
+    return args, geometry
+
+
+def on(xp, arrays, dtype=np.float64):
+    return {k: None if v is None else xp.asarray(v.astype(dtype)) for k, v in arrays.items()}
+
+
+def positional(args):
+    """(input, weight, kernel_offset, bias) of a case, for the reference."""
+    return args["input"], args["weight"], args["kernel_offset"], args["bias"]
+
+
+def grad_output_for(cfg, seed):
+    return np.random.default_rng(seed).standard_normal((cfg["N"], cfg["C_out"], *out_size(cfg)))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("bias", [True, False])
+def test_forward_matches_reference(xp, name, mode, bias):
+    args, geo = make_case(CONFIGS[name], mode, bias=bias)
+    given = on(xp, args)
+    out = cudeform.deform_kernel_conv2d(**given, **geo)
+    assert type(out) is type(given["input"])
+    expected = ref.deform_kernel_conv2d(*positional(args), **geo)
+    assert out.shape == expected.shape
+    assert rel_err(out, expected) < 1e-12
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("bias", [True, False])
+def test_backward_matches_reference(xp, name, mode, bias):
+    args, geo = make_case(CONFIGS[name], mode, seed=1, bias=bias)
+    grad_out = grad_output_for(CONFIGS[name], seed=2)
+    grads = cudeform.deform_kernel_conv2d_backward(xp.asarray(grad_out), **on(xp, args), **geo)
+    expected = ref.deform_kernel_conv2d_backward(grad_out, *positional(args), **geo)
+    assert grads._fields == ("input", "weight", "kernel_offset", "bias")
+    for field, got, want in zip(grads._fields, grads, expected):
+        if want is None:
+            assert got is None, field
+        else:
+            assert got.shape == want.shape, field
+            assert rel_err(got, want) < 1e-10, field
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", CONFIGS)
+def test_gradcheck(xp, name, mode):
+    args, geo = make_case(CONFIGS[name], mode, seed=3)
+    result = gradcheck(cudeform.deform_kernel_conv2d, cudeform.deform_kernel_conv2d_backward, on(xp, args),
+                       kwargs=geo, rtol=1e-6, max_elements=150 if xp is not np else None)
+    assert result.ok
+    assert set(result.checked) == {"input", "weight", "kernel_offset", "bias"}
+
+
+def test_global_equals_local_with_the_same_offsets_everywhere(xp):
+    """A local offset that repeats the global one at every position gives the same output and
+    gradients; the global offset gradient is the sum of the local one over positions."""
+    cfg = CONFIGS["grouped"]
+    args, geo = make_case(cfg, "global", seed=4)
+    local = dict(args, kernel_offset=np.repeat(np.repeat(args["kernel_offset"][:, :, None, None],
+                                                         out_size(cfg)[0], 2), out_size(cfg)[1], 3))
+    grad_out = xp.asarray(grad_output_for(cfg, seed=5))
+    g_out, l_out = (cudeform.deform_kernel_conv2d(**on(xp, a), **geo) for a in (args, local))
+    assert rel_err(g_out, to_numpy(l_out)) < 1e-12
+    g, l = (cudeform.deform_kernel_conv2d_backward(grad_out, **on(xp, a), **geo) for a in (args, local))
+    for field in ("input", "weight", "bias"):
+        assert rel_err(getattr(g, field), to_numpy(getattr(l, field))) < 1e-12, field
+    assert rel_err(g.kernel_offset, to_numpy(l.kernel_offset).sum(axis=(2, 3))) < 1e-12
+
+
+def _conv(xp, x, weight, bias, geo, out_hw, grad_out):
+    """An ordinary (grouped) convolution, as deform_conv2d with zero offsets, and its gradients."""
+    offset = xp.zeros((x.shape[0], 2 * weight.shape[2] * weight.shape[3], *out_hw))
+    conv_geo = {k: geo[k] for k in ("stride", "padding", "dilation")}
+    return (cudeform.deform_conv2d(x, offset, weight, bias, **conv_geo),
+            cudeform.deform_conv2d_backward(grad_out, x, offset, weight, bias, **conv_geo))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", CONFIGS)
+def test_zero_offsets_with_the_kernel_as_scope_is_a_convolution(xp, name, mode):
+    cfg = dict(CONFIGS[name], scope=CONFIGS[name]["kernel"])
+    args, geo = make_case(cfg, mode, seed=6)
+    args["kernel_offset"] = np.zeros_like(args["kernel_offset"])
+    given = on(xp, args)
+    grad_out = xp.asarray(grad_output_for(cfg, seed=7))
+    out = cudeform.deform_kernel_conv2d(**given, **geo)
+    grads = cudeform.deform_kernel_conv2d_backward(grad_out, **given, **geo)
+    conv, conv_grads = _conv(xp, given["input"], given["weight"], given["bias"], geo, out_size(cfg), grad_out)
+    assert rel_err(out, to_numpy(conv)) < 1e-12
+    for field in ("input", "weight", "bias"):
+        assert rel_err(getattr(grads, field), to_numpy(getattr(conv_grads, field))) < 1e-12, field
+    # Every sample sits on an integer kink: the offset gradient is the derivative from the right.
+    expected = ref.deform_kernel_conv2d_backward(to_numpy(grad_out), *positional(args), **geo)
+    assert rel_err(grads.kernel_offset, expected[2]) < 1e-12
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_offset_gradient_at_the_scope_border_is_taken_from_the_right(xp, mode):
+    """A 1x1 kernel centred in the 2x2 scope [[1, 2], [3, 4]] reads it at (0.5 + dh, 0.5 + dw).
+    With (dh, dw) = (-1.5, 0) the sample sits at (h, w) = (-1, 0.5) and reads 0; from the right,
+    d/dh = (1 - 0.5) * 1 + 0.5 * 2 = 1.5 (times the input, 3) and d/dw = 0 (row -1 is zeros)."""
+    x = xp.full((1, 1, 1, 1), 3.0)
+    weight = xp.asarray([[[[1.0, 2.0], [3.0, 4.0]]]])
+    offset = xp.asarray([[-1.5, 0.0]]).reshape((1, 2) + (1, 1) * (mode == "local"))
+    assert float(cudeform.deform_kernel_conv2d(x, weight, offset, kernel_size=1).reshape(())) == 0.0
+    grads = cudeform.deform_kernel_conv2d_backward(xp.ones((1, 1, 1, 1)), x, weight, offset, kernel_size=1)
+    np.testing.assert_array_equal(to_numpy(grads.kernel_offset).reshape(2), [4.5, 0.0])
+    np.testing.assert_array_equal(to_numpy(grads.weight), np.zeros((1, 1, 2, 2)))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_integer_offsets_read_a_shifted_sub_kernel(xp, mode):
+    """Kernel (3, 2) in a (5, 6) scope sits at rows 1..3, columns 2..3. An integer offset
+    (dh, dw) moves it to rows 1+dh.., columns 2+dw..: the convolution with that sub-kernel.
+    Each offset group (two output channels) gets its own shift."""
+    cfg = dict(CONFIGS["grouped"], scope=(5, 6))
+    args, geo = make_case(cfg, mode, seed=8)
+    shifts = [(1, -2), (-1, 1), (0, 2)]  # per offset group
+    kh, kw = cfg["kernel"]
+    per_group = np.repeat(np.array(shifts, np.float64), kh * kw, axis=0).reshape(-1)  # (dh, dw) per point
+    offset = np.broadcast_to(per_group.reshape((1, -1) + (1, 1) * (mode == "local")), args["kernel_offset"].shape)
+    args["kernel_offset"] = np.ascontiguousarray(offset)
+    sub = np.concatenate([args["weight"][2 * g:2 * g + 2, :, 1 + dh:1 + dh + kh, 2 + dw:2 + dw + kw]
+                          for g, (dh, dw) in enumerate(shifts)])
+    given = on(xp, args)
+    grad_out = xp.asarray(grad_output_for(cfg, seed=9))
+    out = cudeform.deform_kernel_conv2d(**given, **geo)
+    grads = cudeform.deform_kernel_conv2d_backward(grad_out, **given, **geo)
+    conv, conv_grads = _conv(xp, given["input"], xp.asarray(sub), given["bias"], geo, out_size(cfg), grad_out)
+    assert rel_err(out, to_numpy(conv)) < 1e-12
+    assert rel_err(grads.input, to_numpy(conv_grads.input)) < 1e-12
+    expected_weight = np.zeros_like(args["weight"])
+    for g, (dh, dw) in enumerate(shifts):
+        expected_weight[2 * g:2 * g + 2, :, 1 + dh:1 + dh + kh, 2 + dw:2 + dw + kw] = \
+            to_numpy(conv_grads.weight)[2 * g:2 * g + 2]
+    assert rel_err(grads.weight, expected_weight) < 1e-12
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_empty_batch(xp, mode):
+    cfg = dict(CONFIGS["grouped"], N=0)
+    args, geo = make_case(cfg, mode, seed=10)
+    given = on(xp, args)
+    out = cudeform.deform_kernel_conv2d(**given, **geo)
+    assert out.shape == (0, cfg["C_out"], *out_size(cfg))
+    grads = cudeform.deform_kernel_conv2d_backward(xp.zeros(out.shape), **given, **geo)
+    for field, got in zip(grads._fields, grads):
+        assert got.shape == given[field].shape, field
+        assert not np.any(to_numpy(got)), field
+
+
+def test_chunked_batch_equals_single_chunk(monkeypatch):
+    """Forcing one image per columns chunk (global DK) changes no result beyond rounding."""
+    from cudeform.cpu import deform_kernel_conv as cpu
+
+    cfg = dict(CONFIGS["grouped"], N=3)
+    args, geo = make_case(cfg, "global", seed=11)
+    grad_out = grad_output_for(cfg, seed=12)
+    whole = (cudeform.deform_kernel_conv2d(**args, **geo),
+             *cudeform.deform_kernel_conv2d_backward(grad_out, **args, **geo))
+    monkeypatch.setattr(cpu, "COLUMNS_BYTES", 1)
+    chunked = (cudeform.deform_kernel_conv2d(**args, **geo),
+               *cudeform.deform_kernel_conv2d_backward(grad_out, **args, **geo))
+    for a, b in zip(chunked, whole):
+        np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_non_contiguous_inputs(xp, mode):
+    args, geo = make_case(CONFIGS["grouped"], mode, seed=13)
+    expected = ref.deform_kernel_conv2d(*positional(args), **geo)
+    strided = {}
+    for k, v in on(xp, args).items():
+        if v.ndim < 2:
+            strided[k] = v
+            continue
+        # Same values, reversed memory order of the last two axes.
+        strided[k] = xp.ascontiguousarray(v.swapaxes(-1, -2)).swapaxes(-1, -2)
+        assert not strided[k].flags.c_contiguous
+    assert rel_err(cudeform.deform_kernel_conv2d(**strided, **geo), expected) < 1e-12
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_float32_close_to_float64(xp, mode):
+    args, geo = make_case(CONFIGS["plain"], mode, seed=14)
+    given = on(xp, args, np.float32)
+    out = cudeform.deform_kernel_conv2d(**given, **geo)
+    assert out.dtype == np.float32
+    assert rel_err(out, ref.deform_kernel_conv2d(*positional(args), **geo)) < 1e-5
+    grad_out = grad_output_for(CONFIGS["plain"], seed=15)
+    grads = cudeform.deform_kernel_conv2d_backward(xp.asarray(grad_out, np.float32), **given, **geo)
+    expected = ref.deform_kernel_conv2d_backward(grad_out, *positional(args), **geo)
+    for field, got, want in zip(grads._fields, grads, expected):
+        assert got.dtype == np.float32, field
+        assert rel_err(got, want) < 1e-5, field
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_backward_is_bitwise_repeatable(xp, mode, deterministic):
+    """Every reduction has a fixed order (on the GPU too), so both modes repeat bit for bit."""
+    args, geo = make_case(CONFIGS["grouped"], mode, seed=16)
+    given = on(xp, args)
+    grad_out = xp.asarray(grad_output_for(CONFIGS["grouped"], seed=17))
+    first = cudeform.deform_kernel_conv2d_backward(grad_out, **given, **geo, deterministic=deterministic)
+    for _ in range(3):
+        again = cudeform.deform_kernel_conv2d_backward(grad_out, **given, **geo, deterministic=deterministic)
+        for field, a, b in zip(first._fields, first, again):
+            assert np.array_equal(to_numpy(a), to_numpy(b)), field
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_caller_arrays_unchanged(xp, mode):
+    args, geo = make_case(CONFIGS["grouped"], mode, seed=18)
+    given = on(xp, args)
+    before = {k: to_numpy(v).copy() for k, v in given.items()}
+    out = cudeform.deform_kernel_conv2d(**given, **geo)
+    grad_out = xp.ones_like(out)
+    cudeform.deform_kernel_conv2d_backward(grad_out, **given, **geo)
+    for k, v in given.items():
+        assert np.array_equal(to_numpy(v), before[k]), k
+    assert np.array_equal(to_numpy(grad_out), np.ones(out.shape))
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input: the error type, and a message that names the argument
+# --------------------------------------------------------------------------------------------
+
+def _bad_cases():
+    args, geo = make_case(CONFIGS["plain"], "local", seed=19)
+    x, w, off, b = (args[k] for k in ("input", "weight", "kernel_offset", "bias"))
+    ok = dict(args, **geo)
+    yield "kernel larger than the scope", dict(ok, kernel_size=(3, 5)), ValueError, "kernel_size"
+    yield "kernel larger than a 2x2 scope", dict(ok, weight=w[:, :, :2, :2]), ValueError, "kernel_size"
+    yield "kernel_size zero", dict(ok, kernel_size=0), ValueError, "kernel_size"
+    yield "kernel_size missing its pair", dict(ok, kernel_size=(3,)), TypeError, "kernel_size"
+    yield "kernel_offset rank 3", dict(ok, kernel_offset=off[:, :, 0]), ValueError, "kernel_offset"
+    yield "kernel_offset channels", dict(ok, kernel_offset=off[:, :17]), ValueError, "kernel_offset"
+    yield "kernel_offset spatial size", dict(ok, kernel_offset=off[:, :, :4]), ValueError, "kernel_offset"
+    yield "kernel_offset batch", dict(ok, kernel_offset=np.concatenate([off, off])), ValueError, "kernel_offset"
+    yield "global kernel_offset channels", dict(ok, kernel_offset=off[:, :20, 0, 0]), ValueError, "kernel_offset"
+    yield "offset groups do not divide C_out", dict(ok, kernel_offset=np.zeros((1, 54, 5, 6))), ValueError, \
+        "kernel_offset"
+    yield "groups do not divide C_in", dict(ok, groups=2), ValueError, "groups"
+    yield "groups do not divide C_out", dict(ok, input=np.zeros((1, 6, 5, 6)), weight=np.zeros((4, 2, 3, 4)),
+                                             groups=3), ValueError, "groups"
+    yield "weight channels do not match groups", dict(ok, weight=np.zeros((4, 1, 3, 4))), ValueError, "weight"
+    yield "groups zero", dict(ok, groups=0), ValueError, "groups"
+    yield "groups float", dict(ok, groups=1.0), TypeError, "groups"
+    yield "input rank", dict(ok, input=x[0]), ValueError, "input"
+    yield "weight rank", dict(ok, weight=w[0]), ValueError, "weight"
+    yield "bias shape", dict(ok, bias=b[:3]), ValueError, "bias"
+    yield "stride zero", dict(ok, stride=0), ValueError, "stride"
+    yield "stride bool", dict(ok, stride=True), TypeError, "stride"
+    yield "negative padding", dict(ok, padding=-1), ValueError, "padding"
+    yield "zero dilation", dict(ok, dilation=(1, 0)), ValueError, "dilation"
+    yield "input too small", dict(ok, padding=0, dilation=4), ValueError, "input"
+    yield "float16 on the CPU", dict(ok, input=x.astype(np.float16)), TypeError, "input"
+    yield "mixed dtypes", dict(ok, kernel_offset=off.astype(np.float32)), TypeError, "kernel_offset"
+
+
+@pytest.mark.parametrize("case", list(_bad_cases()), ids=lambda c: c[0])
+def test_bad_input_forward(case):
+    _, kwargs, error, argument = case
+    with pytest.raises(error, match=rf"deform_kernel_conv2d: .*\b{argument}\b"):
+        cudeform.deform_kernel_conv2d(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "change,error,argument",
+    [
+        (dict(deterministic=1), TypeError, "deterministic"),
+        (dict(grad_output=np.zeros((1, 3, 5, 6))), ValueError, "grad_output"),
+        (dict(grad_output=np.zeros((4, 5, 6))), ValueError, "grad_output"),
+        (dict(kernel_size=4), ValueError, "kernel_size"),
+    ],
+)
+def test_bad_input_backward(change, error, argument):
+    args, geo = make_case(CONFIGS["plain"], "global", seed=20)
+    kwargs = dict(grad_output=np.zeros((1, 4, 5, 6)), **args, **geo)
+    kwargs.update(change)
+    with pytest.raises(error, match=rf"deform_kernel_conv2d_backward: .*\b{argument}\b"):
+        cudeform.deform_kernel_conv2d_backward(**kwargs)
+
+
+def test_error_messages_quote_what_was_expected_and_received():
+    args, geo = make_case(CONFIGS["plain"], "local", seed=21)
+    with pytest.raises(ValueError) as info:
+        cudeform.deform_kernel_conv2d(**args, **dict(geo, kernel_size=(4, 3)))
+    assert "(3, 4)" in str(info.value) and "(4, 3)" in str(info.value)
+    with pytest.raises(ValueError) as info:
+        cudeform.deform_kernel_conv2d(**dict(args, kernel_offset=args["kernel_offset"][:, :, :4]), **geo)
+    assert "(1, 36, 5, 6)" in str(info.value) and "(1, 36, 4, 6)" in str(info.value)

@@ -1,0 +1,133 @@
+"""deform_kernel_conv2d on the GPU: every dtype against float64, PyTorch CUDA tensors, both
+global DK paths (direct and GEMM), the local weight gradient's tiles and chunks, GPU against
+the CPU path, and bitwise repeatability. (test_deform_kernel_conv.py runs its whole suite on
+CuPy as well.)"""
+
+import numpy as np
+import pytest
+
+import cudeform
+import reference as ref
+from helpers import TOLERANCE, l2_rel, rel_err
+from test_deform_kernel_conv import CONFIGS, MODES, grad_output_for, make_case, on, positional
+
+pytestmark = pytest.mark.gpu
+
+
+# Larger than the CPU suite's: many blocks, grid-stride loops, several position chunks in the
+# local weight gradient, and a scope wider than one shared-memory tile (float32 and float64).
+LARGE = {
+    "depthwise3x3": dict(N=3, C_in=32, C_out=32, groups=32, G=1, kernel=(3, 3), scope=(4, 4), H=28, W=30,
+                         stride=1, padding=1, dilation=1),
+    "dense3x3": dict(N=2, C_in=16, C_out=24, groups=1, G=2, kernel=(3, 3), scope=(4, 4), H=12, W=13,
+                     stride=(1, 2), padding=1, dilation=1),
+    "widescope": dict(N=2, C_in=4, C_out=4, groups=2, G=2, kernel=(3, 2), scope=(9, 8), H=20, W=19,
+                      stride=1, padding=(1, 0), dilation=(2, 1)),
+}
+
+
+def rounded_case(torch, cfg, mode, dtype, seed):
+    """Inputs in `dtype` as CUDA tensors, and the same values in float64 NumPy."""
+    args, geo = make_case(cfg, mode, seed=seed)
+    tdtype = getattr(torch, dtype)
+    tensors = {k: torch.from_numpy(v).to("cuda", tdtype) for k, v in args.items()}
+    exact = {k: v.to(torch.float64).cpu().numpy() for k, v in tensors.items()}
+    return tensors, exact, geo
+
+
+def check_against_reference(torch, tensors, exact, geo, dtype, seed):
+    out = cudeform.deform_kernel_conv2d(**tensors, **geo)
+    assert isinstance(out, torch.Tensor) and out.dtype == getattr(torch, dtype) and out.is_cuda
+    expected = ref.deform_kernel_conv2d(*positional(exact), **geo)
+    assert l2_rel(out.double().cpu().numpy(), expected) < TOLERANCE[dtype]
+    go = torch.from_numpy(np.random.default_rng(seed).standard_normal(expected.shape)).to("cuda", getattr(torch, dtype))
+    grads = cudeform.deform_kernel_conv2d_backward(go, **tensors, **geo)
+    want = ref.deform_kernel_conv2d_backward(go.double().cpu().numpy(), *positional(exact), **geo)
+    for field, got, w in zip(grads._fields, grads, want):
+        assert got.dtype == getattr(torch, dtype) and got.is_cuda, field
+        # The offset gradient differentiates the interpolation: its error grows with the input's.
+        tol = TOLERANCE[dtype] * (4 if field == "kernel_offset" and dtype in ("float16", "bfloat16") else 1)
+        assert l2_rel(got.double().cpu().numpy(), w) < tol, field
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", list(CONFIGS) + list(LARGE))
+def test_every_dtype_against_float64(torch, dtype, mode, name):
+    cfg = CONFIGS.get(name) or LARGE[name]
+    tensors, exact, geo = rounded_case(torch, cfg, mode, dtype, seed=30)
+    check_against_reference(torch, tensors, exact, geo, dtype, seed=31)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float16"])
+@pytest.mark.parametrize("path,limit", [("direct", 10**9), ("gemm", 0)])
+@pytest.mark.parametrize("name", list(CONFIGS) + ["dense3x3", "depthwise3x3"])
+def test_both_global_paths(torch, monkeypatch, dtype, path, limit, name):
+    """Global DK convolves directly or through columns and GEMMs, by the reduction length:
+    force each path on every configuration, with several columns chunks for the GEMM."""
+    from cudeform.cuda import deform_kernel_conv as gpu
+
+    monkeypatch.setattr(gpu, "DIRECT_MAX_REDUCTION", limit)
+    if path == "gemm":
+        monkeypatch.setattr(gpu, "COLUMNS_BYTES", 1)  # one image per chunk
+    cfg = CONFIGS.get(name) or LARGE[name]
+    tensors, exact, geo = rounded_case(torch, cfg, "global", dtype, seed=32)
+    check_against_reference(torch, tensors, exact, geo, dtype, seed=33)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", list(CONFIGS) + list(LARGE))
+def test_gpu_matches_cpu_path(dtype, mode, name):
+    import cupy
+
+    cfg = CONFIGS.get(name) or LARGE[name]
+    args, geo = make_case(cfg, mode, seed=34)
+    cpu, gpu = on(np, args, dtype), on(cupy, args, dtype)
+    tol = 1e-10 if dtype == "float64" else 1e-5
+    out_cpu = cudeform.deform_kernel_conv2d(**cpu, **geo)
+    assert rel_err(cudeform.deform_kernel_conv2d(**gpu, **geo), out_cpu) < tol
+    go = grad_output_for(cfg, seed=35).astype(dtype)
+    g_cpu = cudeform.deform_kernel_conv2d_backward(go, **cpu, **geo)
+    g_gpu = cudeform.deform_kernel_conv2d_backward(cupy.asarray(go), **gpu, **geo)
+    for field, a, b in zip(g_cpu._fields, g_gpu, g_cpu):
+        assert rel_err(a, b) < tol, field
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_backward_is_bitwise_repeatable(torch, dtype, mode, deterministic):
+    """No atomics anywhere: every sum has a fixed order, in both modes."""
+    cfg = LARGE["depthwise3x3"]
+    tensors, _, geo = rounded_case(torch, cfg, mode, dtype, seed=36)
+    go = torch.randn(cfg["N"], cfg["C_out"], cfg["H"], cfg["W"], device="cuda", dtype=getattr(torch, dtype))
+    first = cudeform.deform_kernel_conv2d_backward(go, **tensors, **geo, deterministic=deterministic)
+    for _ in range(5):
+        again = cudeform.deform_kernel_conv2d_backward(go, **tensors, **geo, deterministic=deterministic)
+        for field, a, b in zip(first._fields, first, again):
+            assert torch.equal(a, b), field
+
+
+def test_torch_current_stream(torch):
+    """Work is queued on torch's current stream, so no synchronisation is needed around it."""
+    tensors, exact, geo = rounded_case(torch, CONFIGS["grouped"], "local", "float32", seed=37)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        big = torch.randn(4096, 4096, device="cuda")
+        for _ in range(3):
+            big = big @ big / 64  # keep the stream busy so that a wrong stream would race
+        x = tensors["input"] * 1.0  # produced on `stream`
+        out = cudeform.deform_kernel_conv2d(**dict(tensors, input=x), **geo)
+        result = (out * 1.0).cpu()
+    expected = ref.deform_kernel_conv2d(*positional(exact), **geo)
+    assert l2_rel(result.double().numpy(), expected) < 1e-5
+
+
+def test_empty_batch_torch(torch):
+    tensors, _, geo = rounded_case(torch, dict(CONFIGS["grouped"], N=0), "global", "float16", seed=38)
+    out = cudeform.deform_kernel_conv2d(**tensors, **geo)
+    assert out.shape[0] == 0 and out.dtype == torch.float16 and out.is_cuda
+    grads = cudeform.deform_kernel_conv2d_backward(torch.zeros_like(out), **tensors, **geo)
+    assert not grads.weight.any() and not grads.bias.any()
+    assert grads.kernel_offset.shape == tensors["kernel_offset"].shape and grads.input.shape == tensors["input"].shape

@@ -1,0 +1,166 @@
+"""deform_roi_pool and deform_psroi_pool on the GPU: every dtype against float64, the GPU
+against the CPU path, deterministic mode, out-of-range batch indices, torchvision's roi_align
+and 64-bit indexing. (test_deform_roi_pool.py runs its whole suite on CuPy as well.)"""
+
+import numpy as np
+import pytest
+
+import cudeform
+import reference as ref
+from helpers import TOLERANCE, l2_rel, rel_err
+from test_deform_roi_pool import OPS, PS_CONFIGS, ROI_CONFIGS, case, make_rois, on, ps_case, roi_case
+
+pytestmark = pytest.mark.gpu
+
+DTYPES = list(TOLERANCE)
+
+
+def rounded(torch, args, dtype):
+    """The arguments in `dtype` as CUDA tensors, and the same (rounded) values in float64 NumPy."""
+    tensors = {k: None if v is None else torch.from_numpy(v).to("cuda", getattr(torch, dtype)) for k, v in args.items()}
+    exact = {k: None if v is None else v.to(torch.float64).cpu().numpy() for k, v in tensors.items()}
+    return tensors, exact
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("op", OPS)
+def test_every_dtype_against_float64(torch, op, dtype):
+    forward, backward, ref_forward, ref_backward, call = OPS[op]
+    args, geo = case(op, 20, ps="rfcn")
+    tensors, exact = rounded(torch, args, dtype)
+    out = forward(*call(tensors)[0], **call(tensors)[1], **geo)
+    assert isinstance(out, torch.Tensor) and out.dtype == getattr(torch, dtype) and out.is_cuda
+    expected = ref_forward(*call(exact)[0], **call(exact)[1], **geo)
+    assert l2_rel(out.double().cpu().numpy(), expected) < TOLERANCE[dtype]
+
+    grad_out = torch.from_numpy(np.random.default_rng(21).standard_normal(expected.shape)).to(
+        "cuda", getattr(torch, dtype))
+    for deterministic in (False, True):
+        grads = backward(grad_out, *call(tensors)[0], **call(tensors)[1], **geo, deterministic=deterministic)
+        want = ref_backward(grad_out.double().cpu().numpy(), *call(exact)[0], **call(exact)[1], **geo)
+        for field, got, w in zip(grads._fields, grads, want):
+            assert got.dtype == getattr(torch, dtype), field
+            assert l2_rel(got.double().cpu().numpy(), w) < TOLERANCE[dtype], (field, deterministic)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("op", OPS)
+def test_gpu_matches_cpu_path(op, dtype):
+    import cupy
+
+    forward, backward, _, _, call = OPS[op]
+    args, geo = case(op, 22, ps="rfcn")
+    cpu, gpu = on(np, args, dtype), on(cupy, args, dtype)
+    tol = 1e-10 if dtype == "float64" else 1e-5
+    out_cpu = forward(*call(cpu)[0], **call(cpu)[1], **geo)
+    assert rel_err(forward(*call(gpu)[0], **call(gpu)[1], **geo), out_cpu) < tol
+    go = np.random.default_rng(23).standard_normal(out_cpu.shape).astype(dtype)
+    g_cpu = backward(go, *call(cpu)[0], **call(cpu)[1], **geo)
+    g_gpu = backward(cupy.asarray(go), *call(gpu)[0], **call(gpu)[1], **geo)
+    for field, a, b in zip(g_cpu._fields, g_gpu, g_cpu):
+        assert rel_err(a, b) < tol, field
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("op", OPS)
+def test_deterministic_backward_is_bitwise(torch, op, dtype):
+    """Many RoIs on one small image, so that the input gradient's atomics race on every pixel."""
+    rng = np.random.default_rng(24)
+    if op == "roi":
+        cfg = dict(ROI_CONFIGS["fixed"], N=1, C=8, H=6, W=6, R=64)
+        args, geo = roi_case(cfg, seed=24)
+    else:
+        cfg = dict(PS_CONFIGS["rfcn"], N=1, H=6, W=6, R=64)
+        args, geo = ps_case(cfg, seed=24)
+    args["rois"] = make_rois(rng, 1, 64, 6, 6, geo.get("spatial_scale", 1.0))
+    forward, backward, ref_forward, ref_backward, call = OPS[op]
+    tensors, exact = rounded(torch, args, dtype)
+    shape = ref_forward(*call(exact)[0], **call(exact)[1], **geo).shape
+    go = torch.randn(*shape, device="cuda", dtype=getattr(torch, dtype))
+    first = backward(go, *call(tensors)[0], **call(tensors)[1], **geo, deterministic=True)
+    for _ in range(5):
+        again = backward(go, *call(tensors)[0], **call(tensors)[1], **geo, deterministic=True)
+        for field, a, b in zip(first._fields, first, again):
+            assert torch.equal(a, b), field
+    want = ref_backward(go.double().cpu().numpy(), *call(exact)[0], **call(exact)[1], **geo)
+    assert l2_rel(first.input.double().cpu().numpy(), want[0]) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_batch_index_out_of_range_pools_zeros(op):
+    """No error and no synchronisation: such a RoI pools zeros and gets zero gradients, and
+    the other RoIs are unaffected."""
+    import cupy
+
+    from cudeform.cuda import _compile
+
+    forward, backward, ref_forward, ref_backward, call = OPS[op]
+    args, geo = case(op, 25, ps="rfcn")
+    bad = [0, 2, 3, 4]
+    args["rois"][bad, 0] = [args["input"].shape[0], -1.0, np.nan, 1e9]
+    good = np.setdiff1d(np.arange(args["rois"].shape[0]), bad)
+    kept = {k: v if v is None or k == "input" else v[good] for k, v in args.items()}
+    pos, kw = call(on(cupy, args))
+    _compile.set_debug(True)  # synchronise after every launch: an illegal access would raise here
+    try:
+        out = forward(*pos, **kw, **geo)
+        grad_out = np.random.default_rng(26).standard_normal(out.shape)
+        grads = backward(cupy.asarray(grad_out), *pos, **kw, **geo)
+    finally:
+        _compile.set_debug(False)
+    out = out.get()
+    assert np.array_equal(out[bad], np.zeros_like(out[bad]))
+    assert rel_err(out[good], ref_forward(*call(kept)[0], **call(kept)[1], **geo)) < 1e-12
+    want = ref_backward(grad_out[good], *call(kept)[0], **call(kept)[1], **geo)
+    assert rel_err(grads.input, want[0]) < 1e-10
+    for field, got, w in zip(grads._fields[1:], grads[1:], want[1:]):
+        got = got.get()
+        assert np.array_equal(got[bad], np.zeros_like(got[bad])), field
+        assert rel_err(got[good], w) < 1e-10, field
+
+
+@pytest.mark.parametrize("sampling_ratio", [0, 2])
+@pytest.mark.parametrize("offset", ["none", "zeros"])
+def test_zero_offset_equals_torchvision_roi_align(torch, sampling_ratio, offset):
+    torchvision = pytest.importorskip("torchvision")
+    cfg = ROI_CONFIGS["adaptive"]
+    args, _ = roi_case(cfg, seed=27, offset=False, mask=False)
+    geo = dict(output_size=(3, 2), spatial_scale=0.5, sampling_ratio=sampling_ratio)
+    x = torch.from_numpy(args["input"]).cuda().requires_grad_(True)
+    rois = torch.from_numpy(args["rois"]).cuda()
+    off = torch.zeros(rois.shape[0], 2, 3, 2, device="cuda", dtype=torch.float64) if offset == "zeros" else None
+    expected = torchvision.ops.roi_align(x, rois, aligned=True, **geo)
+    out = cudeform.deform_roi_pool(x, rois, off, **geo)
+    assert rel_err(out.cpu().numpy(), expected.detach().cpu().numpy()) < 1e-12
+    grad_out = torch.randn_like(expected)
+    expected.backward(grad_out)
+    grads = cudeform.deform_roi_pool_backward(grad_out, x, rois, off, **geo)
+    assert rel_err(grads.input.cpu().numpy(), x.grad.cpu().numpy()) < 1e-12
+
+
+def test_index_arithmetic_past_int32():
+    """One image of more than 2**31 elements (fp16): the RoI reads channels whose planes
+    start past 2**31, and the backward scatters there."""
+    import cupy
+
+    c, h, w = 64, 5800, 5800
+    assert c * h * w > 2**31
+    x = cupy.random.default_rng(0).standard_normal((1, c, h, w), dtype=cupy.float32).astype(cupy.float16)
+    # Across the bottom-right corner (fp16 rounds these coordinates to multiples of 4).
+    rois = cupy.asarray([[0.0, 5788.3, 5790.6, 5803.1, 5801.7]], cupy.float16)
+    offset = cupy.asarray(np.random.default_rng(28).uniform(-1, 1, (1, 2, 2, 2)), cupy.float16)
+    geo = dict(output_size=2, sampling_ratio=2)
+    out = cudeform.deform_roi_pool(x, rois, offset, **geo)
+    go = cupy.ones(out.shape, cupy.float16)
+    grad_input = cudeform.deform_roi_pool_backward(go, x, rois, offset, **geo).input
+    # The reference on the bottom-right 24x24 slab, which holds every sample.
+    s = 24
+    slab = x[:, :, h - s:, w - s:].get().astype(np.float64)
+    rois_slab = rois.get().astype(np.float64) - [0, w - s, h - s, w - s, h - s]
+    off64 = offset.get().astype(np.float64)
+    got_slab = grad_input[:, :, h - s:, w - s:]
+    assert int(cupy.count_nonzero(grad_input)) == int(cupy.count_nonzero(got_slab)) > 0
+    # Sample positions near 5800 carry float32's 2.4e-4 absolute rounding.
+    assert l2_rel(out.get(), ref.deform_roi_pool(slab, rois_slab, off64, **geo)) < 5e-3
+    want = ref.deform_roi_pool_backward(np.ones(out.shape), slab, rois_slab, off64, **geo)[0]
+    assert l2_rel(got_slab.get(), want) < 5e-3
