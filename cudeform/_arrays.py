@@ -88,36 +88,38 @@ def _torch_dtype(name: str):
 
 
 def _from_torch(t: Any, device: Device) -> tuple[Any, str]:
-    """Zero-copy NumPy/CuPy view of a torch tensor. On the GPU this skips DLPack's per-tensor
-    stream handshake, which costs more than a small kernel: the op runs on the tensor's current
-    stream anyway (see _caller_stream)."""
+    """NumPy/CuPy view of a torch tensor made C-contiguous (by torch, on its current stream,
+    only if it is not). On the GPU this skips DLPack's per-tensor stream handshake, which
+    costs more than a small kernel: the op runs on the tensor's current stream anyway (see
+    _caller_stream)."""
     dtype = _torch_dtypes().get(t.dtype) or str(t.dtype).replace("torch.", "")
     if dtype not in GPU_DTYPES:
         return None, dtype
-    if t.requires_grad:
-        t = t.detach()
+    t = t.detach().contiguous()
     if device.kind == "cpu":
         return (None if dtype == "bfloat16" else t.numpy()), dtype
     cupy = cupy_module()
-    itemsize = t.element_size()
-    if t.is_contiguous():
-        extent, strides = t.numel(), None
-    else:
-        extent = 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride())) if t.numel() else 0
-        strides = tuple(st * itemsize for st in t.stride())
-    memory = cupy.cuda.UnownedMemory(t.data_ptr(), extent * itemsize, t, device.index)
-    return cupy.ndarray(tuple(t.shape), STORAGE_DTYPES[dtype], cupy.cuda.MemoryPointer(memory, 0),
-                        strides), dtype
+    memory = cupy.cuda.UnownedMemory(t.data_ptr(), t.numel() * t.element_size(), t, device.index)
+    return cupy.ndarray(tuple(t.shape), STORAGE_DTYPES[dtype], cupy.cuda.MemoryPointer(memory, 0)), dtype
 
 
 def _convert(obj: Any, framework: str, device: Device) -> tuple[Any, str]:
-    """Zero-copy NumPy/CuPy view of ``obj`` and its dtype name (None where unsupported)."""
-    if framework in ("numpy", "cupy"):
-        return obj, obj.dtype.name
+    """C-contiguous NumPy/CuPy array of ``obj`` (a zero-copy view when it already is
+    contiguous, else a copy: the caller's array is never modified) and its dtype name (None
+    where unsupported). Every kernel may then assume dense row-major arrays."""
     if framework == "torch":
         return _from_torch(obj, device)
-    arr = np.from_dlpack(obj) if device.kind == "cpu" else cupy_module().from_dlpack(obj)
-    return arr, arr.dtype.name
+    if framework not in ("numpy", "cupy"):
+        obj = np.from_dlpack(obj) if device.kind == "cpu" else cupy_module().from_dlpack(obj)
+    if not obj.flags.c_contiguous:
+        obj = np.ascontiguousarray(obj) if device.kind == "cpu" else _cupy_contiguous(obj, device)
+    return obj, obj.dtype.name
+
+
+def _cupy_contiguous(arr: Any, device: Device):
+    cupy = cupy_module()
+    with cupy.cuda.Device(device.index):
+        return cupy.ascontiguousarray(arr)
 
 
 class _TorchAllocator:
@@ -146,8 +148,6 @@ class _TorchAllocator:
         block = self.live.get(arr.data.mem.ptr)
         if block is None or not arr.flags.c_contiguous:
             return None
-        import torch
-
         start = arr.data.ptr - arr.data.mem.ptr
         return block[start:start + arr.nbytes].view(_torch_dtype(dtype)).view(arr.shape)
 
@@ -254,7 +254,8 @@ class _DeviceContext:
 
 def prepare(op: str, **arrays: Any) -> Prepared:
     """Check that the given arrays share one device and one supported floating dtype,
-    and take them zero-copy as NumPy or CuPy arrays.
+    and take them as C-contiguous NumPy or CuPy arrays: zero-copy views, or copies of the
+    non-contiguous ones (never modifying the caller's arrays).
 
     ``None`` values are passed through. The first non-None argument decides the framework
     of the results. Raises ``TypeError`` for unsupported objects or dtypes and for mixed

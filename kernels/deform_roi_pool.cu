@@ -5,7 +5,7 @@
 // Forward: one thread per output element, as torchvision's roi_align. deform_roi_pool's backward:
 // the input gradient laid out like the forward (one thread per output element, atomics), and,
 // when there is an offset or a mask, their gradients (sums over channels) by a second kernel
-// with one warp per (RoI, bin). deform_psroi_pool's backward: one warp per (RoI, class, part
+// whose blocks split the channels of 32 (RoI, bin) items and reduce in shared memory. deform_psroi_pool's backward: one warp per (RoI, class, part
 // cell), its lanes splitting the channels (and the cell's bins), scattering the input gradient
 // with atomics and reducing the offset gradient with shuffles. One lane writes each reduced
 // value, so no address sees more than one write.
@@ -177,58 +177,78 @@ __global__ void droi_backward_input(const T* __restrict__ grad_output, const T* 
     }
 }
 
-// Offset and mask gradients of deform_roi_pool, sums over channels: one warp per (RoI, bin),
-// its lanes splitting the channels, reduced with shuffles and written once by lane 0.
+// Offset and mask gradients of deform_roi_pool, sums over channels. A block takes 32
+// consecutive (RoI, bin) items; each of its 8 warps walks every 8th channel for all 32 items,
+// so a warp reads neighbouring samples of one channel plane and contiguous grad_output. The
+// 8 partial sums of an item are added in a fixed order through shared memory and written once.
+// Launch with ROI_COORD_BLOCK threads per block.
+#define ROI_COORD_ITEMS 32
+#define ROI_COORD_CHUNKS 8
+#define ROI_COORD_BLOCK (ROI_COORD_ITEMS * ROI_COORD_CHUNKS)
 template <typename T>
-__global__ void droi_backward_coords(const T* __restrict__ grad_output, const T* __restrict__ input,
-                                     const T* __restrict__ rois, const T* __restrict__ offset,
-                                     const T* __restrict__ mask, int use_offset, int use_mask, DROI_GEOMETRY,
-                                     T* __restrict__ grad_offset, T* __restrict__ grad_mask) {
+__global__ void __launch_bounds__(ROI_COORD_BLOCK) droi_backward_coords(
+        const T* __restrict__ grad_output, const T* __restrict__ input, const T* __restrict__ rois,
+        const T* __restrict__ offset, const T* __restrict__ mask, int use_offset, int use_mask, DROI_GEOMETRY,
+        T* __restrict__ grad_offset, T* __restrict__ grad_mask) {
     typedef typename acc<T>::type A;
-    const index_t bins = (index_t)pooled_h * pooled_w, hw = height * width;
-    // The bound is a multiple of WARP_SIZE and so is the stride: a warp's lanes share one item.
-    CUDEFORM_LOOP(t, num_rois * bins * WARP_SIZE) {
-        const index_t item = t / WARP_SIZE, r = item / bins, l = item % bins;
-        const int lane = (int)(t % WARP_SIZE);
-        const RoIAlignBin<A> bin(rois + r * 5, offset + r * 2 * bins + l, use_offset, bins, batch, pooled_h,
-                                 pooled_w, (int)(l / pooled_w), (int)(l % pooled_w), spatial_scale,
-                                 sampling_ratio, gamma);
-        const A m = use_mask ? to_acc(mask[item]) : A(1);
+    __shared__ A partial[3][ROI_COORD_CHUNKS][ROI_COORD_ITEMS];
+    const index_t bins = (index_t)pooled_h * pooled_w, hw = height * width, items = num_rois * bins;
+    const int lane = threadIdx.x % ROI_COORD_ITEMS, chunk = threadIdx.x / ROI_COORD_ITEMS;
+    for (index_t first = (index_t)blockIdx.x * ROI_COORD_ITEMS; first < items;
+         first += (index_t)gridDim.x * ROI_COORD_ITEMS) {
+        const index_t item = first + lane;
         A sum_h = A(0), sum_w = A(0), sum_v = A(0);
-        if (bin.image >= 0) {
-            for (index_t c = lane; c < channels; c += WARP_SIZE) {
-                const A go = to_acc(grad_output[(r * channels + c) * bins + l]);
-                const T* plane = input + (bin.image * channels + c) * hw;
-                A d_h = A(0), d_w = A(0), v = A(0);
-                for (int iy = 0; iy < bin.grid_h; ++iy) {
-                    const A h = bin.sample_h(iy);
-                    for (int ix = 0; ix < bin.grid_w; ++ix) {
-                        const A w = bin.sample_w(ix);
-                        if (!in_closed_box(h, w, height, width, A(1))) continue;
-                        const ClampedCorners<A> s(h, w, height, width);
-                        A v00, v01, v10, v11;
-                        s.fetch(plane, width, v00, v01, v10, v11);
-                        d_h += s.d_h(v00, v01, v10, v11);
-                        d_w += s.d_w(v00, v01, v10, v11);
-                        v += s.blend(v00, v01, v10, v11);
+        if (item < items) {
+            const index_t r = fast_div(item, bins), l = item - r * bins;
+            const RoIAlignBin<A> bin(rois + r * 5, offset + r * 2 * bins + l, use_offset, bins, batch, pooled_h,
+                                     pooled_w, (int)(l / pooled_w), (int)(l % pooled_w), spatial_scale,
+                                     sampling_ratio, gamma);
+            if (bin.image >= 0) {
+                for (index_t c = chunk; c < channels; c += ROI_COORD_CHUNKS) {
+                    const A go = to_acc(grad_output[(r * channels + c) * bins + l]);
+                    const T* plane = input + (bin.image * channels + c) * hw;
+                    A d_h = A(0), d_w = A(0), v = A(0);
+                    for (int iy = 0; iy < bin.grid_h; ++iy) {
+                        const A h = bin.sample_h(iy);
+                        for (int ix = 0; ix < bin.grid_w; ++ix) {
+                            const A w = bin.sample_w(ix);
+                            if (!in_closed_box(h, w, height, width, A(1))) continue;
+                            const ClampedCorners<A> s(h, w, height, width);
+                            A v00, v01, v10, v11;
+                            s.fetch(plane, width, v00, v01, v10, v11);
+                            d_h += s.d_h(v00, v01, v10, v11);
+                            d_w += s.d_w(v00, v01, v10, v11);
+                            v += s.blend(v00, v01, v10, v11);
+                        }
                     }
+                    sum_h += go * d_h;
+                    sum_w += go * d_w;
+                    sum_v += go * v;
                 }
-                sum_h += go * d_h;
-                sum_w += go * d_w;
-                sum_v += go * v;
             }
         }
-        sum_h = warp_sum(sum_h);
-        sum_w = warp_sum(sum_w);
-        sum_v = warp_sum(sum_v);
-        if (lane == 0) {
-            const A per_sample = m / bin.count;
+        partial[0][chunk][lane] = sum_h;
+        partial[1][chunk][lane] = sum_w;
+        partial[2][chunk][lane] = sum_v;
+        __syncthreads();
+        if (chunk == 0 && item < items) {
+            for (int k = 1; k < ROI_COORD_CHUNKS; ++k) {
+                sum_h += partial[0][k][lane];
+                sum_w += partial[1][k][lane];
+                sum_v += partial[2][k][lane];
+            }
+            const index_t r = fast_div(item, bins), l = item - r * bins;
+            const RoIAlignBin<A> bin(rois + r * 5, offset + r * 2 * bins + l, use_offset, bins, batch, pooled_h,
+                                     pooled_w, (int)(l / pooled_w), (int)(l % pooled_w), spatial_scale,
+                                     sampling_ratio, gamma);
+            const A per_sample = (use_mask ? to_acc(mask[item]) : A(1)) / bin.count;
             if (use_offset) {
                 grad_offset[r * 2 * bins + l] = from_acc<T>(bin.step_w * per_sample * sum_w);
                 grad_offset[(r * 2 + 1) * bins + l] = from_acc<T>(bin.step_h * per_sample * sum_h);
             }
             if (use_mask) grad_mask[item] = from_acc<T>(sum_v / bin.count);
         }
+        __syncthreads();
     }
 }
 

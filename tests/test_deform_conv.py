@@ -130,11 +130,13 @@ def test_non_contiguous_inputs(xp):
     expected = ref.deform_conv2d(*split(args)[0], **split(args)[1], **geo)
     strided = {}
     for k, v in on(xp, args).items():
-        if v is None or v.ndim < 2:
+        if v is None:
             strided[k] = v
             continue
-        # Same values, reversed memory order of the last two axes.
-        strided[k] = xp.ascontiguousarray(v.swapaxes(-1, -2)).swapaxes(-1, -2)
+        # Same values: every other element of a larger array (1-D), or the last two axes in
+        # reversed memory order.
+        strided[k] = (xp.repeat(v, 2)[::2] if v.ndim == 1
+                      else xp.ascontiguousarray(v.swapaxes(-1, -2)).swapaxes(-1, -2))
         assert not strided[k].flags.c_contiguous
     pos, kw = split(strided)
     assert rel_err(cudeform.deform_conv2d(*pos, **kw, **geo), expected) < 1e-12

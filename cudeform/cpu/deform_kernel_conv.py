@@ -360,7 +360,7 @@ def _local_args(geo):
 # --------------------------------------------------------------------------------------------
 
 def forward(input, weight, kernel_offset, bias, *, geo, dtype):
-    x, weight, offset = (np.ascontiguousarray(a) for a in (input, weight, kernel_offset))
+    x, offset = input, kernel_offset
     out = np.empty((x.shape[0], weight.shape[0], *geo.out_size), x.dtype)
     if geo.local:
         _local_forward(x, weight, offset, *_local_args(geo), out)
@@ -372,7 +372,7 @@ def forward(input, weight, kernel_offset, bias, *, geo, dtype):
 
 
 def backward(grad_output, input, weight, kernel_offset, bias, *, geo, dtype, deterministic):
-    go, x, weight, offset = (np.ascontiguousarray(a) for a in (grad_output, input, weight, kernel_offset))
+    go, x, offset = grad_output, input, kernel_offset
     grad_input = np.zeros_like(x)
     grad_weight = np.zeros_like(weight)
     grad_offset = np.empty_like(offset)

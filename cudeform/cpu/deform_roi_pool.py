@@ -40,7 +40,7 @@ def _dummy(dtype):
 
 
 def _optional(arr, dtype):
-    return np.ascontiguousarray(arr) if arr is not None else _dummy(dtype)
+    return arr if arr is not None else _dummy(dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -167,8 +167,7 @@ def _roi_args(geo):
 
 
 def forward(input, rois, offset, mask, *, geo, dtype):
-    x = np.ascontiguousarray(input)
-    rois = np.ascontiguousarray(rois)
+    x = input
     out = np.empty((rois.shape[0], x.shape[1], *geo.output_size), x.dtype)
     _droi_forward(x, rois, rois[:, 0].astype(np.int64), _optional(offset, x.dtype), offset is not None,
                   _optional(mask, x.dtype), mask is not None, *_roi_args(geo), out)
@@ -176,9 +175,7 @@ def forward(input, rois, offset, mask, *, geo, dtype):
 
 
 def backward(grad_output, input, rois, offset, mask, *, geo, dtype, deterministic):
-    x = np.ascontiguousarray(input)
-    rois = np.ascontiguousarray(rois)
-    go = np.ascontiguousarray(grad_output)
+    x, go = input, grad_output
     batch = rois[:, 0].astype(np.int64)
     offset_arr, mask_arr = _optional(offset, x.dtype), _optional(mask, x.dtype)
     use_offset, use_mask = offset is not None, mask is not None
@@ -351,8 +348,7 @@ def _psroi_args(geo):
 
 
 def psroi_forward(input, rois, offset, *, geo, dtype):
-    x = np.ascontiguousarray(input)
-    rois = np.ascontiguousarray(rois)
+    x = input
     out = np.empty((rois.shape[0], geo.output_dim, geo.pooled_size, geo.pooled_size), x.dtype)
     _psroi_forward(x, rois, rois[:, 0].astype(np.int64), _optional(offset, x.dtype), offset is not None,
                    *_psroi_args(geo), out)
@@ -360,9 +356,7 @@ def psroi_forward(input, rois, offset, *, geo, dtype):
 
 
 def psroi_backward(grad_output, input, rois, offset, *, geo, dtype, deterministic):
-    x = np.ascontiguousarray(input)
-    rois = np.ascontiguousarray(rois)
-    go = np.ascontiguousarray(grad_output)
+    x, go = input, grad_output
     batch = rois[:, 0].astype(np.int64)
     offset_arr = _optional(offset, x.dtype)
     grad_input = np.zeros_like(x)

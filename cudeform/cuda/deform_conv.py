@@ -62,16 +62,10 @@ def _run(geo, channels):
     return math.gcd(channels // geo.offset_groups, MAX_RUN)
 
 
-def _prepare(input, offset, weight, mask):
+def forward(input, offset, weight, bias, mask, *, geo, dtype):
     import cupy
 
-    x, offset, weight = (cupy.ascontiguousarray(a) for a in (input, offset, weight))
-    mask = cupy.ascontiguousarray(mask) if mask is not None else None
-    return cupy, x, offset, weight, mask
-
-
-def forward(input, offset, weight, bias, mask, *, geo, dtype):
-    cupy, x, offset, weight, mask = _prepare(input, offset, weight, mask)
+    x = input
     n, c_in = x.shape[:2]
     c_out, g = weight.shape[0], geo.groups
     L = geo.out_size[0] * geo.out_size[1]
@@ -112,8 +106,9 @@ def forward(input, offset, weight, bias, mask, *, geo, dtype):
 
 
 def backward(grad_output, input, offset, weight, bias, mask, *, geo, dtype, border_grad, deterministic):
-    cupy, x, offset, weight, mask = _prepare(input, offset, weight, mask)
-    go = cupy.ascontiguousarray(grad_output)
+    import cupy
+
+    x, go = input, grad_output
     n, c_in, height, width = x.shape
     c_out, g = weight.shape[0], geo.groups
     L = geo.out_size[0] * geo.out_size[1]

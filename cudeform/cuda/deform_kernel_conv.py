@@ -89,12 +89,6 @@ class _Shapes:
         self.rows = self.cg * self.K  # of one (image, weight group) GEMM operand
 
 
-def _prepare(*arrays):
-    import cupy
-
-    return cupy, [None if a is None else cupy.ascontiguousarray(a) for a in arrays]
-
-
 def _resample(weight, offset, x, geo, s, dtype):
     import cupy
 
@@ -105,7 +99,9 @@ def _resample(weight, offset, x, geo, s, dtype):
 
 
 def forward(input, weight, kernel_offset, bias, *, geo, dtype):
-    cupy, (x, weight, offset, bias) = _prepare(input, weight, kernel_offset, bias)
+    import cupy
+
+    x, offset = input, kernel_offset
     s = _Shapes(x, weight, geo)
     out = cupy.empty((s.n, s.c_out, *geo.out_size), STORAGE_DTYPES[dtype])
     use_bias = np.int32(bias is not None)
@@ -132,7 +128,9 @@ def forward(input, weight, kernel_offset, bias, *, geo, dtype):
 
 
 def backward(grad_output, input, weight, kernel_offset, bias, *, geo, dtype, deterministic):
-    cupy, (go, x, weight, offset) = _prepare(grad_output, input, weight, kernel_offset)
+    import cupy
+
+    go, x, offset = grad_output, input, kernel_offset
     s = _Shapes(x, weight, geo)
     storage = STORAGE_DTYPES[dtype]
     grad_input = cupy.empty(x.shape, storage)

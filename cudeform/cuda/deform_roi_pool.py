@@ -1,8 +1,8 @@
 """Deformable RoI pooling on the GPU: kernels/deform_roi_pool.cu.
 
 Forward: one thread per output element. Backward of deform_roi_pool: the input gradient with
-one thread per output element and float atomics, then (with an offset or a mask) a warp per
-(RoI, bin) reducing their gradients over the channels. Backward of deform_psroi_pool: one
+one thread per output element and float atomics, then (with an offset or a mask) blocks that
+split the channels of 32 (RoI, bin) items and reduce their gradients in shared memory. Backward of deform_psroi_pool: one
 launch, a warp per (RoI, class, part cell), atomics for the input gradient and warp reductions
 for the offset gradient.
 
@@ -29,7 +29,8 @@ NAME_EXPRESSIONS = (
     + ["cast_from_acc<__half>", "cast_from_acc<__nv_bfloat16>", "fixed_point_add<float>", "fixed_point_add<double>"]
 )
 
-WARP = 32  # threads per backward item (WARP_SIZE in common.cuh)
+WARP = 32  # threads per deform_psroi_pool backward item (WARP_SIZE in common.cuh)
+COORD_ITEMS = 32  # (RoI, bin) items per droi_backward_coords block of BLOCK threads (ROI_COORD_ITEMS)
 
 
 def _kernel(name: str, dtype: str):
@@ -39,12 +40,6 @@ def _kernel(name: str, dtype: str):
 def _or(array, stand_in):
     """An optional array, or a stand-in pointer the kernel does not read (its use_* flag is 0)."""
     return stand_in if array is None else array
-
-
-def _contiguous(*arrays):
-    import cupy
-
-    return [None if a is None else cupy.ascontiguousarray(a) for a in arrays]
 
 
 @functools.lru_cache(maxsize=1024)
@@ -77,7 +72,7 @@ def _psroi_args(shape, n_rois, geo, has_offset, dtype):
 def forward(input, rois, offset, mask, *, geo, dtype):
     import cupy
 
-    x, rois, offset, mask = _contiguous(input, rois, offset, mask)
+    x = input
     out = cupy.empty((rois.shape[0], x.shape[1], *geo.output_size), STORAGE_DTYPES[dtype])
     launch(_kernel("droi_forward", dtype), out.size,
            (x, rois, _or(offset, x), _or(mask, x), np.int32(offset is not None), np.int32(mask is not None),
@@ -88,7 +83,7 @@ def forward(input, rois, offset, mask, *, geo, dtype):
 def backward(grad_output, input, rois, offset, mask, *, geo, dtype, deterministic):
     import cupy
 
-    go, x, rois, offset, mask = _contiguous(grad_output, input, rois, offset, mask)
+    go, x = grad_output, input
     grad_offset = cupy.empty_like(offset) if offset is not None else None
     grad_mask = cupy.empty_like(mask) if mask is not None else None
     bins = geo.output_size[0] * geo.output_size[1]
@@ -98,7 +93,7 @@ def backward(grad_output, input, rois, offset, mask, *, geo, dtype, deterministi
     launch(_kernel("droi_backward_input", dtype), go.size,
            (go, rois, _or(offset, x), _or(mask, x), *flags, *geo_args, *fixed_args, grad_acc))
     if offset is not None or mask is not None:
-        launch(_kernel("droi_backward_coords", dtype), rois.shape[0] * bins * WARP,
+        launch(_kernel("droi_backward_coords", dtype), -(-rois.shape[0] * bins // COORD_ITEMS) * _compile.BLOCK,
                (go, x, rois, _or(offset, x), _or(mask, x), *flags, *geo_args, _or(grad_offset, x),
                 _or(grad_mask, x)))
     return _input_grad(grad_acc, fixed_args, rois.shape[0] * bins, dtype), grad_offset, grad_mask
@@ -107,7 +102,7 @@ def backward(grad_output, input, rois, offset, mask, *, geo, dtype, deterministi
 def psroi_forward(input, rois, offset, *, geo, dtype):
     import cupy
 
-    x, rois, offset = _contiguous(input, rois, offset)
+    x = input
     out = cupy.empty((rois.shape[0], geo.output_dim, geo.pooled_size, geo.pooled_size), STORAGE_DTYPES[dtype])
     has_offset = offset is not None
     launch(_kernel("dpsroi_forward", dtype), out.size,
@@ -119,7 +114,7 @@ def psroi_forward(input, rois, offset, *, geo, dtype):
 def psroi_backward(grad_output, input, rois, offset, *, geo, dtype, deterministic):
     import cupy
 
-    go, x, rois, offset = _contiguous(grad_output, input, rois, offset)
+    go, x = grad_output, input
     has_offset = offset is not None
     grad_offset = cupy.empty_like(offset) if has_offset else None
     bins = geo.pooled_size**2
