@@ -32,21 +32,31 @@ struct DkGeometry {
     index_t batch, channels, height, width, c_out, groups, offset_groups;
     int kh, kw, sh, sw, ph, pw, dh, dw;
     index_t out_h, out_w, scope_h, scope_w;
+    // Channel counts per group, derived once per thread: a 64-bit division is a long
+    // subroutine on the GPU, and the light kernels here would spend most of their time in it.
+    index_t cg_, og_, opg_;
+
+    __device__ __forceinline__ DkGeometry(DK_GEOMETRY)
+        : batch(batch), channels(channels), height(height), width(width), c_out(c_out), groups(groups),
+          offset_groups(offset_groups), kh(kh), kw(kw), sh(sh), sw(sw), ph(ph), pw(pw), dh(dh), dw(dw),
+          out_h(out_h), out_w(out_w), scope_h(scope_h), scope_w(scope_w),
+          cg_(fast_div(channels, groups)), og_(fast_div(c_out, groups)), opg_(fast_div(c_out, offset_groups)) {}
 
     __device__ __forceinline__ index_t K() const { return (index_t)kh * kw; }
     __device__ __forceinline__ index_t L() const { return out_h * out_w; }
     __device__ __forceinline__ index_t hw() const { return height * width; }
     __device__ __forceinline__ index_t scope() const { return scope_h * scope_w; }
-    __device__ __forceinline__ index_t cg() const { return channels / groups; }
-    __device__ __forceinline__ index_t og() const { return c_out / groups; }
-    __device__ __forceinline__ index_t opg() const { return c_out / offset_groups; }
+    __device__ __forceinline__ index_t cg() const { return cg_; }
+    __device__ __forceinline__ index_t og() const { return og_; }
+    __device__ __forceinline__ index_t opg() const { return opg_; }
 
     // Where kernel point k, moved by its offsets (dh at off[0], dw at off[step]), reads the
     // scope: the kh x kw grid is centred in the S_h x S_w scope.
     template <typename A, typename T>
     __device__ __forceinline__ void scope_point(index_t k, const T* off, index_t step, A& h, A& w) const {
-        h = A(2 * (k / kw) + scope_h - kh) / A(2) + to_acc(off[0]);
-        w = A(2 * (k % kw) + scope_w - kw) / A(2) + to_acc(off[step]);
+        const int ki = (int)k;
+        h = A(2 * (ki / kw) + scope_h - kh) / A(2) + to_acc(off[0]);
+        w = A(2 * (ki % kw) + scope_w - kw) / A(2) + to_acc(off[step]);
     }
 
     __device__ __forceinline__ index_t in_row(index_t y, int i) const { return y * sh - ph + (index_t)i * dh; }
@@ -55,15 +65,15 @@ struct DkGeometry {
     // The output row whose kernel row i reads input row iy; false when there is none (stride).
     __device__ __forceinline__ bool out_row(index_t iy, int i, index_t& y) const {
         const index_t t = iy + ph - (index_t)i * dh;
-        if (t < 0 || t % sh) return false;
-        y = t / sh;
-        return y < out_h;
+        if (t < 0) return false;
+        y = fast_div(t, sh);
+        return y * sh == t && y < out_h;
     }
     __device__ __forceinline__ bool out_col(index_t ix, int j, index_t& x) const {
         const index_t t = ix + pw - (index_t)j * dw;
-        if (t < 0 || t % sw) return false;
-        x = t / sw;
-        return x < out_w;
+        if (t < 0) return false;
+        x = fast_div(t, sw);
+        return x * sw == t && x < out_w;
     }
 };
 
@@ -262,9 +272,9 @@ __global__ void dk_global_kernel_grad(const T* __restrict__ grad_output, const T
     __shared__ A scratch[WARP_SIZE];
     const index_t L = geo.L(), K = geo.K(), hw = geo.hw(), cg = geo.cg();
     for (index_t b = blockIdx.x; b < batch * c_out * cg; b += gridDim.x) {
-        const index_t no = b / cg, c = b - no * cg, n = no / c_out, o = no - n * c_out;
+        const index_t no = fast_div(b, cg), c = b - no * cg, n = fast_div(no, c_out), o = no - n * c_out;
         const T* go = grad_output + no * L;
-        const T* plane = input + (n * channels + (o / geo.og()) * cg + c) * hw;
+        const T* plane = input + (n * channels + fast_div(o, geo.og()) * cg + c) * hw;
         for (int i = 0; i < kh; ++i) {
             for (int j = 0; j < kw; ++j) {
                 A part = A(0);
@@ -293,7 +303,7 @@ __global__ void __launch_bounds__(1024) dk_global_offset_grad(const typename acc
     __shared__ A scratch[WARP_SIZE];
     const index_t K = geo.K(), S = geo.scope(), occ = c_out * geo.cg(), terms = geo.opg() * geo.cg();
     for (index_t b = blockIdx.x; b < batch * offset_groups * K; b += gridDim.x) {
-        const index_t ng = b / K, k = b - ng * K, n = ng / offset_groups, g = ng - n * offset_groups;
+        const index_t ng = fast_div(b, K), k = b - ng * K, n = fast_div(ng, offset_groups), g = ng - n * offset_groups;
         A h, w;
         geo.scope_point(k, offset + 2 * b, 1, h, w);
         A grad_h = A(0), grad_w = A(0);
@@ -323,7 +333,7 @@ __global__ void dk_global_taps(const T* __restrict__ offset, DK_GEOMETRY, typena
     const index_t K = geo.K(), S = geo.scope();
     CUDEFORM_LOOP(idx, batch * offset_groups * K) {
         A h, w;
-        geo.scope_point(idx % K, offset + 2 * idx, 1, h, w);
+        geo.scope_point(idx - fast_div(idx, K) * K, offset + 2 * idx, 1, h, w);
         if (!in_open_box(h, w, scope_h, scope_w)) continue;
         A* row = taps + idx * S;
         BilinearTaps<A>(h, w, scope_h, scope_w).for_each([&](index_t s, A wt) { row[s] = wt; });
@@ -385,7 +395,7 @@ __global__ void dk_local_offset_grad(const T* __restrict__ grad_output, const T*
         const index_t ng = fast_div(ngk, K), k = ngk - ng * K;
         const index_t n = fast_div(ng, offset_groups), g = ng - n * offset_groups;
         const index_t y = fast_div(l, out_w), x = l - y * out_w;
-        const index_t iy = geo.in_row(y, k / kw), ix = geo.in_col(x, k % kw);
+        const index_t iy = geo.in_row(y, (int)k / kw), ix = geo.in_col(x, (int)k % kw);
         const index_t oi = 2 * ngk * L + l;
         A grad_h = A(0), grad_w = A(0);
         if (iy >= 0 && iy < height && ix >= 0 && ix < width) {
@@ -433,7 +443,8 @@ __global__ void dk_local_weight_grad(const T* __restrict__ grad_output, const T*
     A* const mine = sums + threadIdx.x;
     for (index_t b = blockIdx.x; b < pairs * chunks; b += gridDim.x) {
         const index_t chunk = b / pairs, pair = b - chunk * pairs;
-        const index_t o = pair / cg, c = pair - o * cg, g = o / geo.opg(), c_in = (o / geo.og()) * cg + c;
+        const index_t o = fast_div(pair, cg), c = pair - o * cg, g = fast_div(o, geo.opg());
+        const index_t c_in = fast_div(o, geo.og()) * cg + c;
         const index_t begin = chunk * per_chunk, end = min(positions, begin + per_chunk);
         for (index_t s0 = 0; s0 < S; s0 += tile) {
             const index_t count = min(tile, S - s0);
