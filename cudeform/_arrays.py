@@ -53,6 +53,8 @@ def _locate(op: str, name: str, obj: Any) -> tuple[str, Device]:
     framework = _framework(obj)
     if framework == "cupy":
         return "cupy", Device("cuda", int(obj.device.id))
+    if framework == "torch" and (obj.is_cuda or obj.is_cpu):  # faster than __dlpack_device__
+        return "torch", Device("cuda", obj.get_device()) if obj.is_cuda else Device("cpu", 0)
     if hasattr(obj, "__dlpack__") and hasattr(obj, "__dlpack_device__"):
         dev_type, dev_id = obj.__dlpack_device__()
         if int(dev_type) == _DL_CPU:
@@ -95,7 +97,11 @@ def _from_torch(t: Any, device: Device) -> tuple[Any, str]:
     dtype = _torch_dtypes().get(t.dtype) or str(t.dtype).replace("torch.", "")
     if dtype not in GPU_DTYPES:
         return None, dtype
-    t = t.detach().contiguous()
+    # Each torch call costs microseconds: skip the ones with nothing to do.
+    if t.requires_grad:
+        t = t.detach()
+    if not t.is_contiguous():
+        t = t.contiguous()
     if device.kind == "cpu":
         return (None if dtype == "bfloat16" else t.numpy()), dtype
     cupy = cupy_module()

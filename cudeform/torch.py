@@ -33,9 +33,10 @@ Mixed precision:
   All arguments of one op share one dtype, so RoI coordinates are cast too: in bfloat16 they
   are rounded to 8 significant bits (a step of 4 pixels between 512 and 1024). Where that
   matters, run the RoI ops outside autocast on float32 tensors.
-- Under ``torch.compile``, the autocast casts are traced into the graph: a model compiled
-  under one autocast dtype was seen (torch 2.11, CUDA) to keep that dtype when called again
-  under another. Call ``torch._dynamo.reset()`` (or compile a separate model) when switching.
+- Known bug: a model compiled with inductor and run under ``torch.autocast("cuda",
+  dtype=torch.bfloat16)`` was seen (torch 2.11, H200) to return float16 from
+  ``deform_roi_pool`` where eager mode returns bfloat16; float16 autocast and eager bfloat16
+  are right (tests/test_torch.py marks the case as an expected failure).
 - Under ``torch.autocast("cpu")`` the ops run in float32, since the CPU path has no
   half-precision types: float16 and bfloat16 arguments (the outputs of other ops under CPU
   autocast) are cast up to float32, and float32 ones are left alone.

@@ -173,3 +173,26 @@ def test_workspace_is_bounded(torch, monkeypatch, groups):
     assert fwd_extra <= images * per_image + (chunk_output if groups > 1 else 0) + 2**20
     bwd_extra, _ = extra(lambda: cudeform.deform_conv2d_backward(go, x, offset, weight, padding=1, mask=mask))
     assert bwd_extra <= images * per_image + chunk_output + 2**20
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("with_mask", [True, False])
+def test_matches_torchvision_float64(torch, name, with_mask):
+    """Output and all five gradients against torchvision.ops.deform_conv2d (its border rule is
+    our default), in float64 on the GPU."""
+    torchvision = pytest.importorskip("torchvision")
+    args, geo = make_case(CONFIGS[name], seed=29, mask=with_mask)
+    leaves = {k: None if v is None else torch.from_numpy(v).cuda().requires_grad_(True) for k, v in args.items()}
+    pair = lambda v: (v, v) if isinstance(v, int) else tuple(v)  # noqa: E731
+    expected = torchvision.ops.deform_conv2d(
+        leaves["input"], leaves["offset"], leaves["weight"], leaves["bias"], stride=pair(geo["stride"]),
+        padding=pair(geo["padding"]), dilation=pair(geo["dilation"]), mask=leaves["mask"])
+    grad_out = torch.randn_like(expected)
+    given = [k for k, v in leaves.items() if v is not None]
+    expected_grads = torch.autograd.grad(expected, [leaves[k] for k in given], grad_out)
+    plain = {k: None if v is None else v.detach() for k, v in leaves.items()}
+    out = cudeform.deform_conv2d(*split(plain)[0], **split(plain)[1], **geo)
+    assert rel_err(out.cpu().numpy(), expected.detach().cpu().numpy()) < 1e-10
+    grads = cudeform.deform_conv2d_backward(grad_out, *split(plain)[0], **split(plain)[1], **geo)
+    for k, want in zip(given, expected_grads):
+        assert rel_err(getattr(grads, k).cpu().numpy(), want.cpu().numpy()) < 1e-10, k
