@@ -211,13 +211,17 @@ def test_repeatable(xp, deterministic):
     args, geo = make_case(CONFIGS["grouped"], seed=12)
     pos, kw = split(on(xp, args))
     grad_out = xp.asarray(np.random.default_rng(13).standard_normal((2, 4, *out_size(CONFIGS["grouped"]))))
-    if xp is not np and not deterministic:
-        pytest.skip("the default GPU backward may reorder float additions; only deterministic=True is bitwise")
+    # The CPU path is bitwise repeatable in both modes; the GPU's default mode adds with float
+    # atomics in any order, so there only the deterministic mode is held to every bit.
+    bitwise = xp is np or deterministic
     first = cudeform.deform_conv2d_backward(grad_out, *pos, **kw, **geo, deterministic=deterministic)
     for _ in range(3):
         again = cudeform.deform_conv2d_backward(grad_out, *pos, **kw, **geo, deterministic=deterministic)
         for a, b in zip(first, again):
-            assert np.array_equal(to_numpy(a), to_numpy(b))
+            if bitwise:
+                assert np.array_equal(to_numpy(a), to_numpy(b))
+            else:
+                assert rel_err(a, to_numpy(b)) < 1e-13
 
 
 def test_caller_arrays_unchanged(xp):
