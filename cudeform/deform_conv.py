@@ -100,7 +100,9 @@ def deform_conv2d(input, offset, weight, bias=None, *, stride=1, padding=0, dila
     ``h = y*stride_h - pad_h + i*dil_h + dy``, ``w = x*stride_w - pad_w + j*dil_w + dx``,
     where (dy, dx) is that point's learned offset; the sample is 0 outside
     ``(-1, H) x (-1, W)`` and a neighbour outside the image counts as 0. The sample is
-    multiplied by the mask (as given: no sigmoid) and by the weight, and summed.
+    multiplied by the mask (as given: no sigmoid) and by the weight, and summed. A sample
+    whose position is not finite (a NaN or infinite offset) fails the box test, so it counts
+    as outside: it reads 0 and passes no gradient (its offset gradient is 0).
 
     Args:
         input: (N, C_in, H, W).

@@ -101,7 +101,8 @@ def deform_kernel_conv2d(input, weight, kernel_offset, bias=None, *, kernel_size
     x) with zero padding; the kernel is resampled: kernel point (i, j) with offset (dh, dw)
     reads the weight's scope bilinearly at ``(i + (S_h - kh)/2 + dh, j + (S_w - kw)/2 + dw)``
     (the kh x kw grid centred in the scope), 0 outside ``(-1, S_h) x (-1, S_w)`` and a
-    neighbour outside the scope counting as 0::
+    neighbour outside the scope counting as 0 (as is a point with a non-finite offset, which
+    then passes no gradient)::
 
         out[n, o, y, x] = bias[o] + sum over c, i, j of
             input[n, c, y*stride_h - pad_h + i*dil_h, x*stride_w - pad_w + j*dil_w]

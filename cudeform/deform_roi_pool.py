@@ -133,7 +133,8 @@ def deform_roi_pool(input, rois, offset=None, *, output_size, spatial_scale=1.0,
     zero-size RoI with ``sampling_ratio=0`` pools 0. A sample is 0 outside
     ``[-1, H] x [-1, W]``; inside, its coordinates are clamped into ``[0, H-1] x [0, W-1]``
     and it is bilinear between the floor and floor + 1 (clamped) neighbours, as RoIAlign.
-    With zero offsets this is ``torchvision.ops.roi_align(..., aligned=True)``.
+    With zero offsets this is ``torchvision.ops.roi_align(..., aligned=True)``. A non-finite
+    offset puts every sample of its bin outside: the bin pools 0 and gets no gradient.
 
     Args:
         input: (N, C, H, W).
@@ -216,7 +217,8 @@ def deform_psroi_pool(input, rois, offset=None, *, output_dim, pooled_size, grou
     channel ``(ctop * group_size + gh) * group_size + gw`` with ``gh = floor(p * group_size /
     k)`` (likewise gw). A sample outside ``[-0.5, H - 0.5] x [-0.5, W - 0.5]`` is skipped; the
     others are clamped into ``[0, H-1] x [0, W-1]`` and bilinear between floor and ceil. The
-    output is the mean over the valid samples, 0 if there is none.
+    output is the mean over the valid samples, 0 if there is none: a non-finite offset
+    empties the bins that read its part.
 
     Args:
         input: (N, output_dim * group_size**2, H, W).
