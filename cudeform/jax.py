@@ -1,0 +1,252 @@
+"""JAX adapter: cudeform's ops as differentiable JAX functions (``jax.custom_vjp``).
+
+Every function here takes the arguments of the op of the same name in :mod:`cudeform` (arrays
+first, then the non-array parameters as Python values, which are static) and works under
+``jax.jit``, ``jax.grad``/``jax.vjp`` and ``jax.vmap``. The forward and the backward call the
+core through ``jax.pure_callback``; the output shape is computed in Python from the input
+shapes by the core's own shape checks, so bad shapes raise the core's ``ValueError`` at trace
+time.
+
+Limits of this first version:
+
+- **Host round trip.** The callbacks hand NumPy arrays to the core, which runs its CPU
+  (Numba) path. On a GPU or TPU backend JAX copies the arguments to the host, the op is
+  computed *on the host CPU*, and the result is copied back to the device, in both the forward
+  and the backward pass. It is correct there but slow and synchronising; the CUDA kernels are
+  not used. A device-resident path through JAX's FFI (the CUDA kernels on JAX's stream) is
+  future work.
+- dtypes: float32 and float64 (the CPU path's); float64 needs ``jax_enable_x64``. All arrays of
+  one call share one dtype (RoIs included).
+- Gradients: arguments that were not given (None) get none and are not computed; RoIs get
+  zero cotangents. There is no forward-mode (``jax.jvp``/``jacfwd``) and no second derivative
+  (a ``custom_vjp`` backward is not itself differentiable here).
+- ``jax.vmap`` maps the callback sequentially (``vmap_method="sequential"``): one call of the
+  core per mapped element. The ops take a batch dimension of their own (N, or R RoIs), which
+  is the fast way to batch.
+- Errors found on the host (a RoI batch index outside [0, N)) surface as the runtime error
+  that JAX raises for a failed callback, when the computation runs.
+- ``deform_conv2d``'s offset gradient follows ``border_grad`` (see
+  :func:`cudeform.deform_conv2d_backward`); the CPU path is deterministic.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import cudeform as _core
+
+from . import _validate as check
+from .deform_conv import BORDER_GRADS
+from .deform_conv import _geometry as _conv_geometry
+from .deform_kernel_conv import _geometry as _kconv_geometry
+from .deform_roi_pool import _psroi_geometry, _roi_geometry
+
+__all__ = ["deform_conv2d", "deform_roi_pool", "deform_psroi_pool", "deform_kernel_conv2d"]
+
+_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+
+def _callback(fn: Callable, result, *args):
+    return jax.pure_callback(fn, result, *args, vmap_method="sequential")
+
+
+def _dtype(op: str, names: Sequence[str], arrays: Sequence) -> np.dtype:
+    dtype = np.dtype(arrays[0].dtype)
+    if dtype not in _DTYPES:
+        raise TypeError(f"{op}: input: expected float32 or float64 (the CPU path's dtypes), got {dtype}")
+    for name, a in zip(names, arrays):
+        if a is not None and np.dtype(a.dtype) != dtype:
+            raise TypeError(f"{op}: {name}: expected the dtype of input ({dtype}), got {np.dtype(a.dtype)}")
+    return dtype
+
+
+def _host(a):
+    # A copy: the callback's arrays are read-only views of JAX's buffers, and Numba compiles (and
+    # caches) a separate specialisation of every kernel for read-only arrays. The copy is cheap
+    # beside the op and shares the compiled kernels with plain NumPy calls.
+    return None if a is None else np.array(a)
+
+
+def _make_op(op: str, names: tuple[str, ...], no_grad: frozenset, core_forward: Callable,
+             core_backward: Callable, out_shape: Callable) -> Callable:
+    """A ``custom_vjp`` function ``f(params, arrays)`` for one core op.
+
+    ``arrays`` is a tuple of the op's array arguments in the order of ``names`` (None where not
+    given); ``params`` a tuple of ``(name, value)`` keyword arguments of the core op (static).
+    ``out_shape(arrays_by_name, params_dict)`` gives the output's shape.
+    """
+
+    def forward(params, arrays):
+        kwargs = dict(params)
+        dtype = _dtype(op, names, arrays)
+        shape = out_shape(dict(zip(names, arrays)), kwargs)
+
+        def run(*xs):
+            out = core_forward(**{n: _host(x) for n, x in zip(names, xs)}, **kwargs)
+            return np.asarray(out, dtype=dtype)
+
+        return _callback(run, jax.ShapeDtypeStruct(shape, dtype), *arrays)
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+    def f(params, arrays):
+        return forward(params, arrays)
+
+    def f_fwd(params, arrays):
+        return forward(params, arrays), arrays
+
+    def f_bwd(params, arrays, grad_output):
+        kwargs = dict(params)
+        dtype = np.dtype(arrays[0].dtype)
+        # Only the given, differentiable arguments get a gradient computed and returned.
+        wanted = [i for i, (n, a) in enumerate(zip(names, arrays)) if a is not None and n not in no_grad]
+        result = tuple(jax.ShapeDtypeStruct(arrays[i].shape, dtype) for i in wanted)
+
+        def run(g, *xs):
+            grads = core_backward(_host(g), **{n: _host(x) for n, x in zip(names, xs)}, **kwargs)
+            grads = grads._asdict()
+            return tuple(np.asarray(grads[names[i]], dtype=dtype) for i in wanted)
+
+        grads = iter(_callback(run, result, grad_output.astype(dtype), *arrays))
+        cotangents = tuple(
+            None if a is None else jnp.zeros_like(a) if n in no_grad else next(grads)
+            for n, a in zip(names, arrays)
+        )
+        return (cotangents,)
+
+    f.defvjp(f_fwd, f_bwd)
+    return f
+
+
+# deform_conv2d
+
+def _conv_shape(a, kw):
+    geo = _conv_geometry("deform_conv2d", a, kw["stride"], kw["padding"], kw["dilation"])
+    return (a["input"].shape[0], a["weight"].shape[0], *geo.out_size)
+
+
+def _conv_backward(grad_output, *, border_grad, **kwargs):
+    return _core.deform_conv2d_backward(grad_output, border_grad=border_grad, **kwargs)
+
+
+def _conv_forward(*, border_grad, **kwargs):
+    return _core.deform_conv2d(**kwargs)
+
+
+_deform_conv2d = _make_op("deform_conv2d", ("input", "offset", "weight", "bias", "mask"), frozenset(),
+                          _conv_forward, _conv_backward, _conv_shape)
+
+
+def deform_conv2d(input, offset, weight, bias=None, *, stride=1, padding=0, dilation=1, mask=None,
+                  border_grad="torchvision"):
+    """Differentiable :func:`cudeform.deform_conv2d` (DCN v1; v2 when ``mask`` is given).
+
+    Shapes: input (N, C_in, H, W); offset (N, 2 * G * kh * kw, H_out, W_out), (dy, dx) pairs;
+    weight (C_out, C_in / groups, kh, kw); bias (C_out,); mask (N, G * kh * kw, H_out, W_out),
+    used as given; output (N, C_out, H_out, W_out). ``border_grad`` picks the offset gradient's
+    convention at the image border, as in :func:`cudeform.deform_conv2d_backward`. Computed on
+    the host (see the module's limits).
+    """
+    op = "deform_conv2d"
+    check.choice(op, "border_grad", border_grad, BORDER_GRADS)
+    params = (("stride", check.int_pair(op, "stride", stride, minimum=1)),
+              ("padding", check.int_pair(op, "padding", padding, minimum=0)),
+              ("dilation", check.int_pair(op, "dilation", dilation, minimum=1)),
+              ("border_grad", border_grad))
+    return _deform_conv2d(params, (input, offset, weight, bias, mask))
+
+
+# deform_roi_pool
+
+def _roi_shape(a, kw):
+    geo = _roi_geometry("deform_roi_pool", a, kw["output_size"], kw["spatial_scale"], kw["sampling_ratio"],
+                        kw["gamma"])
+    return (a["rois"].shape[0], a["input"].shape[1], *geo.output_size)
+
+
+_deform_roi_pool = _make_op("deform_roi_pool", ("input", "rois", "offset", "mask"), frozenset({"rois"}),
+                            _core.deform_roi_pool, _core.deform_roi_pool_backward, _roi_shape)
+
+
+def deform_roi_pool(input, rois, offset=None, *, output_size, spatial_scale=1.0, sampling_ratio=0, gamma=0.1,
+                    mask=None):
+    """Differentiable :func:`cudeform.deform_roi_pool` (mmcv's deformable RoI pooling; modulated
+    when ``mask`` is given).
+
+    Shapes: input (N, C, H, W); rois (R, 5), rows ``[batch_index, x1, y1, x2, y2]``, same dtype
+    as input, zero cotangent; offset (R, 2, ph, pw), channel 0 moving x and channel 1 moving y,
+    in units of ``gamma`` times the RoI's size; mask (R, 1, ph, pw); output (R, C, ph, pw).
+    Computed on the host (see the module's limits).
+    """
+    op = "deform_roi_pool"
+    params = (("output_size", check.int_pair(op, "output_size", output_size, minimum=1)),
+              ("spatial_scale", check.real(op, "spatial_scale", spatial_scale, positive=True)),
+              ("sampling_ratio", check.integer(op, "sampling_ratio", sampling_ratio, minimum=0)),
+              ("gamma", check.real(op, "gamma", gamma)))
+    return _deform_roi_pool(params, (input, rois, offset, mask))
+
+
+# deform_psroi_pool
+
+def _psroi_shape(a, kw):
+    geo = _psroi_geometry("deform_psroi_pool", a, **kw)
+    return (a["rois"].shape[0], geo.output_dim, geo.pooled_size, geo.pooled_size)
+
+
+_deform_psroi_pool = _make_op("deform_psroi_pool", ("input", "rois", "offset"), frozenset({"rois"}),
+                              _core.deform_psroi_pool, _core.deform_psroi_pool_backward, _psroi_shape)
+
+
+def deform_psroi_pool(input, rois, offset=None, *, output_dim, pooled_size, group_size=1, part_size=None,
+                      sample_per_part=4, spatial_scale=1.0, trans_std=0.1):
+    """Differentiable :func:`cudeform.deform_psroi_pool` (MSRA's deformable position-sensitive
+    RoI pooling, R-FCN).
+
+    Shapes: input (N, output_dim * group_size**2, H, W); rois (R, 5) as for
+    :func:`deform_roi_pool`, zero cotangent; offset (R, 2 * num_classes, part_size, part_size);
+    output (R, output_dim, pooled_size, pooled_size). Computed on the host (see the module's
+    limits).
+    """
+    op = "deform_psroi_pool"
+    params = (("output_dim", check.integer(op, "output_dim", output_dim, minimum=1)),
+              ("pooled_size", check.integer(op, "pooled_size", pooled_size, minimum=1)),
+              ("group_size", check.integer(op, "group_size", group_size, minimum=1)),
+              ("part_size", None if part_size is None else check.integer(op, "part_size", part_size, minimum=1)),
+              ("sample_per_part", check.integer(op, "sample_per_part", sample_per_part, minimum=1)),
+              ("spatial_scale", check.real(op, "spatial_scale", spatial_scale, positive=True)),
+              ("trans_std", check.real(op, "trans_std", trans_std)))
+    return _deform_psroi_pool(params, (input, rois, offset))
+
+
+# deform_kernel_conv2d
+
+def _kconv_shape(a, kw):
+    geo = _kconv_geometry("deform_kernel_conv2d", a, **kw)
+    return (a["input"].shape[0], a["weight"].shape[0], *geo.out_size)
+
+
+_deform_kernel_conv2d = _make_op("deform_kernel_conv2d", ("input", "weight", "kernel_offset", "bias"), frozenset(),
+                                 _core.deform_kernel_conv2d, _core.deform_kernel_conv2d_backward, _kconv_shape)
+
+
+def deform_kernel_conv2d(input, weight, kernel_offset, bias=None, *, kernel_size, stride=1, padding=0, dilation=1,
+                         groups=1):
+    """Differentiable :func:`cudeform.deform_kernel_conv2d` (Deformable Kernels, global or local).
+
+    Shapes: input (N, C_in, H, W); weight (C_out, C_in / groups, S_h, S_w), the kernel scope;
+    kernel_offset (N, 2 * G * kh * kw) for global DK or (N, 2 * G * kh * kw, H_out, W_out) for
+    local DK, (dh, dw) pairs in scope cells; bias (C_out,); output (N, C_out, H_out, W_out).
+    Computed on the host (see the module's limits).
+    """
+    op = "deform_kernel_conv2d"
+    params = (("kernel_size", check.int_pair(op, "kernel_size", kernel_size, minimum=1)),
+              ("stride", check.int_pair(op, "stride", stride, minimum=1)),
+              ("padding", check.int_pair(op, "padding", padding, minimum=0)),
+              ("dilation", check.int_pair(op, "dilation", dilation, minimum=1)),
+              ("groups", check.integer(op, "groups", groups, minimum=1)))
+    return _deform_kernel_conv2d(params, (input, weight, kernel_offset, bias))
