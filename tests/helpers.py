@@ -17,6 +17,18 @@ def rel_err(actual, expected):
     return diff / scale if scale else diff
 
 
+def assert_grads_match(grads, expected, tol=1e-10):
+    """Every field of a gradients named tuple against the reference's gradients in order: None
+    where the reference has none, else the same shape and a relative error below ``tol``."""
+    assert len(grads) == len(expected)
+    for field, got, want in zip(grads._fields, grads, expected):
+        if want is None:
+            assert got is None, field
+        else:
+            assert got.shape == want.shape, field
+            assert rel_err(got, want) < tol, field
+
+
 # Relative L2 error of a result computed in a dtype, against float64 on the same inputs.
 TOLERANCE = {"float64": 1e-12, "float32": 1e-5, "float16": 2e-3, "bfloat16": 1.5e-2}
 
