@@ -217,14 +217,18 @@ def _psroi_box(rois, r, scale, pooled, sample_per_part):
 
 
 @njit(inline="always")
-def _psroi_trans(offset, use_offset, r, cls, p, q, pooled, part_size, trans_std):
-    """The offset (x, y) of bin (p, q) for class cls, times trans_std, and its part cell."""
+def _psroi_first(offset, use_offset, r, cls, p, q, pooled, part_size, trans_std, start_h, start_w, roi_h, roi_w,
+                 bin_h, bin_w):
+    """The first sample (h0, w0) of bin (p, q), moved by class cls's offset times trans_std,
+    and the bin's part cell (part_h, part_w)."""
     part_h = p * part_size // pooled
     part_w = q * part_size // pooled
+    h0 = p * bin_h + start_h
+    w0 = q * bin_w + start_w
     if not use_offset:
-        return 0.0, 0.0, part_h, part_w
-    return (offset[r, 2 * cls, part_h, part_w] * trans_std, offset[r, 2 * cls + 1, part_h, part_w] * trans_std,
-            part_h, part_w)
+        return h0, w0, part_h, part_w
+    return (h0 + offset[r, 2 * cls + 1, part_h, part_w] * trans_std * roi_h,
+            w0 + offset[r, 2 * cls, part_h, part_w] * trans_std * roi_w, part_h, part_w)
 
 
 @njit(inline="always")
@@ -249,10 +253,8 @@ def _psroi_forward(inp, rois, batch, offset, use_offset, group, part_size, n, sc
         start_h, start_w, roi_h, roi_w, bin_h, bin_w, sub_h, sub_w = _psroi_box(rois, r, scale, pooled, n)
         for p in range(pooled):
             for q in range(pooled):
-                tx, ty, _, _ = _psroi_trans(offset, use_offset, r, ctop // per_class, p, q, pooled, part_size,
-                                            trans_std)
-                h0 = (p * bin_h + start_h) + ty * roi_h
-                w0 = (q * bin_w + start_w) + tx * roi_w
+                h0, w0, _, _ = _psroi_first(offset, use_offset, r, ctop // per_class, p, q, pooled, part_size,
+                                            trans_std, start_h, start_w, roi_h, roi_w, bin_h, bin_w)
                 plane = inp[batch[r], (ctop * group + p * group // pooled) * group + q * group // pooled]
                 total = 0.0
                 count = 0
@@ -290,10 +292,8 @@ def _psroi_input_grad(go, rois, order, starts, offset, use_offset, group, part_s
                 for q in range(pooled):
                     if q * group // pooled != gw:
                         continue
-                    tx, ty, _, _ = _psroi_trans(offset, use_offset, r, ctop // per_class, p, q, pooled, part_size,
-                                                trans_std)
-                    h0 = (p * bin_h + start_h) + ty * roi_h
-                    w0 = (q * bin_w + start_w) + tx * roi_w
+                    h0, w0, _, _ = _psroi_first(offset, use_offset, r, ctop // per_class, p, q, pooled, part_size,
+                                                trans_std, start_h, start_w, roi_h, roi_w, bin_h, bin_w)
                     count = _psroi_count(h0, w0, sub_h, sub_w, n, height, width)
                     if count == 0:
                         continue
@@ -318,9 +318,8 @@ def _psroi_offset_grad(go, inp, rois, batch, offset, group, part_size, n, scale,
             cls = ctop // per_class
             for p in range(pooled):
                 for q in range(pooled):
-                    tx, ty, part_h, part_w = _psroi_trans(offset, True, r, cls, p, q, pooled, part_size, trans_std)
-                    h0 = (p * bin_h + start_h) + ty * roi_h
-                    w0 = (q * bin_w + start_w) + tx * roi_w
+                    h0, w0, part_h, part_w = _psroi_first(offset, True, r, cls, p, q, pooled, part_size, trans_std,
+                                                          start_h, start_w, roi_h, roi_w, bin_h, bin_w)
                     count = _psroi_count(h0, w0, sub_h, sub_w, n, height, width)
                     if count == 0:
                         continue
