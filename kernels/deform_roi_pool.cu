@@ -71,7 +71,8 @@ __global__ void roi_pool_max_abs(const T* __restrict__ grad_output, const T* __r
     int pooled_h, int pooled_w, typename acc<T>::type spatial_scale, int sampling_ratio,       \
     typename acc<T>::type gamma
 
-// The sampling grid of bin (p, q) of one RoI, offset included, in mmcv's order of operations.
+// The sampling grid of bin l of RoI r, offset included, in mmcv's order of operations. Every
+// deform_roi_pool kernel walks a bin's samples through for_each_sample.
 template <typename A>
 struct RoIAlignBin {
     index_t image;        // -1: the RoI pools zeros
@@ -82,9 +83,11 @@ struct RoIAlignBin {
     A count;
 
     template <typename T>
-    __device__ __forceinline__ RoIAlignBin(const T* roi, const T* offset, int use_offset, index_t bins,
-                                           index_t batch, int pooled_h, int pooled_w, int p, int q,
-                                           A spatial_scale, int sampling_ratio, A gamma) {
+    __device__ __forceinline__ RoIAlignBin(const T* rois, const T* offset, int use_offset, index_t r, index_t l,
+                                           index_t batch, int pooled_h, int pooled_w, A spatial_scale,
+                                           int sampling_ratio, A gamma) {
+        const index_t bins = (index_t)pooled_h * pooled_w;
+        const T* roi = rois + r * 5;
         image = roi_image(to_acc(roi[0]), batch);
         const A start_w = to_acc(roi[1]) * spatial_scale - A(0.5);
         const A start_h = to_acc(roi[2]) * spatial_scale - A(0.5);
@@ -98,14 +101,23 @@ struct RoIAlignBin {
         count = A(max(grid_h * grid_w, 1));
         step_w = gamma * roi_w;
         step_h = gamma * roi_h;
-        const A dx = use_offset ? step_w * to_acc(offset[0]) : A(0);
-        const A dy = use_offset ? step_h * to_acc(offset[bins]) : A(0);
-        y = (start_h + dy) + A(p) * bin_h;
-        x = (start_w + dx) + A(q) * bin_w;
+        const A dx = use_offset ? step_w * to_acc(offset[r * 2 * bins + l]) : A(0);
+        const A dy = use_offset ? step_h * to_acc(offset[(r * 2 + 1) * bins + l]) : A(0);
+        y = (start_h + dy) + A((int)(l / pooled_w)) * bin_h;
+        x = (start_w + dx) + A((int)(l % pooled_w)) * bin_w;
     }
 
-    __device__ __forceinline__ A sample_h(int iy) const { return y + A(iy + 0.5) * bin_h / A(grid_h); }
-    __device__ __forceinline__ A sample_w(int ix) const { return x + A(ix + 0.5) * bin_w / A(grid_w); }
+    // f(ClampedCorners) for every sample inside RoIAlign's box, row by row.
+    template <typename F>
+    __device__ __forceinline__ void for_each_sample(index_t height, index_t width, F f) const {
+        for (int iy = 0; iy < grid_h; ++iy) {
+            const A h = y + A(iy + 0.5) * bin_h / A(grid_h);
+            for (int ix = 0; ix < grid_w; ++ix) {
+                const A w = x + A(ix + 0.5) * bin_w / A(grid_w);
+                if (in_closed_box(h, w, height, width, A(1))) f(ClampedCorners<A>(h, w, height, width));
+            }
+        }
+    }
 };
 
 template <typename T>
@@ -117,23 +129,16 @@ __global__ void droi_forward(const T* __restrict__ input, const T* __restrict__ 
     CUDEFORM_LOOP(idx, num_rois * channels * bins) {
         const index_t rc = fast_div(idx, bins), l = idx - rc * bins;
         const index_t r = fast_div(rc, channels), c = rc - r * channels;
-        const RoIAlignBin<A> bin(rois + r * 5, offset + r * 2 * bins + l, use_offset, bins, batch, pooled_h,
-                                 pooled_w, (int)(l / pooled_w), (int)(l % pooled_w), spatial_scale,
+        const RoIAlignBin<A> bin(rois, offset, use_offset, r, l, batch, pooled_h, pooled_w, spatial_scale,
                                  sampling_ratio, gamma);
         A sum = A(0);
         if (bin.image >= 0) {
             const T* plane = input + (bin.image * channels + c) * height * width;
-            for (int iy = 0; iy < bin.grid_h; ++iy) {
-                const A h = bin.sample_h(iy);
-                for (int ix = 0; ix < bin.grid_w; ++ix) {
-                    const A w = bin.sample_w(ix);
-                    if (!in_closed_box(h, w, height, width, A(1))) continue;
-                    const ClampedCorners<A> s(h, w, height, width);
-                    A v00, v01, v10, v11;
-                    s.fetch(plane, width, v00, v01, v10, v11);
-                    sum += s.blend(v00, v01, v10, v11);
-                }
-            }
+            bin.for_each_sample(height, width, [&](const ClampedCorners<A>& s) {
+                A v00, v01, v10, v11;
+                s.fetch(plane, width, v00, v01, v10, v11);
+                sum += s.blend(v00, v01, v10, v11);
+            });
             sum /= bin.count;
             if (use_mask) sum *= to_acc(mask[r * bins + l]);
         }
@@ -158,22 +163,15 @@ __global__ void droi_backward_input(const T* __restrict__ grad_output, const T* 
     CUDEFORM_LOOP(idx, num_rois * channels * bins) {
         const index_t rc = fast_div(idx, bins), l = idx - rc * bins;
         const index_t r = fast_div(rc, channels), c = rc - r * channels;
-        const RoIAlignBin<A> bin(rois + r * 5, offset + r * 2 * bins + l, use_offset, bins, batch, pooled_h,
-                                 pooled_w, (int)(l / pooled_w), (int)(l % pooled_w), spatial_scale,
+        const RoIAlignBin<A> bin(rois, offset, use_offset, r, l, batch, pooled_h, pooled_w, spatial_scale,
                                  sampling_ratio, gamma);
         if (bin.image < 0) continue;
         A gv = to_acc(grad_output[idx]) / bin.count;
         if (use_mask) gv *= to_acc(mask[r * bins + l]);
         const index_t plane = (bin.image * channels + c) * hw;
-        for (int iy = 0; iy < bin.grid_h; ++iy) {
-            const A h = bin.sample_h(iy);
-            for (int ix = 0; ix < bin.grid_w; ++ix) {
-                const A w = bin.sample_w(ix);
-                if (!in_closed_box(h, w, height, width, A(1))) continue;
-                scatter_corners(ClampedCorners<A>(h, w, height, width), plane, width, gv, grad_input, fixed,
-                                deterministic, scale);
-            }
-        }
+        bin.for_each_sample(height, width, [&](const ClampedCorners<A>& s) {
+            scatter_corners(s, plane, width, gv, grad_input, fixed, deterministic, scale);
+        });
     }
 }
 
@@ -200,27 +198,20 @@ __global__ void __launch_bounds__(ROI_COORD_BLOCK) droi_backward_coords(
         A sum_h = A(0), sum_w = A(0), sum_v = A(0);
         if (item < items) {
             const index_t r = fast_div(item, bins), l = item - r * bins;
-            const RoIAlignBin<A> bin(rois + r * 5, offset + r * 2 * bins + l, use_offset, bins, batch, pooled_h,
-                                     pooled_w, (int)(l / pooled_w), (int)(l % pooled_w), spatial_scale,
+            const RoIAlignBin<A> bin(rois, offset, use_offset, r, l, batch, pooled_h, pooled_w, spatial_scale,
                                      sampling_ratio, gamma);
             if (bin.image >= 0) {
                 for (index_t c = chunk; c < channels; c += ROI_COORD_CHUNKS) {
                     const A go = to_acc(grad_output[(r * channels + c) * bins + l]);
                     const T* plane = input + (bin.image * channels + c) * hw;
                     A d_h = A(0), d_w = A(0), v = A(0);
-                    for (int iy = 0; iy < bin.grid_h; ++iy) {
-                        const A h = bin.sample_h(iy);
-                        for (int ix = 0; ix < bin.grid_w; ++ix) {
-                            const A w = bin.sample_w(ix);
-                            if (!in_closed_box(h, w, height, width, A(1))) continue;
-                            const ClampedCorners<A> s(h, w, height, width);
-                            A v00, v01, v10, v11;
-                            s.fetch(plane, width, v00, v01, v10, v11);
-                            d_h += s.d_h(v00, v01, v10, v11);
-                            d_w += s.d_w(v00, v01, v10, v11);
-                            v += s.blend(v00, v01, v10, v11);
-                        }
-                    }
+                    bin.for_each_sample(height, width, [&](const ClampedCorners<A>& s) {
+                        A v00, v01, v10, v11;
+                        s.fetch(plane, width, v00, v01, v10, v11);
+                        d_h += s.d_h(v00, v01, v10, v11);
+                        d_w += s.d_w(v00, v01, v10, v11);
+                        v += s.blend(v00, v01, v10, v11);
+                    });
                     sum_h += go * d_h;
                     sum_w += go * d_w;
                     sum_v += go * v;
@@ -238,8 +229,7 @@ __global__ void __launch_bounds__(ROI_COORD_BLOCK) droi_backward_coords(
                 sum_v += partial[2][k][lane];
             }
             const index_t r = fast_div(item, bins), l = item - r * bins;
-            const RoIAlignBin<A> bin(rois + r * 5, offset + r * 2 * bins + l, use_offset, bins, batch, pooled_h,
-                                     pooled_w, (int)(l / pooled_w), (int)(l % pooled_w), spatial_scale,
+            const RoIAlignBin<A> bin(rois, offset, use_offset, r, l, batch, pooled_h, pooled_w, spatial_scale,
                                      sampling_ratio, gamma);
             const A per_sample = (use_mask ? to_acc(mask[item]) : A(1)) / bin.count;
             if (use_offset) {
