@@ -3,12 +3,12 @@
 // Host code: cudeform/cuda/deform_roi_pool.py. CPU twin: cudeform/cpu/deform_roi_pool.py.
 //
 // Forward: one thread per output element, as torchvision's roi_align. deform_roi_pool's backward:
-// the input gradient laid out like the forward (one thread per output element, atomics), and,
-// when there is an offset or a mask, their gradients (sums over channels) by a second kernel
-// whose blocks split the channels of 32 (RoI, bin) items and reduce in shared memory. deform_psroi_pool's backward: one warp per (RoI, class, part
-// cell), its lanes splitting the channels (and the cell's bins), scattering the input gradient
-// with atomics and reducing the offset gradient with shuffles. One lane writes each reduced
-// value, so no address sees more than one write.
+// one kernel whose blocks split the channels of 32 (RoI, bin) items, scattering the input
+// gradient with atomics and, with an offset or a mask, reading the same corners to reduce their
+// gradients (sums over channels) in shared memory. deform_psroi_pool's backward: one warp per
+// (RoI, class, part cell), its lanes splitting the channels (and the cell's bins), scattering
+// the input gradient with atomics and reducing the offset gradient with shuffles. One thread
+// writes each reduced value, so no address sees more than one write.
 //
 // A RoI whose batch index is not in [0, N) pools zeros and gets zero gradients: the kernels
 // never read outside the input, and the host never synchronises to check the indices.
@@ -71,7 +71,8 @@ __global__ void roi_pool_max_abs(const T* __restrict__ grad_output, const T* __r
     int pooled_h, int pooled_w, typename acc<T>::type spatial_scale, int sampling_ratio,       \
     typename acc<T>::type gamma
 
-// The sampling grid of bin (p, q) of one RoI, offset included, in mmcv's order of operations.
+// The sampling grid of bin l of RoI r, offset included, in mmcv's order of operations. Every
+// deform_roi_pool kernel walks a bin's samples through for_each_sample.
 template <typename A>
 struct RoIAlignBin {
     index_t image;        // -1: the RoI pools zeros
@@ -82,9 +83,11 @@ struct RoIAlignBin {
     A count;
 
     template <typename T>
-    __device__ __forceinline__ RoIAlignBin(const T* roi, const T* offset, int use_offset, index_t bins,
-                                           index_t batch, int pooled_h, int pooled_w, int p, int q,
-                                           A spatial_scale, int sampling_ratio, A gamma) {
+    __device__ __forceinline__ RoIAlignBin(const T* rois, const T* offset, int use_offset, index_t r, index_t l,
+                                           index_t batch, int pooled_h, int pooled_w, A spatial_scale,
+                                           int sampling_ratio, A gamma) {
+        const index_t bins = (index_t)pooled_h * pooled_w;
+        const T* roi = rois + r * 5;
         image = roi_image(to_acc(roi[0]), batch);
         const A start_w = to_acc(roi[1]) * spatial_scale - A(0.5);
         const A start_h = to_acc(roi[2]) * spatial_scale - A(0.5);
@@ -98,14 +101,23 @@ struct RoIAlignBin {
         count = A(max(grid_h * grid_w, 1));
         step_w = gamma * roi_w;
         step_h = gamma * roi_h;
-        const A dx = use_offset ? step_w * to_acc(offset[0]) : A(0);
-        const A dy = use_offset ? step_h * to_acc(offset[bins]) : A(0);
-        y = (start_h + dy) + A(p) * bin_h;
-        x = (start_w + dx) + A(q) * bin_w;
+        const A dx = use_offset ? step_w * to_acc(offset[r * 2 * bins + l]) : A(0);
+        const A dy = use_offset ? step_h * to_acc(offset[(r * 2 + 1) * bins + l]) : A(0);
+        y = (start_h + dy) + A((int)(l / pooled_w)) * bin_h;
+        x = (start_w + dx) + A((int)(l % pooled_w)) * bin_w;
     }
 
-    __device__ __forceinline__ A sample_h(int iy) const { return y + A(iy + 0.5) * bin_h / A(grid_h); }
-    __device__ __forceinline__ A sample_w(int ix) const { return x + A(ix + 0.5) * bin_w / A(grid_w); }
+    // f(ClampedCorners) for every sample inside RoIAlign's box, row by row.
+    template <typename F>
+    __device__ __forceinline__ void for_each_sample(index_t height, index_t width, F f) const {
+        for (int iy = 0; iy < grid_h; ++iy) {
+            const A h = y + A(iy + 0.5) * bin_h / A(grid_h);
+            for (int ix = 0; ix < grid_w; ++ix) {
+                const A w = x + A(ix + 0.5) * bin_w / A(grid_w);
+                if (in_closed_box(h, w, height, width, A(1))) f(ClampedCorners<A>(h, w, height, width));
+            }
+        }
+    }
 };
 
 template <typename T>
@@ -117,23 +129,16 @@ __global__ void droi_forward(const T* __restrict__ input, const T* __restrict__ 
     CUDEFORM_LOOP(idx, num_rois * channels * bins) {
         const index_t rc = fast_div(idx, bins), l = idx - rc * bins;
         const index_t r = fast_div(rc, channels), c = rc - r * channels;
-        const RoIAlignBin<A> bin(rois + r * 5, offset + r * 2 * bins + l, use_offset, bins, batch, pooled_h,
-                                 pooled_w, (int)(l / pooled_w), (int)(l % pooled_w), spatial_scale,
+        const RoIAlignBin<A> bin(rois, offset, use_offset, r, l, batch, pooled_h, pooled_w, spatial_scale,
                                  sampling_ratio, gamma);
         A sum = A(0);
         if (bin.image >= 0) {
             const T* plane = input + (bin.image * channels + c) * height * width;
-            for (int iy = 0; iy < bin.grid_h; ++iy) {
-                const A h = bin.sample_h(iy);
-                for (int ix = 0; ix < bin.grid_w; ++ix) {
-                    const A w = bin.sample_w(ix);
-                    if (!in_closed_box(h, w, height, width, A(1))) continue;
-                    const ClampedCorners<A> s(h, w, height, width);
-                    A v00, v01, v10, v11;
-                    s.fetch(plane, width, v00, v01, v10, v11);
-                    sum += s.blend(v00, v01, v10, v11);
-                }
-            }
+            bin.for_each_sample(height, width, [&](const ClampedCorners<A>& s) {
+                A v00, v01, v10, v11;
+                s.fetch(plane, width, v00, v01, v10, v11);
+                sum += s.blend(v00, v01, v10, v11);
+            });
             sum /= bin.count;
             if (use_mask) sum *= to_acc(mask[r * bins + l]);
         }
@@ -141,105 +146,77 @@ __global__ void droi_forward(const T* __restrict__ input, const T* __restrict__ 
     }
 }
 
-// Input gradient of deform_roi_pool: one thread per output element, laid out like the forward,
-// so a warp reads contiguous grad_output and its atomics land on nearby pixels of one plane.
+// Every gradient of deform_roi_pool. A block takes 32 consecutive (RoI, bin) items, one per
+// lane, and its ROI_BWD_CHUNKS warps split the channels (warp k takes channels k, k + CHUNKS,
+// ...), so a warp instruction touches 32 neighbouring bins of one channel plane: contiguous
+// grad_output, and atomics on nearby pixels, as torchvision's roi_align backward. A thread
+// scatters its samples' input gradient and, with an offset or a mask, reads the same four
+// corners to sum the bin's offset and mask gradients over its channels; the warps' partial
+// sums are added in a fixed order through shared memory and written once, by warp 0.
 // grad_input (N, C, H, W) is of type acc<T>::type and must start at zero; in deterministic
 // mode `fixed` (same size, zeroed) takes the finite contributions (then fixed_point_add).
+// Launch with ROI_BWD_BLOCK threads per block. 16 warps give the benchmark's 1000 RoIs x 49
+// bins ~6 waves on an H100/H200, 16 of its 256 channels per thread. Two blocks per SM cap the
+// registers at 64: uncapped, the deterministic and offset paths together take ~90 and one
+// block would fit; capped, the half types and float spill a few bytes outside the sample loop.
+#define ROI_BWD_CHUNKS 16
+#define ROI_BWD_BLOCK (WARP_SIZE * ROI_BWD_CHUNKS)
 template <typename T>
-__global__ void droi_backward_input(const T* __restrict__ grad_output, const T* __restrict__ rois,
-                                    const T* __restrict__ offset, const T* __restrict__ mask, int use_offset,
-                                    int use_mask, DROI_GEOMETRY, int deterministic,
-                                    const unsigned int* __restrict__ max_abs_bits,
-                                    unsigned long long* __restrict__ fixed,
-                                    typename acc<T>::type* __restrict__ grad_input) {
-    typedef typename acc<T>::type A;
-    const index_t bins = (index_t)pooled_h * pooled_w, hw = height * width;
-    const double scale = deterministic ? fixed_point_scale(*max_abs_bits, num_rois * bins) : 0.0;
-    CUDEFORM_LOOP(idx, num_rois * channels * bins) {
-        const index_t rc = fast_div(idx, bins), l = idx - rc * bins;
-        const index_t r = fast_div(rc, channels), c = rc - r * channels;
-        const RoIAlignBin<A> bin(rois + r * 5, offset + r * 2 * bins + l, use_offset, bins, batch, pooled_h,
-                                 pooled_w, (int)(l / pooled_w), (int)(l % pooled_w), spatial_scale,
-                                 sampling_ratio, gamma);
-        if (bin.image < 0) continue;
-        A gv = to_acc(grad_output[idx]) / bin.count;
-        if (use_mask) gv *= to_acc(mask[r * bins + l]);
-        const index_t plane = (bin.image * channels + c) * hw;
-        for (int iy = 0; iy < bin.grid_h; ++iy) {
-            const A h = bin.sample_h(iy);
-            for (int ix = 0; ix < bin.grid_w; ++ix) {
-                const A w = bin.sample_w(ix);
-                if (!in_closed_box(h, w, height, width, A(1))) continue;
-                scatter_corners(ClampedCorners<A>(h, w, height, width), plane, width, gv, grad_input, fixed,
-                                deterministic, scale);
-            }
-        }
-    }
-}
-
-// Offset and mask gradients of deform_roi_pool, sums over channels. A block takes 32
-// consecutive (RoI, bin) items; each of its 8 warps walks every 8th channel for all 32 items,
-// so a warp reads neighbouring samples of one channel plane and contiguous grad_output. The
-// 8 partial sums of an item are added in a fixed order through shared memory and written once.
-// Launch with ROI_COORD_BLOCK threads per block.
-#define ROI_COORD_ITEMS 32
-#define ROI_COORD_CHUNKS 8
-#define ROI_COORD_BLOCK (ROI_COORD_ITEMS * ROI_COORD_CHUNKS)
-template <typename T>
-__global__ void __launch_bounds__(ROI_COORD_BLOCK) droi_backward_coords(
+__global__ void __launch_bounds__(ROI_BWD_BLOCK, 2) droi_backward(
         const T* __restrict__ grad_output, const T* __restrict__ input, const T* __restrict__ rois,
         const T* __restrict__ offset, const T* __restrict__ mask, int use_offset, int use_mask, DROI_GEOMETRY,
-        T* __restrict__ grad_offset, T* __restrict__ grad_mask) {
+        int deterministic, const unsigned int* __restrict__ max_abs_bits, unsigned long long* __restrict__ fixed,
+        typename acc<T>::type* __restrict__ grad_input, T* __restrict__ grad_offset, T* __restrict__ grad_mask) {
     typedef typename acc<T>::type A;
-    __shared__ A partial[3][ROI_COORD_CHUNKS][ROI_COORD_ITEMS];
+    __shared__ A partial[3][ROI_BWD_CHUNKS][WARP_SIZE];
     const index_t bins = (index_t)pooled_h * pooled_w, hw = height * width, items = num_rois * bins;
-    const int lane = threadIdx.x % ROI_COORD_ITEMS, chunk = threadIdx.x / ROI_COORD_ITEMS;
-    for (index_t first = (index_t)blockIdx.x * ROI_COORD_ITEMS; first < items;
-         first += (index_t)gridDim.x * ROI_COORD_ITEMS) {
+    const double scale = deterministic ? fixed_point_scale(*max_abs_bits, items) : 0.0;
+    const bool coords = use_offset || use_mask;
+    const int lane = threadIdx.x % WARP_SIZE, chunk = threadIdx.x / WARP_SIZE;
+    for (index_t first = (index_t)blockIdx.x * WARP_SIZE; first < items; first += (index_t)gridDim.x * WARP_SIZE) {
         const index_t item = first + lane;
         A sum_h = A(0), sum_w = A(0), sum_v = A(0);
         if (item < items) {
             const index_t r = fast_div(item, bins), l = item - r * bins;
-            const RoIAlignBin<A> bin(rois + r * 5, offset + r * 2 * bins + l, use_offset, bins, batch, pooled_h,
-                                     pooled_w, (int)(l / pooled_w), (int)(l % pooled_w), spatial_scale,
+            const RoIAlignBin<A> bin(rois, offset, use_offset, r, l, batch, pooled_h, pooled_w, spatial_scale,
                                      sampling_ratio, gamma);
-            if (bin.image >= 0) {
-                for (index_t c = chunk; c < channels; c += ROI_COORD_CHUNKS) {
-                    const A go = to_acc(grad_output[(r * channels + c) * bins + l]);
-                    const T* plane = input + (bin.image * channels + c) * hw;
-                    A d_h = A(0), d_w = A(0), v = A(0);
-                    for (int iy = 0; iy < bin.grid_h; ++iy) {
-                        const A h = bin.sample_h(iy);
-                        for (int ix = 0; ix < bin.grid_w; ++ix) {
-                            const A w = bin.sample_w(ix);
-                            if (!in_closed_box(h, w, height, width, A(1))) continue;
-                            const ClampedCorners<A> s(h, w, height, width);
-                            A v00, v01, v10, v11;
-                            s.fetch(plane, width, v00, v01, v10, v11);
-                            d_h += s.d_h(v00, v01, v10, v11);
-                            d_w += s.d_w(v00, v01, v10, v11);
-                            v += s.blend(v00, v01, v10, v11);
-                        }
+            const A m = use_mask ? to_acc(mask[item]) : A(1);
+            const index_t planes = bin.image >= 0 ? channels : 0;  // a RoI outside the batch has none
+            for (index_t c = chunk; c < planes; c += ROI_BWD_CHUNKS) {
+                const A go = to_acc(grad_output[(r * channels + c) * bins + l]);
+                A gv = go / bin.count;
+                if (use_mask) gv *= m;
+                const index_t plane = (bin.image * channels + c) * hw;
+                A d_h = A(0), d_w = A(0), v = A(0);
+                bin.for_each_sample(height, width, [&](const ClampedCorners<A>& s) {
+                    A v00, v01, v10, v11;
+                    // The loads go out before the atomics, which do not wait for them.
+                    if (coords) s.fetch(input + plane, width, v00, v01, v10, v11);
+                    scatter_corners(s, plane, width, gv, grad_input, fixed, deterministic, scale);
+                    if (coords) {
+                        d_h += s.d_h(v00, v01, v10, v11);
+                        d_w += s.d_w(v00, v01, v10, v11);
+                        v += s.blend(v00, v01, v10, v11);
                     }
-                    sum_h += go * d_h;
-                    sum_w += go * d_w;
-                    sum_v += go * v;
-                }
+                });
+                sum_h += go * d_h;
+                sum_w += go * d_w;
+                sum_v += go * v;
             }
         }
+        if (!coords) continue;  // uniform over the grid: no thread waits at the barriers below
         partial[0][chunk][lane] = sum_h;
         partial[1][chunk][lane] = sum_w;
         partial[2][chunk][lane] = sum_v;
         __syncthreads();
         if (chunk == 0 && item < items) {
-            for (int k = 1; k < ROI_COORD_CHUNKS; ++k) {
+            for (int k = 1; k < ROI_BWD_CHUNKS; ++k) {
                 sum_h += partial[0][k][lane];
                 sum_w += partial[1][k][lane];
                 sum_v += partial[2][k][lane];
             }
             const index_t r = fast_div(item, bins), l = item - r * bins;
-            const RoIAlignBin<A> bin(rois + r * 5, offset + r * 2 * bins + l, use_offset, bins, batch, pooled_h,
-                                     pooled_w, (int)(l / pooled_w), (int)(l % pooled_w), spatial_scale,
+            const RoIAlignBin<A> bin(rois, offset, use_offset, r, l, batch, pooled_h, pooled_w, spatial_scale,
                                      sampling_ratio, gamma);
             const A per_sample = (use_mask ? to_acc(mask[item]) : A(1)) / bin.count;
             if (use_offset) {

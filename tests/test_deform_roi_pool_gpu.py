@@ -7,8 +7,8 @@ import pytest
 
 import cudeform
 import reference as ref
-from helpers import TOLERANCE, l2_rel, rel_err
-from test_deform_roi_pool import OPS, PS_CONFIGS, ROI_CONFIGS, case, make_rois, on, ps_case, roi_case
+from helpers import TOLERANCE, assert_grads_match, l2_rel, rel_err
+from test_deform_roi_pool import OPS, PS_CONFIGS, ROI_CONFIGS, case, make_rois, on, ps_case, roi_call, roi_case
 
 pytestmark = pytest.mark.gpu
 
@@ -84,6 +84,49 @@ def test_deterministic_backward_is_bitwise(torch, op, dtype):
             assert torch.equal(a, b), field
     want = ref_backward(go.double().cpu().numpy(), *call(exact)[0], **call(exact)[1], **geo)
     assert l2_rel(first.input.double().cpu().numpy(), want[0]) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("channels", [1, 17, 40])
+@pytest.mark.parametrize("offset,mask", [(True, True), (True, False), (False, True), (False, False)])
+def test_backward_channel_split_matches_cpu_path(dtype, channels, offset, mask):
+    """deform_roi_pool's backward splits the channels of 32 bins over 16 warps: fewer channels
+    than warps, a count that is not a multiple of 16, several per warp; 60 RoIs x 6 bins do not
+    fill the last 32. Both modes against the CPU path, and the deterministic one bit for bit."""
+    import cupy
+
+    cfg = dict(ROI_CONFIGS["adaptive"], C=channels, R=60)
+    args, geo = roi_case(cfg, seed=29, offset=offset, mask=mask)
+    cpu, gpu = on(np, args, dtype), on(cupy, args, dtype)
+    go = np.random.default_rng(30).standard_normal((60, channels, 3, 2)).astype(dtype)
+    want = cudeform.deform_roi_pool_backward(go, *roi_call(cpu)[0], **roi_call(cpu)[1], **geo)
+    tol = 1e-10 if dtype == "float64" else 1e-5
+    for deterministic in (False, True):
+        got = cudeform.deform_roi_pool_backward(cupy.asarray(go), *roi_call(gpu)[0], **roi_call(gpu)[1], **geo,
+                                                deterministic=deterministic)
+        assert_grads_match(got, want, tol)
+    again = cudeform.deform_roi_pool_backward(cupy.asarray(go), *roi_call(gpu)[0], **roi_call(gpu)[1], **geo,
+                                              deterministic=True)
+    for field, a, b in zip(got._fields, got, again):
+        assert (a is None and b is None) or bool(cupy.array_equal(a, b)), field
+
+
+def test_backward_grid_stride_past_the_block_cap():
+    """More than 65535 blocks' worth of bins (32 each): the backward's grid-stride loop takes
+    the rest, the last group of 32 only partly filled."""
+    import cupy
+
+    rng = np.random.default_rng(31)
+    n_rois, h, w = 43_000, 12, 15
+    assert n_rois * 49 > 65535 * 32 and n_rois * 49 % 32
+    args = dict(input=rng.standard_normal((2, 1, h, w)), rois=make_rois(rng, 2, n_rois, h, w, 0.5),
+                offset=rng.uniform(-1, 1, (n_rois, 2, 7, 7)), mask=rng.uniform(0, 1, (n_rois, 1, 7, 7)))
+    geo = dict(output_size=7, spatial_scale=0.5, sampling_ratio=2)
+    go = rng.standard_normal((n_rois, 1, 7, 7))
+    want = cudeform.deform_roi_pool_backward(go, *roi_call(args)[0], **roi_call(args)[1], **geo)
+    gpu = on(cupy, args)
+    got = cudeform.deform_roi_pool_backward(cupy.asarray(go), *roi_call(gpu)[0], **roi_call(gpu)[1], **geo)
+    assert_grads_match(got, want)
 
 
 @pytest.mark.parametrize("op", OPS)

@@ -1,10 +1,10 @@
 """Deformable RoI pooling on the GPU: kernels/deform_roi_pool.cu.
 
-Forward: one thread per output element. Backward of deform_roi_pool: the input gradient with
-one thread per output element and float atomics, then (with an offset or a mask) blocks that
-split the channels of 32 (RoI, bin) items and reduce their gradients in shared memory. Backward of deform_psroi_pool: one
-launch, a warp per (RoI, class, part cell), atomics for the input gradient and warp reductions
-for the offset gradient.
+Forward: one thread per output element. Backward of deform_roi_pool: one launch whose blocks
+split the channels of 32 (RoI, bin) items, atomics for the input gradient and (with an offset
+or a mask) a shared-memory reduction of their gradients over channels, from the same corner
+reads. Backward of deform_psroi_pool: one launch, a warp per (RoI, class, part cell), atomics
+for the input gradient and warp reductions for the offset gradient.
 
 Workspace: for the half types, a float32 input-gradient accumulator; in deterministic mode, a
 uint64 fixed-point accumulator of the input's size and a first pass over grad_output for the
@@ -23,14 +23,14 @@ from . import _compile
 from ._compile import ACC_DTYPES, CXX_TYPES, STORAGE_DTYPES, launch
 
 SOURCE = "deform_roi_pool.cu"
-_KERNELS = ("droi_forward", "droi_backward_input", "droi_backward_coords", "dpsroi_forward", "dpsroi_backward", "roi_pool_max_abs")
+_KERNELS = ("droi_forward", "droi_backward", "dpsroi_forward", "dpsroi_backward", "roi_pool_max_abs")
 NAME_EXPRESSIONS = (
     [f"{k}<{t}>" for t in CXX_TYPES.values() for k in _KERNELS]
     + ["cast_from_acc<__half>", "cast_from_acc<__nv_bfloat16>", "fixed_point_add<float>", "fixed_point_add<double>"]
 )
 
-WARP = 32  # threads per deform_psroi_pool backward item (WARP_SIZE in common.cuh)
-COORD_ITEMS = 32  # (RoI, bin) items per droi_backward_coords block of BLOCK threads (ROI_COORD_ITEMS)
+WARP = 32  # threads per deform_psroi_pool backward item, and (RoI, bin) items per droi_backward block (WARP_SIZE)
+ROI_BWD_BLOCK = WARP * 16  # droi_backward's block: ROI_BWD_BLOCK in the kernel
 
 
 def _kernel(name: str, dtype: str):
@@ -90,12 +90,9 @@ def backward(grad_output, input, rois, offset, mask, *, geo, dtype, deterministi
     grad_acc, fixed_args = _input_grad_workspace(x, go, mask, bins, dtype, deterministic)
     flags = (np.int32(offset is not None), np.int32(mask is not None))
     geo_args = _droi_args(x.shape, rois.shape[0], geo, dtype)
-    launch(_kernel("droi_backward_input", dtype), go.size,
-           (go, rois, _or(offset, x), _or(mask, x), *flags, *geo_args, *fixed_args, grad_acc))
-    if offset is not None or mask is not None:
-        launch(_kernel("droi_backward_coords", dtype), -(-rois.shape[0] * bins // COORD_ITEMS) * _compile.BLOCK,
-               (go, x, rois, _or(offset, x), _or(mask, x), *flags, *geo_args, _or(grad_offset, x),
-                _or(grad_mask, x)))
+    launch(_kernel("droi_backward", dtype), -(-rois.shape[0] * bins // WARP) * ROI_BWD_BLOCK,
+           (go, x, rois, _or(offset, x), _or(mask, x), *flags, *geo_args, *fixed_args, grad_acc,
+            _or(grad_offset, x), _or(grad_mask, x)), block=ROI_BWD_BLOCK)
     return _input_grad(grad_acc, fixed_args, rois.shape[0] * bins, dtype), grad_offset, grad_mask
 
 
