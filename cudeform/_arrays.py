@@ -15,6 +15,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from . import _validate as check
+
 CPU_DTYPES = ("float32", "float64")
 GPU_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
@@ -22,7 +24,7 @@ GPU_DTYPES = ("float16", "bfloat16", "float32", "float64")
 _DL_CPU = 1
 _DL_CUDA = 2
 
-CUPY_HINT = "install CuPy with pip install 'cudeform[cuda13]' (CUDA 13) or 'cudeform[cuda12]' (CUDA 12)"
+CUPY_HINT = 'pip install "cudeform[cuda13]" (CUDA 13) or "cudeform[cuda12]" (CUDA 12)'
 
 
 class Device(NamedTuple):
@@ -34,12 +36,31 @@ class Device(NamedTuple):
 
 
 def cupy_module():
-    """Import CuPy, or explain which extra provides it."""
+    """CuPy, imported on first use (:func:`prepare` has made sure that it works)."""
+    import cupy
+
+    return cupy
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_unavailable() -> str:
+    """Why CuPy cannot run the kernels in this process, or "" when it can (asked once): an
+    array on a CUDA device can come from PyTorch or JAX where CuPy is missing or was built
+    for another CUDA."""
     try:
         import cupy
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise RuntimeError(f"this array lives on a CUDA device, which needs CuPy: {CUPY_HINT}") from exc
-    return cupy
+
+        cupy.cuda.runtime.getDeviceCount()
+    except ImportError:
+        return "CuPy is not installed"
+    except Exception as exc:  # whatever CuPy's CUDA runtime raised: the user needs to see it
+        return f"CuPy cannot use CUDA ({type(exc).__name__}: {exc})"
+    return ""
+
+
+def _type_name(obj: Any) -> str:
+    kind = type(obj)
+    return kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
 
 
 def _framework(obj: Any) -> str:
@@ -61,14 +82,10 @@ def _locate(op: str, name: str, obj: Any) -> tuple[str, Device]:
             return framework, Device("cpu", 0)
         if int(dev_type) == _DL_CUDA:
             return framework, Device("cuda", int(dev_id))
-        raise ValueError(
-            f"{op}: {name}: expected an array on the CPU or a CUDA device, "
-            f"got a {type(obj).__name__} on DLPack device type {int(dev_type)}"
-        )
-    raise TypeError(
-        f"{op}: {name}: expected a NumPy or CuPy array or an object supporting DLPack "
-        f"(a PyTorch tensor, a JAX array), got {type(obj).__name__}"
-    )
+        check.fail(op, name, "an array on the CPU or a CUDA device",
+                   f"a {_type_name(obj)} on DLPack device type {int(dev_type)}")
+    check.fail(op, name, "a NumPy or CuPy array or an object supporting DLPack (a PyTorch tensor, a JAX array)",
+               _type_name(obj), TypeError)
 
 
 # How each dtype is stored in NumPy/CuPy arrays: bfloat16 has no NumPy or CuPy dtype and
@@ -258,52 +275,56 @@ class _DeviceContext:
         return False
 
 
-def prepare(op: str, **arrays: Any) -> Prepared:
+def prepare(op: str, optional: tuple = (), **arrays: Any) -> Prepared:
     """Check that the given arrays share one device and one supported floating dtype,
     and take them as C-contiguous NumPy or CuPy arrays: zero-copy views, or copies of the
     non-contiguous ones (never modifying the caller's arrays).
 
-    ``None`` values are passed through. The first non-None argument decides the framework
-    of the results. Raises ``TypeError`` for unsupported objects or dtypes and for mixed
-    dtypes, and ``ValueError`` for arrays on different devices.
+    ``None`` is accepted (and passed through) for the names in ``optional`` only. The first
+    array decides the framework of the results; messages compare the others with ``input``
+    (the first one, for callers without an ``input``). Raises ``TypeError`` for a missing
+    array, unsupported objects or dtypes and mixed dtypes, and ``ValueError`` for arrays on
+    different devices or on a CUDA device that CuPy cannot reach.
     """
+    for name, obj in arrays.items():
+        if obj is None and name not in optional:
+            check.fail(op, name, "an array", None, TypeError)
     given = {name: obj for name, obj in arrays.items() if obj is not None}
     located = {name: _locate(op, name, obj) for name, obj in given.items()}
     first_name = next(iter(given))
-    framework, device = located[first_name]
+    reference = "input" if "input" in given else first_name
+    device = located[reference][1]
     for name, (_, dev) in located.items():
         if dev != device:
-            raise ValueError(
-                f"{op}: all arrays must be on one device: {first_name} is on {device}, "
-                f"{name} is on {dev}"
-            )
+            check.fail(op, name, f"an array on the device of {reference} ({device})", f"one on {dev}")
+    if device.kind == "cuda" and _cuda_unavailable():
+        check.fail(op, reference, f"an array on the CPU, since {_cuda_unavailable()} (for CUDA arrays: {CUPY_HINT})",
+                   f"a {_type_name(given[reference])} on {device}")
+    framework = located[first_name][0]
     stream_ptr = _caller_stream(framework, device, given[first_name])
     allowed = CPU_DTYPES if device.kind == "cpu" else GPU_DTYPES
     out: dict = dict.fromkeys(arrays)
-    dtype = None
+    dtypes: dict = {}
     # DLPack's exchange may enqueue work on the consumer's current stream: make it the caller's.
     # CuPy arrays and torch tensors are viewed directly and need no context.
     dlpack = device.kind == "cuda" and any(fw not in ("cupy", "torch") for fw, _ in located.values())
     with _DeviceContext(device, stream_ptr) if dlpack else contextlib.nullcontext():
         for name, obj in given.items():
-            arr, dt = _convert(obj, located[name][0], device)
-            if dt not in allowed:
+            out[name], dtypes[name] = _convert(obj, located[name][0], device)
+            if dtypes[name] not in allowed:
                 where = "on the CPU" if device.kind == "cpu" else "on a CUDA device"
-                raise TypeError(f"{op}: {name}: expected one of {', '.join(allowed)} {where}, got {dt}")
-            if dtype is None:
-                dtype = dt
-            elif dt != dtype:
-                raise TypeError(
-                    f"{op}: all arrays must share one dtype: {first_name} is {dtype}, {name} is {dt}"
-                )
-            out[name] = arr
+                check.fail(op, name, f"one of {', '.join(allowed)} {where}", dtypes[name], TypeError)
+    dtype = dtypes[reference]
+    for name, dt in dtypes.items():
+        if dt != dtype:
+            check.fail(op, name, f"the dtype of {reference} ({dtype})", dt, TypeError)
     return Prepared(out, device, dtype, framework, stream_ptr)
 
 
-def array_module(arr: Any):
-    """``numpy`` or ``cupy``, whichever ``arr`` belongs to."""
+def array_module(arr: Any, op: str, name: str):
+    """``numpy`` or ``cupy``, whichever ``arr`` (argument ``name`` of ``op``) belongs to."""
     if isinstance(arr, np.ndarray):
         return np
     if _framework(arr) == "cupy":
         return cupy_module()
-    raise TypeError(f"expected a NumPy or CuPy array, got {type(arr).__name__}")
+    check.fail(op, name, "a NumPy or CuPy array", _type_name(arr), TypeError)

@@ -1,7 +1,8 @@
 """Input validation shared by every op.
 
-Every message names the op and the argument, and says what was expected and what was
-received, so that a user can fix the call without reading the source.
+Every message reads ``op: argument: expected ..., got ...``: it names the function and the
+argument, and says what was expected and what was received, so that a user can fix the call
+without reading the source. docs/validation.md lists every check.
 """
 
 from __future__ import annotations
@@ -14,18 +15,20 @@ from typing import Any, Sequence
 def integer(op: str, name: str, value: Any, *, minimum: int) -> int:
     """An int (not a bool) of at least ``minimum``."""
     if not isinstance(value, numbers.Integral) or isinstance(value, bool):
-        raise TypeError(f"{op}: {name}: expected an int, got {value!r}")
+        fail(op, name, "an int", repr(value), TypeError)
     if value < minimum:
         fail(op, name, f"an int >= {minimum}", repr(value))
     return int(value)
 
 
-def real(op: str, name: str, value: Any, *, positive: bool = False) -> float:
-    """A finite real number (not a bool), positive when asked."""
+def real(op: str, name: str, value: Any, *, positive: bool = False, nonnegative: bool = False) -> float:
+    """A finite real number (not a bool); positive, or at least 0, when asked."""
     if not isinstance(value, numbers.Real) or isinstance(value, bool):
-        raise TypeError(f"{op}: {name}: expected a real number, got {value!r}")
-    if not math.isfinite(value) or (positive and value <= 0):
-        fail(op, name, "a finite positive number" if positive else "a finite number", repr(value))
+        fail(op, name, "a real number", repr(value), TypeError)
+    if not math.isfinite(value) or (positive and value <= 0) or (nonnegative and value < 0):
+        expected = ("a finite positive number" if positive else "a finite number >= 0" if nonnegative
+                    else "a finite number")
+        fail(op, name, expected, repr(value))
     return float(value)
 
 
@@ -40,35 +43,33 @@ def int_pair(op: str, name: str, value: Any, *, minimum: int) -> tuple[int, int]
     ):
         pair = (int(value[0]), int(value[1]))
     else:
-        raise TypeError(f"{op}: {name}: expected an int or a pair of ints (h, w), got {value!r}")
+        fail(op, name, "an int or a pair of ints (h, w)", repr(value), TypeError)
     if min(pair) < minimum:
-        raise ValueError(f"{op}: {name}: expected values >= {minimum}, got {value!r}")
+        fail(op, name, f"values >= {minimum}", repr(value))
     return pair
 
 
 def ndim(op: str, name: str, arr: Any, expected: int, layout: str) -> None:
     if arr.ndim != expected:
-        raise ValueError(
-            f"{op}: {name}: expected a {expected}-D array {layout}, got shape {tuple(arr.shape)}"
-        )
+        fail(op, name, f"a {expected}-D array {layout}", f"shape {tuple(arr.shape)}")
 
 
 def shape(op: str, name: str, arr: Any, expected: tuple, layout: str) -> None:
     if tuple(arr.shape) != tuple(expected):
-        raise ValueError(
-            f"{op}: {name}: expected shape {tuple(expected)} {layout}, got {tuple(arr.shape)}"
-        )
+        fail(op, name, f"shape {tuple(expected)} {layout}", tuple(arr.shape))
 
 
-def choice(op: str, name: str, value: Any, choices: Sequence) -> None:
-    if value not in choices:
-        raise ValueError(f"{op}: {name}: expected one of {', '.join(map(repr, choices))}, got {value!r}")
+def choice(op: str, name: str, value: Any, choices: Sequence[str]) -> None:
+    """One of the strings ``choices``."""
+    if not isinstance(value, str) or value not in choices:
+        fail(op, name, f"one of {', '.join(map(repr, choices))}", repr(value))
 
 
 def boolean(op: str, name: str, value: Any) -> None:
     if not isinstance(value, bool):
-        raise TypeError(f"{op}: {name}: expected True or False, got {value!r}")
+        fail(op, name, "True or False", repr(value), TypeError)
 
 
-def fail(op: str, name: str, expected: str, got: Any) -> None:
-    raise ValueError(f"{op}: {name}: expected {expected}, got {got}")
+def fail(op: str, name: str, expected: str, got: Any, error: type = ValueError) -> None:
+    """Raise ``error`` (ValueError unless the argument's type is wrong)."""
+    raise error(f"{op}: {name}: expected {expected}, got {got}")

@@ -46,6 +46,8 @@ def _geometry(op: str, a: dict, stride, padding, dilation) -> ConvGeometry:
     check.ndim(op, "offset", offset, 4, "(N, 2 * offset_groups * kh * kw, H_out, W_out)")
     n, c_in, h, w = x.shape
     c_out, c_per_group, kh, kw = weight.shape
+    if c_in < 1:
+        check.fail(op, "input", "at least one channel (N, C_in, H, W)", f"shape {tuple(x.shape)}")
     if min(c_out, c_per_group, kh, kw) < 1:
         check.fail(op, "weight", "a non-empty (C_out, C_in / groups, kh, kw) array", f"shape {tuple(weight.shape)}")
     if c_in % c_per_group:
@@ -125,7 +127,7 @@ def deform_conv2d(input, offset, weight, bias=None, *, stride=1, padding=0, dila
     as fit in 32 MiB (at least one).
     """
     op = "deform_conv2d"
-    p = _arrays.prepare(op, input=input, offset=offset, weight=weight, bias=bias, mask=mask)
+    p = _arrays.prepare(op, ("bias", "mask"), input=input, offset=offset, weight=weight, bias=bias, mask=mask)
     geo = _geometry(op, p.arrays, stride, padding, dilation)
     with p.context():
         out = p.backend("deform_conv").forward(geo=geo, dtype=p.dtype, **p.arrays)
@@ -164,7 +166,7 @@ def deform_conv2d_backward(
     op = "deform_conv2d_backward"
     check.choice(op, "border_grad", border_grad, BORDER_GRADS)
     check.boolean(op, "deterministic", deterministic)
-    p = _arrays.prepare(op, grad_output=grad_output, input=input, offset=offset, weight=weight,
+    p = _arrays.prepare(op, ("bias", "mask"), grad_output=grad_output, input=input, offset=offset, weight=weight,
                         bias=bias, mask=mask)
     geo = _geometry(op, p.arrays, stride, padding, dilation)
     n = p.arrays["input"].shape[0]

@@ -136,7 +136,7 @@ def deform_kernel_conv2d(input, weight, kernel_offset, bias=None, *, kernel_size
       per-position kernel of ``N*C_out*(C_in/groups)*kh*kw*H_out*W_out`` elements exists.
     """
     op = "deform_kernel_conv2d"
-    p = _arrays.prepare(op, input=input, weight=weight, kernel_offset=kernel_offset, bias=bias)
+    p = _arrays.prepare(op, ("bias",), input=input, weight=weight, kernel_offset=kernel_offset, bias=bias)
     geo = _geometry(op, p.arrays, kernel_size, stride, padding, dilation, groups)
     with p.context():
         out = p.backend("deform_kernel_conv").forward(geo=geo, dtype=p.dtype, **p.arrays)
@@ -172,8 +172,8 @@ def deform_kernel_conv2d_backward(grad_output, input, weight, kernel_offset, bia
     """
     op = "deform_kernel_conv2d_backward"
     check.boolean(op, "deterministic", deterministic)
-    p = _arrays.prepare(op, grad_output=grad_output, input=input, weight=weight, kernel_offset=kernel_offset,
-                        bias=bias)
+    p = _arrays.prepare(op, ("bias",), grad_output=grad_output, input=input, weight=weight,
+                        kernel_offset=kernel_offset, bias=bias)
     geo = _geometry(op, p.arrays, kernel_size, stride, padding, dilation, groups)
     n = p.arrays["input"].shape[0]
     c_out = p.arrays["weight"].shape[0]

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+import numpy as np
+
 from . import _arrays
 from . import _validate as check
+from .cuda import _compile
 
 
 class DeformRoIPoolGrads(NamedTuple):
@@ -62,16 +65,21 @@ def _input_and_rois(op: str, a: dict) -> None:
 
 
 def _batch_indices(op: str, p: _arrays.Prepared) -> None:
-    """On the CPU, every RoI's batch index must be in [0, N). The GPU kernels pool zeros for
-    the others instead: checking there would synchronise the device."""
-    if p.device.kind != "cpu":
+    """Every RoI's batch index must be in [0, N). The CPU checks it on every call; the GPU only
+    in debug mode (CUDEFORM_DEBUG=1), since reading the answer back would synchronise the device:
+    otherwise its kernels pool zeros for such a RoI."""
+    if p.device.kind == "cuda" and not _compile._debug:
         return
     n = p.arrays["input"].shape[0]
-    b = p.arrays["rois"][:, 0]
-    bad = ~((b >= 0) & (b < n))
-    if bad.any():
-        row = int(bad.argmax())
-        check.fail(op, "rois", f"batch indices rois[:, 0] in [0, N) = [0, {n})", f"{float(b[row])!r} in row {row}")
+    with p.context():
+        b = p.arrays["rois"][:, 0]
+        if p.dtype == "bfloat16":  # stored as its 16 bits, the high half of a float32's
+            b = (b.astype(np.uint32) << 16).view(np.float32)
+        bad = ~((b >= 0) & (b < n))
+        if bad.any():
+            row = int(bad.argmax())
+            check.fail(op, "rois", f"batch indices rois[:, 0] in [0, N) = [0, {n})",
+                       f"{float(b[row])!r} in row {row}")
 
 
 def _roi_geometry(op: str, a: dict, output_size, spatial_scale, sampling_ratio, gamma) -> RoIPoolGeometry:
@@ -143,7 +151,8 @@ def deform_roi_pool(input, rois, offset=None, *, output_size, spatial_scale=1.0,
             bfloat16 the coordinates are rounded to that precision). The batch index is the
             integer part of ``rois[r, 0]`` and must be in [0, N): the CPU raises ValueError
             otherwise; the GPU, which does not synchronise to check, pools zeros for such a
-            RoI (and gives it zero gradients).
+            RoI (and gives it zero gradients), unless debug mode (``CUDEFORM_DEBUG=1``) is
+            on, where it raises as the CPU does.
         offset: (R, 2, ph, pw) or None. **Channel 0 moves x (w) and channel 1 moves y (h)**
             (the reverse of deform_conv2d's (dy, dx)), in units of ``gamma`` times the RoI's
             width and height: the normalised offsets of the DCN paper, whose offset branch
@@ -161,7 +170,7 @@ def deform_roi_pool(input, rois, offset=None, *, output_size, spatial_scale=1.0,
     (float16, bfloat16, float32, float64; the half types accumulate in float32).
     """
     op = "deform_roi_pool"
-    p = _arrays.prepare(op, input=input, rois=rois, offset=offset, mask=mask)
+    p = _arrays.prepare(op, ("offset", "mask"), input=input, rois=rois, offset=offset, mask=mask)
     geo = _roi_geometry(op, p.arrays, output_size, spatial_scale, sampling_ratio, gamma)
     _batch_indices(op, p)
     with p.context():
@@ -194,7 +203,8 @@ def deform_roi_pool_backward(grad_output, input, rois, offset=None, *, output_si
     """
     op = "deform_roi_pool_backward"
     check.boolean(op, "deterministic", deterministic)
-    p = _arrays.prepare(op, grad_output=grad_output, input=input, rois=rois, offset=offset, mask=mask)
+    p = _arrays.prepare(op, ("offset", "mask"), grad_output=grad_output, input=input, rois=rois, offset=offset,
+                        mask=mask)
     geo = _roi_geometry(op, p.arrays, output_size, spatial_scale, sampling_ratio, gamma)
     check.shape(op, "grad_output", p.arrays["grad_output"],
                 (p.arrays["rois"].shape[0], p.arrays["input"].shape[1], *geo.output_size), "(R, C, ph, pw)")
@@ -224,7 +234,7 @@ def deform_psroi_pool(input, rois, offset=None, *, output_dim, pooled_size, grou
         input: (N, output_dim * group_size**2, H, W).
         rois: (R, 5), rows ``[batch_index, x1, y1, x2, y2]``, as for :func:`deform_roi_pool`
             (same dtype as ``input``; a batch index outside [0, N) raises ValueError on the
-            CPU and pools zeros on the GPU).
+            CPU and in debug mode, and pools zeros on the GPU otherwise).
         offset: (R, 2 * num_classes, part_size, part_size) or None (no deformation).
             Channel ``2 * cls`` is x (w) and ``2 * cls + 1`` is y (h); output channel ctop
             belongs to class ``ctop // (output_dim // num_classes)``, so num_classes must
@@ -246,7 +256,7 @@ def deform_psroi_pool(input, rois, offset=None, *, output_dim, pooled_size, grou
     (float16, bfloat16, float32, float64; the half types accumulate in float32).
     """
     op = "deform_psroi_pool"
-    p = _arrays.prepare(op, input=input, rois=rois, offset=offset)
+    p = _arrays.prepare(op, ("offset",), input=input, rois=rois, offset=offset)
     geo = _psroi_geometry(op, p.arrays, output_dim, pooled_size, group_size, part_size, sample_per_part,
                           spatial_scale, trans_std)
     _batch_indices(op, p)
@@ -278,7 +288,7 @@ def deform_psroi_pool_backward(grad_output, input, rois, offset=None, *, output_
     """
     op = "deform_psroi_pool_backward"
     check.boolean(op, "deterministic", deterministic)
-    p = _arrays.prepare(op, grad_output=grad_output, input=input, rois=rois, offset=offset)
+    p = _arrays.prepare(op, ("offset",), grad_output=grad_output, input=input, rois=rois, offset=offset)
     geo = _psroi_geometry(op, p.arrays, output_dim, pooled_size, group_size, part_size, sample_per_part,
                           spatial_scale, trans_std)
     check.shape(op, "grad_output", p.arrays["grad_output"],

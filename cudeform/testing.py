@@ -17,10 +17,11 @@ positions); a finite difference across a kink does not estimate a derivative.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 import numpy as np
 
+from . import _validate as check
 from ._arrays import array_module
 
 
@@ -98,30 +99,50 @@ def gradcheck(
     ``grad_output``, so every output element is covered. The caller's arrays are not
     modified. Each checked element costs two forward calls.
     """
+    op = "gradcheck"
+    for name, function in (("forward", forward), ("backward", backward)):
+        if not callable(function):
+            check.fail(op, name, "a callable", repr(function), TypeError)
+    if not isinstance(inputs, Mapping):
+        check.fail(op, "inputs", "a mapping of argument names to arrays", type(inputs).__name__, TypeError)
+    if kwargs is not None and not isinstance(kwargs, Mapping):
+        check.fail(op, "kwargs", "a mapping of argument names to values", type(kwargs).__name__, TypeError)
     kwargs = dict(kwargs or {})
     arrays = {k: v for k, v in inputs.items() if v is not None}
     for name, arr in arrays.items():
-        xp = array_module(arr)
+        xp = array_module(arr, op, f"inputs[{name!r}]")
         if arr.dtype != xp.float64:
-            raise TypeError(f"gradcheck: {name}: expected float64, got {arr.dtype}")
+            check.fail(op, f"inputs[{name!r}]", "float64", arr.dtype, TypeError)
+    if wrt is not None:
+        if isinstance(wrt, str) or not isinstance(wrt, Iterable):
+            check.fail(op, "wrt", "a list of argument names", repr(wrt), TypeError)
+        wrt = list(wrt)
+        for name in wrt:
+            if name not in arrays:
+                check.fail(op, "wrt", f"names of arrays in inputs ({', '.join(arrays)})", repr(name))
+    check.real(op, "eps", eps, positive=True)
+    check.real(op, "atol", atol, nonnegative=True)
+    check.real(op, "rtol", rtol, nonnegative=True)
+    if max_elements is not None:
+        check.integer(op, "max_elements", max_elements, minimum=1)
+    check.integer(op, "seed", seed, minimum=0)
+    check.boolean(op, "raise_exception", raise_exception)
     work = {k: (v.copy() if k in arrays else v) for k, v in inputs.items()}
     out = forward(**work, **kwargs)
-    xp = array_module(out)
+    xp = array_module(out, op, "forward's output")
     rng = np.random.default_rng(seed)
     grad_output = xp.asarray(rng.standard_normal(out.shape))
     grads = backward(grad_output, **work, **kwargs)
-    names = list(wrt) if wrt is not None else [k for k in arrays if _grad_of(grads, k) is not None]
+    names = wrt if wrt is not None else [k for k in arrays if _grad_of(grads, k) is not None]
 
     def loss() -> float:
         return float(xp.sum(grad_output * forward(**work, **kwargs)))
 
     worst, checked, ok = {}, {}, True
     for name in names:
-        if name not in arrays:
-            raise ValueError(f"gradcheck: wrt: {name!r} is not an array argument of inputs")
         analytic_full = _grad_of(grads, name)
         if analytic_full is None:
-            raise ValueError(f"gradcheck: the backward returned no gradient for {name!r}")
+            check.fail(op, "backward", f"to return a gradient for {name!r}", None)
         analytic = np.asarray(analytic_full.get() if hasattr(analytic_full, "get") else analytic_full).ravel()
         flat = work[name].reshape(-1)  # a view: work arrays are fresh contiguous copies
         indices = np.arange(flat.size)

@@ -1,4 +1,4 @@
-"""Array interop: what goes in, what comes out, and the errors for what cannot."""
+"""Array interop: what goes in and what comes out (what cannot go in: test_validation.py)."""
 
 import numpy as np
 import pytest
@@ -43,35 +43,9 @@ def test_dlpack_object_taken_zero_copy():
     np.testing.assert_array_equal(out, cudeform.deform_conv2d(x, off, w))
 
 
-def test_mixed_devices_rejected_before_any_copy():
-    x, off, w = small_case()
-    on_gpu = DLPackOnly(off, device=(2, 0))
-    with pytest.raises(ValueError, match=r"deform_conv2d: .*input is on cpu, offset is on cuda:0"):
-        cudeform.deform_conv2d(x, on_gpu, w)
-
-
-def test_unsupported_device_type():
-    x, off, w = small_case()
-    with pytest.raises(ValueError, match=r"offset: .*DLPack device type 8"):
-        cudeform.deform_conv2d(x, DLPackOnly(off, device=(8, 0)), w)
-
-
-@pytest.mark.parametrize("dtype", [np.int32, np.complex64, np.float16, np.bool_])
-def test_unsupported_dtypes(dtype):
-    x, off, w = small_case()
-    with pytest.raises(TypeError, match=r"input: expected one of float32, float64 on the CPU, got"):
-        cudeform.deform_conv2d(x.astype(dtype), off, w)
-
-
-def test_mismatched_dtypes():
-    x, off, w = small_case()
-    with pytest.raises(TypeError, match="input is float64, weight is float32"):
-        cudeform.deform_conv2d(x, off, w.astype(np.float32))
-
-
-def test_none_arguments_pass_through():
+def test_optional_none_arguments_pass_through():
     x, _, w = small_case()
-    p = _arrays.prepare("op", input=x, bias=None, weight=w)
+    p = _arrays.prepare("op", ("bias",), input=x, bias=None, weight=w)
     assert list(p.arrays) == ["input", "bias", "weight"] and p.arrays["bias"] is None
 
 
@@ -98,12 +72,3 @@ class TestTorch:
         out = cudeform.deform_conv2d(x, off, w)
         assert not out.requires_grad
 
-    def test_bfloat16_on_cpu_is_rejected(self, torch):
-        x, off, w = (torch.from_numpy(a).to(torch.bfloat16) for a in small_case())
-        with pytest.raises(TypeError, match="input: expected one of float32, float64 on the CPU, got bfloat16"):
-            cudeform.deform_conv2d(x, off, w)
-
-    def test_integer_tensor_is_rejected(self, torch):
-        x, off, w = (torch.from_numpy(a) for a in small_case())
-        with pytest.raises(TypeError, match="weight: .* got int64"):
-            cudeform.deform_conv2d(x, off, w.long())
