@@ -22,18 +22,26 @@ kernel scope):
   gradient of that part's offsets is 0.
 
 In every case the outputs and gradients stay finite when the other inputs are finite.
+
+The GPU path (CuPy arrays, float64 and float32) is fuzzed against the CPU path on the same
+inputs, the same way: every draw of every op, huge and non-finite offsets included, with the
+backward in its default or its deterministic mode; where a non-finite offset empties a sample
+or a bin, both paths give exactly 0.
 """
 
 import numpy as np
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+import pytest
 
 import cudeform
 import reference as ref
 import test_deform_conv as tdc
 import test_deform_kernel_conv as tdk
 import test_deform_roi_pool as tdr
-from helpers import rel_err
+from helpers import rel_err, to_numpy
+
+pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 TOL = 1e-10
 FAR = 1e6  # an offset that puts any sample far outside every image / scope of these tests
@@ -230,14 +238,14 @@ def add_wild_rois(draw, rois, height, width, scale):
 
 
 @st.composite
-def roi_cases(draw):
+def roi_cases(draw, with_offset=st.booleans()):
     ph, pw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
     geo = dict(output_size=(ph, pw), spatial_scale=draw(st.sampled_from([0.5, 0.75, 1.0, 2.0])),
                sampling_ratio=draw(st.integers(0, 3)), gamma=draw(st.sampled_from([0.1, 0.3, 1.0])))
     cfg = dict(N=draw(st.integers(1, 3)), C=draw(st.integers(1, 3)), H=draw(st.integers(1, 6)),
                W=draw(st.integers(1, 6)), R=draw(st.integers(4, 7)), geo=geo)
     seed = draw(seeds)
-    args, geo = tdr.roi_case(cfg, seed=seed, offset=draw(st.booleans()), mask=draw(st.booleans()))
+    args, geo = tdr.roi_case(cfg, seed=seed, offset=draw(with_offset), mask=draw(st.booleans()))
     add_wild_rois(draw, args["rois"], cfg["H"], cfg["W"], geo["spatial_scale"])
     rng = np.random.default_rng(seed + 1)
     args["offset"] = inject_huge(rng, args["offset"], draw(huge_fractions))
@@ -246,7 +254,7 @@ def roi_cases(draw):
 
 
 @st.composite
-def ps_cases(draw):
+def ps_cases(draw, with_offset=st.booleans()):
     classes = draw(st.integers(1, 2))
     pooled = draw(st.integers(1, 3))
     geo = dict(output_dim=classes * draw(st.integers(1, 2)), pooled_size=pooled,
@@ -256,7 +264,7 @@ def ps_cases(draw):
     cfg = dict(N=draw(st.integers(1, 3)), H=draw(st.integers(1, 6)), W=draw(st.integers(1, 6)),
                R=draw(st.integers(4, 6)), classes=classes, geo=geo)
     seed = draw(seeds)
-    args, geo = tdr.ps_case(cfg, seed=seed, offset=draw(st.booleans()))
+    args, geo = tdr.ps_case(cfg, seed=seed, offset=draw(with_offset))
     add_wild_rois(draw, args["rois"], cfg["H"], cfg["W"], geo["spatial_scale"])
     rng = np.random.default_rng(seed + 1)
     args["offset"] = inject_huge(rng, args["offset"], draw(huge_fractions))
@@ -298,15 +306,18 @@ def test_fuzz_deform_psroi_pool(case):
         assert_close(got, want, field)
 
 
+def roi_dead_bins(hit):
+    """(R, 1, ph, pw): the bins with a non-finite offset."""
+    return hit.any(axis=1, keepdims=True)
+
+
 @fuzz(25)
-@given(roi_cases(), nonfinite_fractions, seeds)
+@given(roi_cases(st.just(True)), nonfinite_fractions, seeds)
 def test_fuzz_deform_roi_pool_nonfinite_offsets(case, fraction, seed):
     args, geo, grad_out = case
-    if args["offset"] is None:
-        args = dict(args, offset=np.random.default_rng(0).uniform(-1, 1, (grad_out.shape[0], 2, *grad_out.shape[2:])))
     rng = np.random.default_rng(seed)
     bad, hit = inject_nonfinite(rng, args["offset"], fraction)
-    dead_bins = hit.any(axis=1, keepdims=True)  # (R, 1, ph, pw)
+    dead_bins = roi_dead_bins(hit)
     dead = np.broadcast_to(dead_bins, grad_out.shape)
     grads, expected = check_pool("roi", dict(args, offset=bad), geo, grad_out,
                                  ref_args=dict(args, offset=np.where(hit, 0.0, args["offset"])), dead=dead)
@@ -328,12 +339,9 @@ def ps_dead_bins(hit, geo):
 
 
 @fuzz(25)
-@given(ps_cases(), nonfinite_fractions, seeds)
+@given(ps_cases(st.just(True)), nonfinite_fractions, seeds)
 def test_fuzz_deform_psroi_pool_nonfinite_offsets(case, fraction, seed):
     args, geo, grad_out = case
-    if args["offset"] is None:
-        part = geo["part_size"] or geo["pooled_size"]
-        args = dict(args, offset=np.random.default_rng(0).uniform(-1, 1, (grad_out.shape[0], 2, part, part)))
     rng = np.random.default_rng(seed)
     bad, hit = inject_nonfinite(rng, args["offset"], fraction)
     dead, bad_part = ps_dead_bins(hit, geo)
@@ -342,3 +350,139 @@ def test_fuzz_deform_psroi_pool_nonfinite_offsets(case, fraction, seed):
     assert_close(grads.input, expected[0], "input")
     dead_offsets = np.repeat(bad_part, 2, axis=1)  # both channels of a class's bad part
     assert_close(grads.offset, np.where(dead_offsets, 0.0, expected[1]), "offset")
+
+
+# --------------------------------------------------------------------------------------------
+# The GPU path against the CPU path
+# --------------------------------------------------------------------------------------------
+
+gpu = pytest.mark.gpu
+gpu_dtypes = pytest.mark.parametrize("dtype", ["float64", "float32"])
+# Both paths compute in the inputs' dtype: they differ by the order of sums and by rounding.
+GPU_TOL = {"float64": TOL, "float32": 1e-4}
+
+
+def dk_call(args):
+    """(positional, keyword) arguments of deform_kernel_conv2d from a case's dict."""
+    return (), args
+
+
+def both_paths(forward, backward, call, args, geo, grad_out, dtype, **backward_kw):
+    """``forward`` and ``backward`` on NumPy (the CPU path) and on CuPy (the GPU path) arrays of
+    ``dtype`` holding the same values. Every result is finite on both and agrees within
+    GPU_TOL; returns {"output" or gradient field: (CPU result, GPU result as NumPy)}."""
+    import cupy
+
+    results = {}
+    for xp in (np, cupy):
+        pos, kw = call(tdc.on(xp, args, dtype))
+        out = forward(*pos, **kw, **geo)
+        grads = backward(xp.asarray(grad_out.astype(dtype)), *pos, **kw, **geo, **backward_kw)
+        for field, value in [("output", out), *zip(grads._fields, grads)]:
+            results.setdefault(field, []).append(to_numpy(value))
+    for field, (cpu, on_gpu) in results.items():
+        if cpu is None:
+            assert on_gpu is None, field
+            continue
+        assert on_gpu.shape == cpu.shape and on_gpu.dtype == cpu.dtype, field
+        assert np.isfinite(cpu).all() and np.isfinite(on_gpu).all(), field
+        assert rel_err(on_gpu, cpu) < GPU_TOL[dtype], (field, rel_err(on_gpu, cpu))
+    return results
+
+
+def assert_zero_on_both(results, field, where):
+    """Both paths give exactly 0 at ``where`` (broadcast to the result's shape)."""
+    for path, value in zip(("CPU", "GPU"), results[field]):
+        assert not value[np.broadcast_to(where, value.shape)].any(), (field, path)
+
+
+@gpu
+@gpu_dtypes
+@fuzz(15)
+@given(conv_cases(), st.booleans())
+def test_gpu_matches_cpu_deform_conv2d(dtype, case, deterministic):
+    args, geo, border_grad, grad_out = case
+    both_paths(cudeform.deform_conv2d, cudeform.deform_conv2d_backward, tdc.split, args, geo, grad_out, dtype,
+               border_grad=border_grad, deterministic=deterministic)
+
+
+@gpu
+@gpu_dtypes
+@fuzz(10)
+@given(conv_cases(images), nonfinite_fractions, seeds, st.booleans())
+def test_gpu_matches_cpu_deform_conv2d_nonfinite_offsets(dtype, case, fraction, seed, deterministic):
+    args, geo, border_grad, grad_out = case
+    bad, hit = inject_nonfinite(np.random.default_rng(seed), args["offset"], fraction)
+    results = both_paths(cudeform.deform_conv2d, cudeform.deform_conv2d_backward, tdc.split,
+                         dict(args, offset=bad), geo, grad_out, dtype, border_grad=border_grad,
+                         deterministic=deterministic)
+    assert_zero_on_both(results, "offset", hit)
+
+
+@gpu
+@gpu_dtypes
+@fuzz(15)
+@given(dk_cases(), st.booleans())
+def test_gpu_matches_cpu_deform_kernel_conv2d(dtype, case, deterministic):
+    args, geo, grad_out = case
+    both_paths(cudeform.deform_kernel_conv2d, cudeform.deform_kernel_conv2d_backward, dk_call, args, geo,
+               grad_out, dtype, deterministic=deterministic)
+
+
+@gpu
+@gpu_dtypes
+@fuzz(10)
+@given(dk_cases(images), nonfinite_fractions, seeds)
+def test_gpu_matches_cpu_deform_kernel_conv2d_nonfinite_offsets(dtype, case, fraction, seed):
+    args, geo, grad_out = case
+    bad, hit = inject_nonfinite(np.random.default_rng(seed), args["kernel_offset"], fraction)
+    results = both_paths(cudeform.deform_kernel_conv2d, cudeform.deform_kernel_conv2d_backward, dk_call,
+                         dict(args, kernel_offset=bad), geo, grad_out, dtype)
+    assert_zero_on_both(results, "kernel_offset", hit)
+
+
+def pool_paths(op, args, geo, grad_out, dtype, deterministic):
+    forward, backward, _, _, call = tdr.OPS[op]
+    return both_paths(forward, backward, call, args, geo, grad_out, dtype, deterministic=deterministic)
+
+
+@gpu
+@gpu_dtypes
+@fuzz(15)
+@given(roi_cases(), st.booleans())
+def test_gpu_matches_cpu_deform_roi_pool(dtype, case, deterministic):
+    pool_paths("roi", *case, dtype, deterministic)
+
+
+@gpu
+@gpu_dtypes
+@fuzz(15)
+@given(ps_cases(), st.booleans())
+def test_gpu_matches_cpu_deform_psroi_pool(dtype, case, deterministic):
+    pool_paths("psroi", *case, dtype, deterministic)
+
+
+@gpu
+@gpu_dtypes
+@fuzz(10)
+@given(roi_cases(st.just(True)), nonfinite_fractions, seeds, st.booleans())
+def test_gpu_matches_cpu_deform_roi_pool_nonfinite_offsets(dtype, case, fraction, seed, deterministic):
+    args, geo, grad_out = case
+    bad, hit = inject_nonfinite(np.random.default_rng(seed), args["offset"], fraction)
+    results = pool_paths("roi", dict(args, offset=bad), geo, grad_out, dtype, deterministic)
+    dead_bins = roi_dead_bins(hit)
+    for field in ("output", "offset") + (("mask",) if args["mask"] is not None else ()):
+        assert_zero_on_both(results, field, dead_bins)
+
+
+@gpu
+@gpu_dtypes
+@fuzz(10)
+@given(ps_cases(st.just(True)), nonfinite_fractions, seeds, st.booleans())
+def test_gpu_matches_cpu_deform_psroi_pool_nonfinite_offsets(dtype, case, fraction, seed, deterministic):
+    args, geo, grad_out = case
+    bad, hit = inject_nonfinite(np.random.default_rng(seed), args["offset"], fraction)
+    results = pool_paths("psroi", dict(args, offset=bad), geo, grad_out, dtype, deterministic)
+    dead, bad_part = ps_dead_bins(hit, geo)
+    assert_zero_on_both(results, "output", dead)
+    assert_zero_on_both(results, "offset", np.repeat(bad_part, 2, axis=1))
