@@ -1,13 +1,12 @@
 """deform_roi_pool and deform_psroi_pool on the GPU: every dtype against float64, the GPU
-against the CPU path, deterministic mode, torchvision's roi_align and 64-bit indexing.
-(test_deform_roi_pool.py runs its whole suite on CuPy as well; test_validation.py has the
-out-of-range batch indices.)"""
+against the CPU path, deterministic mode and torchvision's roi_align. (test_deform_roi_pool.py
+runs its whole suite on CuPy as well; test_validation.py has the out-of-range batch indices,
+test_large_gpu.py the 64-bit indexing.)"""
 
 import numpy as np
 import pytest
 
 import cudeform
-import reference as ref
 from helpers import TOLERANCE, assert_grads_match, l2_rel, rel_err
 from test_deform_roi_pool import OPS, PS_CONFIGS, ROI_CONFIGS, case, make_rois, on, ps_case, roi_call, roi_case
 
@@ -147,31 +146,3 @@ def test_zero_offset_equals_torchvision_roi_align(torch, sampling_ratio, offset)
     expected.backward(grad_out)
     grads = cudeform.deform_roi_pool_backward(grad_out, x, rois, off, **geo)
     assert rel_err(grads.input.cpu().numpy(), x.grad.cpu().numpy()) < 1e-12
-
-
-def test_index_arithmetic_past_int32():
-    """One image of more than 2**31 elements (fp16): the RoI reads channels whose planes
-    start past 2**31, and the backward scatters there."""
-    import cupy
-
-    c, h, w = 64, 5800, 5800
-    assert c * h * w > 2**31
-    x = cupy.random.default_rng(0).standard_normal((1, c, h, w), dtype=cupy.float32).astype(cupy.float16)
-    # Across the bottom-right corner (fp16 rounds these coordinates to multiples of 4).
-    rois = cupy.asarray([[0.0, 5788.3, 5790.6, 5803.1, 5801.7]], cupy.float16)
-    offset = cupy.asarray(np.random.default_rng(28).uniform(-1, 1, (1, 2, 2, 2)), cupy.float16)
-    geo = dict(output_size=2, sampling_ratio=2)
-    out = cudeform.deform_roi_pool(x, rois, offset, **geo)
-    go = cupy.ones(out.shape, cupy.float16)
-    grad_input = cudeform.deform_roi_pool_backward(go, x, rois, offset, **geo).input
-    # The reference on the bottom-right 24x24 slab, which holds every sample.
-    s = 24
-    slab = x[:, :, h - s:, w - s:].get().astype(np.float64)
-    rois_slab = rois.get().astype(np.float64) - [0, w - s, h - s, w - s, h - s]
-    off64 = offset.get().astype(np.float64)
-    got_slab = grad_input[:, :, h - s:, w - s:]
-    assert int(cupy.count_nonzero(grad_input)) == int(cupy.count_nonzero(got_slab)) > 0
-    # Sample positions near 5800 carry float32's 2.4e-4 absolute rounding.
-    assert l2_rel(out.get(), ref.deform_roi_pool(slab, rois_slab, off64, **geo)) < 5e-3
-    want = ref.deform_roi_pool_backward(np.ones(out.shape), slab, rois_slab, off64, **geo)[0]
-    assert l2_rel(got_slab.get(), want) < 5e-3
