@@ -1,0 +1,129 @@
+"""Small cases of every op and every GPU code path, shared by the GPU robustness tests
+(threads, CUDA graph capture, a second device) and the sanitizer driver (.ci/sanitize).
+
+Each case is built from the op tests' own case builders. Shapes pick the paths by themselves
+(no patched thresholds), so that the cases can run side by side in threads.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import numpy as np
+
+import cudeform
+import test_deform_conv as tdc
+import test_deform_kernel_conv as tdk
+import test_deform_roi_pool as tdr
+from helpers import rel_err, to_numpy
+
+
+class Case(NamedTuple):
+    forward: Callable
+    backward: Callable
+    args: dict  # float64 NumPy arrays (or None), by argument name
+    geo: dict
+    grad_output: np.ndarray
+
+    def on(self, xp, dtype="float64") -> tuple[dict, Any]:
+        """The arguments and grad_output as ``xp`` arrays of ``dtype``."""
+        return tdc.on(xp, self.args, dtype), xp.asarray(self.grad_output.astype(dtype))
+
+    def run(self, arrays, grad_output, deterministic) -> list:
+        """[output, *gradients] of one forward and one backward."""
+        out = self.forward(**arrays, **self.geo)
+        return [out, *self.backward(grad_output, **arrays, **self.geo, deterministic=deterministic)]
+
+
+def _conv(cfg, **kw):
+    args, geo = tdc.make_case(cfg, seed=50, **kw)
+    go = np.random.default_rng(51).standard_normal((cfg["N"], cfg["C_out"], *tdc.out_size(cfg)))
+    return Case(cudeform.deform_conv2d, cudeform.deform_conv2d_backward, args, geo, go)
+
+
+def _dk(cfg, mode):
+    args, geo = tdk.make_case(cfg, mode, seed=52)
+    return Case(cudeform.deform_kernel_conv2d, cudeform.deform_kernel_conv2d_backward, args, geo,
+                tdk.grad_output_for(cfg, seed=53))
+
+
+def _pool(op, args, geo):
+    forward, backward, _, _, _ = tdr.OPS[op]
+    # RoIs whose batch index is out of range or NaN pool zeros on the GPU (the CPU raises).
+    args["rois"][:3, 0] = [args["input"].shape[0], -1.0, np.nan]
+    go = np.random.default_rng(54).standard_normal((args["rois"].shape[0], *tdr.output_shape(op, args, geo)))
+    return Case(forward, backward, args, geo, go)
+
+
+# A global DK convolution with Cg * K > DIRECT_MAX_REDUCTION (72 > 64) takes the GEMM path.
+DK_GEMM = dict(N=2, C_in=8, C_out=4, groups=1, G=2, kernel=(3, 3), scope=(4, 5), H=7, W=8, stride=1, padding=1,
+               dilation=1)
+# A scope (9 x 8) wider than one float64 shared-memory tile of the local weight gradient.
+DK_WIDE_SCOPE = dict(N=2, C_in=4, C_out=4, groups=2, G=2, kernel=(3, 2), scope=(9, 8), H=20, W=19, stride=1,
+                     padding=(1, 0), dilation=(2, 1))
+
+CASES = {
+    "deform_conv2d": _conv(tdc.CONFIGS["grouped"]),
+    "deform_conv2d_v1": _conv(tdc.CONFIGS["plain3x3"], mask=False, bias=False),
+    "dk_global_direct": _dk(tdk.CONFIGS["depthwise"], "global"),
+    "dk_global_gemm": _dk(DK_GEMM, "global"),
+    "dk_local": _dk(DK_WIDE_SCOPE, "local"),
+    "deform_roi_pool": _pool("roi", *tdr.roi_case(tdr.ROI_CONFIGS["adaptive"], seed=55)),
+    "deform_roi_pool_plain": _pool("roi", *tdr.roi_case(tdr.ROI_CONFIGS["fixed"], seed=56, offset=False, mask=False)),
+    "deform_psroi_pool": _pool("psroi", *tdr.ps_case(tdr.PS_CONFIGS["rfcn"], seed=57)),
+    "deform_psroi_pool_plain": _pool("psroi", *tdr.ps_case(tdr.PS_CONFIGS["plain"], seed=58, offset=False)),
+}
+
+
+def assert_same_results(got, want, exact, what=""):
+    """Lists of results (None or arrays) agree: bitwise when ``exact``, else within 1e-12
+    (a float64 sum accumulated by atomics in another order)."""
+    assert len(got) == len(want), what
+    for i, (a, b) in enumerate(zip(got, want)):
+        if b is None:
+            assert a is None, (what, i)
+            continue
+        a, b = to_numpy(a), to_numpy(b)
+        assert a.shape == b.shape, (what, i)
+        if exact:
+            assert np.array_equal(a, b), (what, i)
+        else:
+            assert rel_err(a, b) < 1e-12, (what, i, rel_err(a, b))
+
+
+def capture_and_replay(run, stream):
+    """Run ``run()`` (which returns CuPy arrays) while ``stream`` captures a CUDA graph, then
+    replay the graph into its results, first set to NaN. Returns the replayed results.
+
+    The capture is the proof that ``run`` never synchronises: in the global capture mode, any
+    synchronisation (of the stream, the device or through a blocking copy such as ``.get()``,
+    ``int()`` or ``float()`` of a device array), any cudaMalloc (a memory pool that must grow)
+    and any use of the legacy default stream fails with an error, from any thread, instead of
+    passing silently. The replay proves that the work went to the current stream: work
+    queued elsewhere is not in the graph, and its results would stay NaN.
+    """
+    import cupy
+
+    cupy.cuda.runtime.deviceSynchronize()  # the inputs, queued on other streams, are ready
+    with stream:
+        run()  # compile every kernel and fill this stream's memory pool: no cudaMalloc below
+        stream.synchronize()
+        stream.begin_capture(cupy.cuda.runtime.streamCaptureModeGlobal)
+        error = None
+        try:
+            results = run()
+        except Exception as exc:
+            error = exc
+        try:
+            graph = stream.end_capture()
+        except Exception as exc:  # an invalidated capture (reported again if run() raised)
+            error = error or exc
+        if error is not None:
+            raise AssertionError(f"a call that is illegal during stream capture (a synchronisation, a blocking "
+                                 f"copy or a cudaMalloc): {error!r}") from error
+        for result in results:
+            if result is not None:
+                result.fill(np.nan)
+        graph.launch(stream)
+        stream.synchronize()
+    return results

@@ -1,0 +1,74 @@
+"""The GPU path from several threads at once, each on its own stream, and the promise that a
+call never synchronises the device (it only queues work on the current stream), for every op,
+forward and backward, in both backward modes."""
+
+import threading
+
+import pytest
+
+from gpu_cases import CASES, assert_same_results, capture_and_replay
+from helpers import to_numpy
+
+pytestmark = pytest.mark.gpu
+
+THREADS = 4
+MODES = (False, True)  # deterministic
+
+
+def run_every_case(inputs):
+    """{(case, deterministic): [output, *gradients] as NumPy arrays}, on the current stream."""
+    return {(name, det): [to_numpy(r) for r in case.run(*inputs[name], det)]
+            for name, case in CASES.items() for det in MODES}
+
+
+def test_threads_with_their_own_streams_match_one_thread(monkeypatch):
+    """THREADS threads start together on empty kernel caches (so they race to compile every
+    module, under _compile's lock) and each runs every case on its own non-blocking stream."""
+    import cupy
+
+    from cudeform.cuda import _compile
+
+    inputs = {name: case.on(cupy) for name, case in CASES.items()}
+    expected = run_every_case(inputs)
+    cupy.cuda.runtime.deviceSynchronize()  # the inputs are ready for streams that do not wait
+    monkeypatch.setattr(_compile, "_modules", {})
+    monkeypatch.setattr(_compile, "_functions", {})
+
+    start = threading.Barrier(THREADS)
+    results, errors = [None] * THREADS, []
+
+    def worker(i):
+        try:
+            stream = cupy.cuda.Stream(non_blocking=True)
+            start.wait()
+            with stream:
+                results[i] = run_every_case(inputs)  # .get() on `stream` waits for its work
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(THREADS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for i, got in enumerate(results):
+        for (name, det), want in expected.items():
+            # The forward and the deterministic backward are bitwise reproducible; the default
+            # backward accumulates some gradients with atomics.
+            assert_same_results(got[name, det], want, exact=det, what=(i, name, det))
+
+
+@pytest.mark.parametrize("deterministic", MODES)
+@pytest.mark.parametrize("name", CASES)
+def test_never_synchronises(name, deterministic):
+    """Forward and backward, captured into a CUDA graph (see capture_and_replay) and replayed:
+    the replay gives the eager results."""
+    import cupy
+
+    case = CASES[name]
+    arrays, grad_output = case.on(cupy)
+    expected = [to_numpy(r) for r in case.run(arrays, grad_output, deterministic)]
+    got = capture_and_replay(lambda: case.run(arrays, grad_output, deterministic),
+                             cupy.cuda.Stream(non_blocking=True))
+    assert_same_results(got, expected, exact=deterministic, what=name)
