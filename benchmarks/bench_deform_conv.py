@@ -1,12 +1,13 @@
 """GPU benchmark of deform_conv2d (v2, with mask; 3x3, stride 1, padding 1): cudeform against
 torchvision.ops.deform_conv2d and cuDNN's dense conv2d of the same shape, in one run.
 
-    python benchmarks/bench_deform_conv.py [--quick] [--deterministic]
+    python benchmarks/bench_deform_conv.py [--quick]
 
 For each shape and dtype: median forward and forward+backward times (CUDA events), the ratios
-cudeform/torchvision and cudeform/dense, and the peak extra memory of each forward (beyond
-its inputs and output). CuPy allocates through PyTorch's caching allocator here, so one
-counter sees both libraries. Prints a Markdown table.
+cudeform/torchvision and cudeform/dense, the peak extra memory of each forward (beyond its
+inputs and output), and cudeform's backward alone in its default and its deterministic mode
+(the bar: deterministic within 1.5x of the default). CuPy allocates through PyTorch's caching
+allocator here, so one counter sees both libraries. Prints a Markdown table.
 """
 
 import argparse
@@ -60,7 +61,7 @@ def extra_mib(fn):
     return extra
 
 
-def bench_shape(shape, dtype, deterministic):
+def bench_shape(shape, dtype):
     import torchvision
 
     n, c, h, w = shape
@@ -76,12 +77,16 @@ def bench_shape(shape, dtype, deterministic):
 
     cd_fwd = lambda: cudeform.deform_conv2d(x, offset, weight, bias, padding=1, mask=mask)
 
-    def cd_both():
-        cd_fwd()
+    def cd_bwd(deterministic=False):
         return cudeform.deform_conv2d_backward(go, x, offset, weight, bias, padding=1, mask=mask,
                                                deterministic=deterministic)
 
+    def cd_both():
+        cd_fwd()
+        return cd_bwd()
+
     row["cd"] = (median_ms(cd_fwd), median_ms(cd_both), extra_mib(cd_fwd))
+    row["cd bwd"] = (median_ms(cd_bwd), median_ms(lambda: cd_bwd(deterministic=True)))
 
     leaves = [t.detach().clone().requires_grad_(True) for t in (x, offset, weight, bias, mask)]
     tv_fwd = lambda: torchvision.ops.deform_conv2d(leaves[0], leaves[1], leaves[2], leaves[3], padding=1,
@@ -113,7 +118,6 @@ def bench_shape(shape, dtype, deterministic):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="two shapes, fp16 and fp32 only")
-    parser.add_argument("--deterministic", action="store_true", help="time the deterministic backward")
     args = parser.parse_args()
     use_torch_allocator()
     torch.backends.cudnn.benchmark = True
@@ -126,22 +130,23 @@ def main():
         shapes, dtypes = [SPEC_SHAPES[1], DETECTION_SHAPES[0]], ["float16", "float32"]
     name = torch.cuda.get_device_name()
     print(f"\n{name}, {datetime.date.today()}, torch {torch.__version__}, "
-          f"cudeform {cudeform.__version__}{', deterministic backward' if args.deterministic else ''}; "
+          f"cudeform {cudeform.__version__}; "
           f"3x3, stride 1, padding 1, with mask and bias; median ms")
     print("| shape (N,C,H,W) | dtype | cudeform fwd | tv fwd | dense fwd | fwd vs tv | fwd vs dense "
           "| cudeform fwd+bwd | tv fwd+bwd | dense fwd+bwd | f+b vs tv | f+b vs dense "
-          "| cudeform fwd extra MiB | tv fwd extra MiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| cudeform fwd extra MiB | tv fwd extra MiB | cudeform bwd | det bwd | det vs default |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     fmt = lambda v, spec=".3f": "n/a" if v is None else format(v, spec)
     ratio = lambda a, b: "n/a" if a is None or b is None else f"{a / b:.2f}"
     for shape in shapes:
         for dtype in dtypes:
-            r = bench_shape(shape, dtype, args.deterministic)
-            cd, tv, dense = r["cd"], r["tv"] or (None, None, None), r["dense"]
+            r = bench_shape(shape, dtype)
+            cd, tv, dense, bwd = r["cd"], r["tv"] or (None, None, None), r["dense"], r["cd bwd"]
             print(f"| {','.join(map(str, shape))} | {dtype} | {fmt(cd[0])} | {fmt(tv[0])} | {fmt(dense[0])} "
                   f"| {ratio(cd[0], tv[0])} | {ratio(cd[0], dense[0])} | {fmt(cd[1])} | {fmt(tv[1])} "
                   f"| {fmt(dense[1])} | {ratio(cd[1], tv[1])} | {ratio(cd[1], dense[1])} "
-                  f"| {fmt(cd[2], '.0f')} | {fmt(tv[2], '.0f')} |", flush=True)
+                  f"| {fmt(cd[2], '.0f')} | {fmt(tv[2], '.0f')} | {fmt(bwd[0])} | {fmt(bwd[1])} "
+                  f"| {ratio(bwd[1], bwd[0])} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -5,9 +5,10 @@ stride 1, padding 1, with bias): against cuDNN's dense conv2d and cudeform's def
     python benchmarks/bench_deform_kernel_conv.py
 
 For each shape and dtype: median forward and forward+backward times (CUDA events, as in
-bench_deform_conv.py) and the ratios to dense and to deform_conv2d. Prints a Markdown table.
-The bars (issue 5): global DK within 1.5x of dense; local DK depthwise within 2x of
-deform_conv2d depthwise.
+bench_deform_conv.py), the ratios to dense and to deform_conv2d, and each cudeform op's
+backward alone in its default and its deterministic mode. Prints a Markdown table. The bars
+(issue 5): global DK within 1.5x of dense; local DK depthwise within 2x of deform_conv2d
+depthwise; (issue 7) a deterministic backward within 1.5x of the default.
 """
 
 import datetime
@@ -41,22 +42,29 @@ def bench_shape(n, c, h, w, groups, dtype):
         def fwd(off=off):
             return cudeform.deform_kernel_conv2d(x, scope, off, bias, **geo)
 
+        def bwd(off=off, deterministic=False):
+            return cudeform.deform_kernel_conv2d_backward(go, x, scope, off, bias, **geo, deterministic=deterministic)
+
         def both(off=off):
             fwd(off)
-            return cudeform.deform_kernel_conv2d_backward(go, x, scope, off, bias, **geo)
+            return bwd(off)
 
-        rows[name] = (median_ms(fwd), median_ms(both))
+        rows[name] = (median_ms(fwd), median_ms(both), median_ms(bwd), median_ms(lambda: bwd(deterministic=True)))
 
     offset = (rand(n, 18, h, w) * 4 - 2).to(dt)
 
     def dcn_fwd():
         return cudeform.deform_conv2d(x, offset, weight, bias, padding=1)
 
+    def dcn_bwd(deterministic=False):
+        return cudeform.deform_conv2d_backward(go, x, offset, weight, bias, padding=1, deterministic=deterministic)
+
     def dcn_both():
         dcn_fwd()
-        return cudeform.deform_conv2d_backward(go, x, offset, weight, bias, padding=1)
+        return dcn_bwd()
 
-    rows["deform_conv2d"] = (median_ms(dcn_fwd), median_ms(dcn_both))
+    rows["deform_conv2d"] = (median_ms(dcn_fwd), median_ms(dcn_both), median_ms(dcn_bwd),
+                             median_ms(lambda: dcn_bwd(deterministic=True)))
 
     dx, dw, db = (t.detach().clone().requires_grad_(True) for t in (x, weight, bias))
 
@@ -68,7 +76,7 @@ def bench_shape(n, c, h, w, groups, dtype):
 
     with torch.no_grad():
         dense_fwd_ms = median_ms(dense_fwd)
-    rows["dense (cuDNN)"] = (dense_fwd_ms, median_ms(dense_both))
+    rows["dense (cuDNN)"] = (dense_fwd_ms, median_ms(dense_both), None, None)
     return rows
 
 
@@ -82,15 +90,16 @@ def main():
           f"cudeform {cudeform.__version__}; 3x3 kernel, {SCOPE}x{SCOPE} scope, stride 1, padding 1, "
           f"with bias; median ms")
     print("| shape (N,C,H,W) | groups | dtype | op | fwd | fwd vs dense | fwd vs deform_conv2d "
-          "| fwd+bwd | f+b vs dense | f+b vs deform_conv2d |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| fwd+bwd | f+b vs dense | f+b vs deform_conv2d | bwd | det bwd | det vs default |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for _, n, c, h, w, groups in SHAPES:
         for dtype in DTYPES:
             rows = bench_shape(n, c, h, w, groups, dtype)
             dense, dcn = rows["dense (cuDNN)"], rows["deform_conv2d"]
-            for op, (f, fb) in rows.items():
+            for op, (f, fb, b, det) in rows.items():
+                bwd = "n/a | n/a | n/a" if b is None else f"{b:.3f} | {det:.3f} | {det / b:.2f}"
                 print(f"| {n},{c},{h},{w} | {groups} | {dtype} | {op} | {f:.3f} | {f / dense[0]:.2f} "
-                      f"| {f / dcn[0]:.2f} | {fb:.3f} | {fb / dense[1]:.2f} | {fb / dcn[1]:.2f} |", flush=True)
+                      f"| {f / dcn[0]:.2f} | {fb:.3f} | {fb / dense[1]:.2f} | {fb / dcn[1]:.2f} | {bwd} |", flush=True)
 
 
 if __name__ == "__main__":

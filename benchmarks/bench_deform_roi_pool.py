@@ -1,16 +1,17 @@
 """GPU benchmark of deform_roi_pool and deform_psroi_pool against torchvision's RoIAlign kernels.
 
-    python benchmarks/bench_deform_roi_pool.py [--deterministic]
+    python benchmarks/bench_deform_roi_pool.py
 
 deform_roi_pool (with offsets and mask, and without: then it is roi_align) against
 torchvision.ops.roi_align(aligned=True) on 2 images, 256 channels, 100x152 features (stride 8),
 1000 RoIs, 7x7 output, sampling_ratio 2; deform_psroi_pool with offsets at R-FCN sizes (7x7
 output, group_size 7, output_dim 21: 21*49 input channels, 300 RoIs, sample_per_part 4)
 against torchvision.ops.ps_roi_align with the same 4x4 samples per bin. Median ms of the
-forward and of forward+backward (CUDA events, as bench_deform_conv.py); prints a Markdown table.
+forward and of forward+backward (CUDA events, as bench_deform_conv.py), and of cudeform's
+backward alone in its default and its deterministic mode (the bar: deterministic within 1.5x
+of the default); prints a Markdown table.
 """
 
-import argparse
 import datetime
 
 import torch
@@ -32,10 +33,11 @@ def random_rois(n_rois, n_images, height, width, gen):
 
 
 def timings(cd_fwd, cd_bwd, tv_fwd, leaf, go):
-    """(cudeform fwd, fwd+bwd, torchvision fwd, fwd+bwd) in median ms."""
+    """(cudeform fwd, fwd+bwd, torchvision fwd, fwd+bwd, cudeform bwd, deterministic bwd) in
+    median ms; ``cd_bwd(deterministic)``."""
     def cd_both():
         cd_fwd()
-        cd_bwd()
+        cd_bwd(False)
 
     def tv_both():
         leaf.grad = None
@@ -43,10 +45,11 @@ def timings(cd_fwd, cd_bwd, tv_fwd, leaf, go):
 
     with torch.no_grad():
         tv = median_ms(lambda: tv_fwd(leaf.detach()))
-    return median_ms(cd_fwd), median_ms(cd_both), tv, median_ms(tv_both)
+    return (median_ms(cd_fwd), median_ms(cd_both), tv, median_ms(tv_both), median_ms(lambda: cd_bwd(False)),
+            median_ms(lambda: cd_bwd(True)))
 
 
-def bench(kind, dtype, deterministic):
+def bench(kind, dtype):
     import torchvision
 
     dt = getattr(torch, dtype)
@@ -66,7 +69,7 @@ def bench(kind, dtype, deterministic):
         geo = dict(output_dim=21, pooled_size=k, group_size=k, sample_per_part=4, spatial_scale=scale)
         return timings(
             lambda: cudeform.deform_psroi_pool(x, rois, offset, **geo),
-            lambda: cudeform.deform_psroi_pool_backward(go, x, rois, offset, **geo, deterministic=deterministic),
+            lambda det: cudeform.deform_psroi_pool_backward(go, x, rois, offset, **geo, deterministic=det),
             lambda t: torchvision.ops.ps_roi_align(t, rois, k, scale, 4), leaf, go)
     offset = mask = None
     if kind == "deform":
@@ -76,7 +79,7 @@ def bench(kind, dtype, deterministic):
     geo = dict(output_size=k, spatial_scale=scale, sampling_ratio=2)
     return timings(
         lambda: cudeform.deform_roi_pool(x, rois, offset, **geo, mask=mask),
-        lambda: cudeform.deform_roi_pool_backward(go, x, rois, offset, **geo, mask=mask, deterministic=deterministic),
+        lambda det: cudeform.deform_roi_pool_backward(go, x, rois, offset, **geo, mask=mask, deterministic=det),
         lambda t: torchvision.ops.roi_align(t, rois, k, scale, 2, aligned=True), leaf, go)
 
 
@@ -88,20 +91,17 @@ ROWS = [
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--deterministic", action="store_true", help="time the deterministic backward")
-    args = parser.parse_args()
     use_torch_allocator()
     print(f"\n{torch.cuda.get_device_name()}, {datetime.date.today()}, torch {torch.__version__}, "
-          f"cudeform {cudeform.__version__}{', deterministic backward' if args.deterministic else ''}; median ms")
+          f"cudeform {cudeform.__version__}; median ms")
     print("| op | dtype | torchvision peer | cudeform fwd | tv fwd | fwd vs tv | cudeform fwd+bwd | tv fwd+bwd "
-          "| f+b vs tv |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| f+b vs tv | cudeform bwd | det bwd | det vs default |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for kind, label, peer in ROWS:
         for dtype in ("float16", "float32"):
-            cd_f, cd_b, tv_f, tv_b = bench(kind, dtype, args.deterministic)
+            cd_f, cd_b, tv_f, tv_b, bwd, det_bwd = bench(kind, dtype)
             print(f"| {label} | {dtype} | {peer} | {cd_f:.3f} | {tv_f:.3f} | {cd_f / tv_f:.2f} | {cd_b:.3f} "
-                  f"| {tv_b:.3f} | {cd_b / tv_b:.2f} |", flush=True)
+                  f"| {tv_b:.3f} | {cd_b / tv_b:.2f} | {bwd:.3f} | {det_bwd:.3f} | {det_bwd / bwd:.2f} |", flush=True)
 
 
 if __name__ == "__main__":
