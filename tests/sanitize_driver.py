@@ -1,0 +1,119 @@
+"""Every GPU op on tiny shapes, once per case, for NVIDIA compute-sanitizer (run by .ci/sanitize).
+
+    python tests/sanitize_driver.py all     # memcheck: every case of gpu_cases.CASES, forward and
+                                            # both backward modes, in every dtype; again with
+                                            # non-finite offsets; conv and DK again in chunks
+    python tests/sanitize_driver.py shared  # racecheck, synccheck: the backwards whose kernels use
+                                            # shared memory or warp shuffles, float32 and float64
+
+CuPy's memory pool is off, so that memcheck sees each array's own bounds (inside a pooled block
+an access past an array's end is invisible). bfloat16 goes through PyTorch tensors, whose
+allocator .ci/sanitize runs uncached (PYTORCH_NO_CUDA_MEMORY_CACHING=1) for the same reason.
+"""
+
+import contextlib
+import sys
+
+import numpy as np
+
+from gpu_cases import CASES
+
+DTYPES = ("float64", "float32", "float16", "bfloat16")
+# The backwards that launch bias_grad (a bias), dk_global_kernel_grad and dk_global_offset_grad
+# (global DK), dk_local_weight_grad (local DK), droi_backward (with an offset or a mask) and
+# dpsroi_backward (warp shuffles). The accumulator (float or double) sets their shared layouts.
+SHARED = ("deform_conv2d", "dk_global_direct", "dk_global_gemm", "dk_local", "deform_roi_pool", "deform_psroi_pool")
+SHARED_DTYPES = ("float32", "float64")
+CHUNKED = ("deform_conv2d", "deform_conv2d_v1", "dk_global_gemm")
+
+
+def on_device(case, dtype):
+    """The case's arguments and grad_output on the GPU in ``dtype``."""
+    if dtype != "bfloat16":
+        import cupy
+
+        return case.on(cupy, dtype)
+    import torch
+
+    def tensor(a):
+        return None if a is None else torch.from_numpy(a).to("cuda", torch.bfloat16)
+
+    return {k: tensor(v) for k, v in case.args.items()}, tensor(case.grad_output)
+
+
+def with_nonfinite_offsets(case):
+    """The case with NaN, +Inf and -Inf among its offsets, or None if it has none."""
+    name = "kernel_offset" if "kernel_offset" in case.args else "offset"
+    if case.args[name] is None:
+        return None
+    offset = case.args[name].copy()
+    flat = offset.reshape(-1)
+    flat[::3], flat[1::7], flat[2::11] = np.nan, np.inf, -np.inf
+    return case._replace(args=dict(case.args, **{name: offset}))
+
+
+def exercise(label, case, dtype, forward=True, modes=(False, True)):
+    """Forward (optionally) and the backward in each mode; synchronises after each so that an
+    asynchronous error surfaces at its call."""
+    import cupy
+
+    arrays, grad_output = on_device(case, dtype)
+    print(label, dtype, flush=True)
+    if forward:
+        case.forward(**arrays, **case.geo)
+    for deterministic in modes:
+        case.backward(grad_output, **arrays, **case.geo, deterministic=deterministic)
+    cupy.cuda.runtime.deviceSynchronize()
+    return forward + len(modes)
+
+
+@contextlib.contextmanager
+def one_image_per_chunk():
+    """Columns workspaces of one image: several chunks, and chunks that start past image 0."""
+    from cudeform.cuda import deform_conv, deform_kernel_conv
+
+    saved = deform_conv.COLUMNS_BYTES, deform_kernel_conv.COLUMNS_BYTES
+    deform_conv.COLUMNS_BYTES = deform_kernel_conv.COLUMNS_BYTES = 1
+    try:
+        yield
+    finally:
+        deform_conv.COLUMNS_BYTES, deform_kernel_conv.COLUMNS_BYTES = saved
+
+
+def main(selection):
+    import cupy
+
+    cupy.cuda.set_allocator(None)
+    calls = 0
+    if selection == "all":
+        for dtype in DTYPES:
+            if dtype == "bfloat16" and not torch_cuda():
+                print("bfloat16 skipped: no PyTorch with CUDA", flush=True)
+                continue
+            for name, case in CASES.items():
+                calls += exercise(name, case, dtype)
+                nonfinite = with_nonfinite_offsets(case)
+                if nonfinite is not None:
+                    calls += exercise(f"{name} (non-finite offsets)", nonfinite, dtype)
+        with one_image_per_chunk():
+            for name in CHUNKED:
+                calls += exercise(f"{name} (one image per chunk)", CASES[name], "float32")
+    elif selection == "shared":
+        for dtype in SHARED_DTYPES:
+            for name in SHARED:
+                calls += exercise(name, CASES[name], dtype, forward=False, modes=(False,))
+    else:
+        raise SystemExit(f"usage: {sys.argv[0]} all|shared (got {selection!r})")
+    print(f"sanitize driver: {calls} calls ({selection})", flush=True)
+
+
+def torch_cuda():
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "all")
