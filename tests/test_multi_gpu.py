@@ -8,7 +8,7 @@ import datetime
 import numpy as np
 import pytest
 
-from gpu_cases import CASES, assert_same_results, capture_and_replay
+from gpu_cases import CASES, assert_same_results, run_behind_busy_stream
 from helpers import rel_err, to_numpy
 
 pytestmark = pytest.mark.gpu
@@ -40,12 +40,12 @@ def test_device_1_matches_device_0(cupy, name, deterministic):
 @pytest.mark.parametrize("name", CASES)
 def test_device_1_current_stream(cupy, name):
     """On device 1, every launch goes to device 1's current stream and nothing synchronises
-    (see capture_and_replay)."""
+    (see run_behind_busy_stream)."""
     case = CASES[name]
     expected = [to_numpy(r) for r in case.run(*case.on(cupy), False)]
     with cupy.cuda.Device(1):
         inputs = case.on(cupy)
-        got = capture_and_replay(lambda: case.run(*inputs, False), cupy.cuda.Stream(non_blocking=True))
+        got = run_behind_busy_stream(lambda: case.run(*inputs, False), cupy.cuda.Stream(non_blocking=True))
     assert_same_results(got, expected, exact=False, what=name)
 
 

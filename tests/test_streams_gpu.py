@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from gpu_cases import CASES, assert_same_results, capture_and_replay
+from gpu_cases import CASES, USES_CUBLAS, assert_same_results, capture_and_replay, run_behind_busy_stream
 from helpers import to_numpy
 
 pytestmark = pytest.mark.gpu
@@ -62,7 +62,25 @@ def test_threads_with_their_own_streams_match_one_thread(monkeypatch):
 @pytest.mark.parametrize("deterministic", MODES)
 @pytest.mark.parametrize("name", CASES)
 def test_never_synchronises(name, deterministic):
-    """Forward and backward, captured into a CUDA graph (see capture_and_replay) and replayed:
+    """Forward and backward return while the stream is still busy (see run_behind_busy_stream)
+    and then give the eager results."""
+    import cupy
+
+    case = CASES[name]
+    arrays, grad_output = case.on(cupy)
+    expected = [to_numpy(r) for r in case.run(arrays, grad_output, deterministic)]
+    got = run_behind_busy_stream(lambda: case.run(arrays, grad_output, deterministic),
+                                 cupy.cuda.Stream(non_blocking=True))
+    assert_same_results(got, expected, exact=deterministic, what=name)
+
+
+@pytest.mark.parametrize("deterministic", MODES)
+@pytest.mark.parametrize("name", [
+    pytest.param(n, marks=pytest.mark.xfail(strict=True, raises=AssertionError,
+                                            reason="CuPy refuses cuBLAS calls during stream capture"))
+    if n in USES_CUBLAS else n for n in CASES])
+def test_cuda_graph_capture(name, deterministic):
+    """Forward and backward captured into a CUDA graph (see capture_and_replay) and replayed:
     the replay gives the eager results."""
     import cupy
 
