@@ -22,32 +22,40 @@ __device__ __forceinline__ index_t roi_image(A b, index_t batch) {
     return (b >= A(0) && b < A(batch)) ? (index_t)b : index_t(-1);
 }
 
-// One input-gradient contribution: a float atomic, or in deterministic mode a fixed-point one
-// (scale from fixed_point_scale).
+// Deterministic mode keeps each input-gradient element's finite contributions as a 64-bit
+// fixed-point sum (scale from fixed_point_scale) and its non-finite ones as two bits of a
+// `special` word (16 elements a word): +inf seen, -inf seen, both for NaN. Both are sums that
+// do not depend on the order, and roi_pool_fixed_finish turns them into the gradient in one
+// pass, so this mode needs no floating-point accumulator (nor its zeroing and extra passes).
+// One input-gradient contribution: a float atomic, or in deterministic mode a fixed-point one.
 template <typename A>
-__device__ __forceinline__ void scatter(A* grad, unsigned long long* fixed, int deterministic, double scale,
-                                        index_t i, A v) {
-    if (deterministic) {
-        atomic_add_fixed(fixed + i, grad + i, v, scale);
-    } else {
+__device__ __forceinline__ void scatter(A* grad, unsigned long long* fixed, unsigned int* special, int deterministic,
+                                        double scale, index_t i, A v) {
+    if (!deterministic) {
         atomic_add(grad + i, v);
+    } else if (isfinite(v)) {
+        atomicAdd(fixed + i, (unsigned long long)llrint((double)v * scale));
+    } else {
+        atomicOr(special + (i >> 4), (isnan(v) ? 3u : v > A(0) ? 1u : 2u) << ((i & 15) * 2));
     }
 }
 
 // The four corners of a sample, weighted by gv, into the plane starting at `plane`.
 template <typename A>
 __device__ __forceinline__ void scatter_corners(const ClampedCorners<A>& s, index_t plane, index_t width, A gv,
-                                                A* grad, unsigned long long* fixed, int deterministic,
-                                                double scale) {
-    scatter(grad, fixed, deterministic, scale, plane + s.y0 * width + s.x0, (A(1) - s.lh) * (A(1) - s.lw) * gv);
-    scatter(grad, fixed, deterministic, scale, plane + s.y0 * width + s.x1, (A(1) - s.lh) * s.lw * gv);
-    scatter(grad, fixed, deterministic, scale, plane + s.y1 * width + s.x0, s.lh * (A(1) - s.lw) * gv);
-    scatter(grad, fixed, deterministic, scale, plane + s.y1 * width + s.x1, s.lh * s.lw * gv);
+                                                A* grad, unsigned long long* fixed, unsigned int* special,
+                                                int deterministic, double scale) {
+    scatter(grad, fixed, special, deterministic, scale, plane + s.y0 * width + s.x0, (A(1) - s.lh) * (A(1) - s.lw) * gv);
+    scatter(grad, fixed, special, deterministic, scale, plane + s.y0 * width + s.x1, (A(1) - s.lh) * s.lw * gv);
+    scatter(grad, fixed, special, deterministic, scale, plane + s.y1 * width + s.x0, s.lh * (A(1) - s.lw) * gv);
+    scatter(grad, fixed, special, deterministic, scale, plane + s.y1 * width + s.x1, s.lh * s.lw * gv);
 }
 
 // Deterministic mode, pass 1: the largest finite |grad_output * mask| (R, C, bins). Each bin
 // spreads at most that much over the input (its sample weights sum to at most 1), so with
-// R * bins terms it bounds every input pixel's sum for fixed_point_scale.
+// R * bins terms it bounds every input pixel's sum for fixed_point_scale. Launch few enough
+// threads that each reads many elements: the atomics all hit one address, where they queue
+// at the L2, so there is one per warp.
 template <typename T>
 __global__ void roi_pool_max_abs(const T* __restrict__ grad_output, const T* __restrict__ mask, int use_mask,
                                  index_t channels, index_t bins, index_t n, unsigned int* __restrict__ max_abs_bits) {
@@ -55,10 +63,31 @@ __global__ void roi_pool_max_abs(const T* __restrict__ grad_output, const T* __r
     A local = A(0);
     CUDEFORM_LOOP(i, n) {
         A v = to_acc(grad_output[i]);
-        if (use_mask) v *= to_acc(mask[i / (channels * bins) * bins + i % bins]);
+        if (use_mask) {
+            const index_t rc = fast_div(i, bins);
+            v *= to_acc(mask[fast_div(rc, channels) * bins + (i - rc * bins)]);
+        }
         if (isfinite(v) && fabs(v) > local) local = fabs(v);
     }
-    atomic_max_abs(max_abs_bits, local);
+    for (int s = WARP_SIZE / 2; s > 0; s >>= 1) local = fmax(local, __shfl_xor_sync(0xffffffffu, local, s));
+    if (threadIdx.x % WARP_SIZE == 0) atomic_max_abs(max_abs_bits, local);
+}
+
+// Deterministic mode, last pass: the input gradient in the storage type, from the fixed-point
+// sums (`terms` as for the scale) and the special bits.
+template <typename T>
+__global__ void roi_pool_fixed_finish(const unsigned long long* __restrict__ fixed,
+                                      const unsigned int* __restrict__ special,
+                                      const unsigned int* __restrict__ max_abs_bits, index_t terms, index_t n,
+                                      T* __restrict__ out) {
+    typedef typename acc<T>::type A;
+    const double scale = fixed_point_scale(*max_abs_bits, terms);
+    const float inf = __int_as_float(0x7f800000), qnan = __int_as_float(0x7fffffff);
+    CUDEFORM_LOOP(i, n) {
+        const unsigned int bits = (special[i >> 4] >> ((i & 15) * 2)) & 3u;
+        const A v = bits == 0 ? (A)fixed_to_double(fixed[i], scale) : A(bits == 1 ? inf : bits == 2 ? -inf : qnan);
+        out[i] = from_acc<T>(v);
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -107,13 +136,14 @@ struct RoIAlignBin {
         x = (start_w + dx) + A((int)(l % pooled_w)) * bin_w;
     }
 
-    // f(ClampedCorners) for every sample inside RoIAlign's box, row by row.
+    // f(ClampedCorners) for every sample inside RoIAlign's box, row by row. (iy + 0.5 in
+    // A: in double it costs three conversions per coordinate, and the value is the same.)
     template <typename F>
     __device__ __forceinline__ void for_each_sample(index_t height, index_t width, F f) const {
         for (int iy = 0; iy < grid_h; ++iy) {
-            const A h = y + A(iy + 0.5) * bin_h / A(grid_h);
+            const A h = y + (A(iy) + A(0.5)) * bin_h / A(grid_h);
             for (int ix = 0; ix < grid_w; ++ix) {
-                const A w = x + A(ix + 0.5) * bin_w / A(grid_w);
+                const A w = x + (A(ix) + A(0.5)) * bin_w / A(grid_w);
                 if (in_closed_box(h, w, height, width, A(1))) f(ClampedCorners<A>(h, w, height, width));
             }
         }
@@ -154,11 +184,12 @@ __global__ void droi_forward(const T* __restrict__ input, const T* __restrict__ 
 // corners to sum the bin's offset and mask gradients over its channels; the warps' partial
 // sums are added in a fixed order through shared memory and written once, by warp 0.
 // grad_input (N, C, H, W) is of type acc<T>::type and must start at zero; in deterministic
-// mode `fixed` (same size, zeroed) takes the finite contributions (then fixed_point_add).
+// mode `fixed` (same size) and `special` (a word per 16 elements), zeroed, take the
+// contributions instead (then roi_pool_fixed_finish).
 // Launch with ROI_BWD_BLOCK threads per block. 16 warps give the benchmark's 1000 RoIs x 49
 // bins ~6 waves on an H100/H200, 16 of its 256 channels per thread. Two blocks per SM cap the
 // registers at 64: uncapped, the deterministic and offset paths together take ~90 and one
-// block would fit; capped, the half types and float spill a few bytes outside the sample loop.
+// block would fit; capped, the half types and float fit without spilling (double spills).
 #define ROI_BWD_CHUNKS 16
 #define ROI_BWD_BLOCK (WARP_SIZE * ROI_BWD_CHUNKS)
 template <typename T>
@@ -166,7 +197,8 @@ __global__ void __launch_bounds__(ROI_BWD_BLOCK, 2) droi_backward(
         const T* __restrict__ grad_output, const T* __restrict__ input, const T* __restrict__ rois,
         const T* __restrict__ offset, const T* __restrict__ mask, int use_offset, int use_mask, DROI_GEOMETRY,
         int deterministic, const unsigned int* __restrict__ max_abs_bits, unsigned long long* __restrict__ fixed,
-        typename acc<T>::type* __restrict__ grad_input, T* __restrict__ grad_offset, T* __restrict__ grad_mask) {
+        unsigned int* __restrict__ special, typename acc<T>::type* __restrict__ grad_input, T* __restrict__ grad_offset,
+        T* __restrict__ grad_mask) {
     typedef typename acc<T>::type A;
     __shared__ A partial[3][ROI_BWD_CHUNKS][WARP_SIZE];
     const index_t bins = (index_t)pooled_h * pooled_w, hw = height * width, items = num_rois * bins;
@@ -192,7 +224,7 @@ __global__ void __launch_bounds__(ROI_BWD_BLOCK, 2) droi_backward(
                     A v00, v01, v10, v11;
                     // The loads go out before the atomics, which do not wait for them.
                     if (coords) s.fetch(input + plane, width, v00, v01, v10, v11);
-                    scatter_corners(s, plane, width, gv, grad_input, fixed, deterministic, scale);
+                    scatter_corners(s, plane, width, gv, grad_input, fixed, special, deterministic, scale);
                     if (coords) {
                         d_h += s.d_h(v00, v01, v10, v11);
                         d_w += s.d_w(v00, v01, v10, v11);
@@ -329,12 +361,12 @@ __global__ void dpsroi_forward(const T* __restrict__ input, const T* __restrict_
 // cell). The bins of a cell are the (p, q) with floor(p * part_size / pooled) equal to its row
 // (and likewise its column): a range of p starting at ceil(row * pooled / part_size). Every
 // (channel, bin) of a RoI belongs to exactly one item, so the items also partition the scatter.
-// grad_input and fixed as for droi_backward.
+// grad_input, fixed and special as for droi_backward.
 template <typename T>
 __global__ void dpsroi_backward(const T* __restrict__ grad_output, const T* __restrict__ input,
                                 const T* __restrict__ rois, const T* __restrict__ offset, int use_offset,
                                 DPSROI_GEOMETRY, int deterministic, const unsigned int* __restrict__ max_abs_bits,
-                                unsigned long long* __restrict__ fixed,
+                                unsigned long long* __restrict__ fixed, unsigned int* __restrict__ special,
                                 typename acc<T>::type* __restrict__ grad_input, T* __restrict__ grad_offset) {
     typedef typename acc<T>::type A;
     const index_t bins = (index_t)pooled * pooled, cells = (index_t)part_size * part_size, hw = height * width;
@@ -373,7 +405,7 @@ __global__ void dpsroi_backward(const T* __restrict__ grad_output, const T* __re
                         const A w = w0 + A(iw) * box.sub_w;
                         if (!in_closed_box(h, w, height, width, A(0.5))) continue;
                         const ClampedCorners<A> s(h, w, height, width);
-                        scatter_corners(s, plane, width, go, grad_input, fixed, deterministic, scale);
+                        scatter_corners(s, plane, width, go, grad_input, fixed, special, deterministic, scale);
                         if (use_offset) {
                             A v00, v01, v10, v11;
                             s.fetch(input + plane, width, v00, v01, v10, v11);

@@ -86,6 +86,30 @@ def test_deterministic_backward_is_bitwise(torch, op, dtype):
     assert l2_rel(first.input.double().cpu().numpy(), want[0]) < TOLERANCE[dtype]
 
 
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+@pytest.mark.parametrize("op", OPS)
+def test_deterministic_backward_keeps_infinities_and_nans(op, dtype):
+    """Deterministic mode sums the non-finite contributions apart from the fixed point: each
+    input-gradient element is +inf, -inf or NaN exactly where the default mode's float sums are,
+    and the finite ones agree."""
+    import cupy
+
+    forward, backward, _, _, call = OPS[op]
+    args, geo = case(op, 32, ps="rfcn")
+    gpu = on(cupy, args, dtype)
+    out = forward(*call(gpu)[0], **call(gpu)[1], **geo)
+    go = np.random.default_rng(33).standard_normal(out.shape)
+    # Whole channels of a few RoIs: pixels that see +inf only, -inf only, both, and NaN.
+    go[0, 0], go[1, 0], go[2, 1], go[3, 0], go[3, 1] = np.inf, -np.inf, np.nan, np.inf, -np.inf
+    go = cupy.asarray(go.astype(dtype))
+    want = backward(go, *call(gpu)[0], **call(gpu)[1], **geo).input.get().astype(np.float64)
+    got = backward(go, *call(gpu)[0], **call(gpu)[1], **geo, deterministic=True).input.get().astype(np.float64)
+    for kind in (np.isposinf, np.isneginf, np.isnan):
+        assert kind(want).any() and np.array_equal(kind(got), kind(want)), kind.__name__
+    finite = np.isfinite(want)
+    assert rel_err(got[finite], want[finite]) < TOLERANCE[dtype]
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("channels", [1, 17, 40])
 @pytest.mark.parametrize("offset,mask", [(True, True), (True, False), (False, True), (False, False)])

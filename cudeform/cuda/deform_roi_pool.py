@@ -6,9 +6,10 @@ or a mask) a shared-memory reduction of their gradients over channels, from the 
 reads. Backward of deform_psroi_pool: one launch, a warp per (RoI, class, part cell), atomics
 for the input gradient and warp reductions for the offset gradient.
 
-Workspace: for the half types, a float32 input-gradient accumulator; in deterministic mode, a
-uint64 fixed-point accumulator of the input's size and a first pass over grad_output for the
-fixed-point scale. Nothing synchronises the device: RoIs whose batch index is out of range are
+Workspace: for the half types, a float32 input-gradient accumulator; in deterministic mode
+instead a uint64 fixed-point accumulator of the input's size and a word of non-finite flags per
+16 elements, a first pass over grad_output for the fixed-point scale and a last one that writes
+the gradient in the storage dtype. Nothing synchronises the device: RoIs whose batch index is out of range are
 handled by the kernels (zero output, zero gradient).
 """
 
@@ -20,15 +21,17 @@ import sys
 import numpy as np
 
 from . import _compile
-from ._compile import ACC_DTYPES, CXX_TYPES, STORAGE_DTYPES, launch
+from ._compile import ACC_DTYPES, BLOCK, CXX_TYPES, STORAGE_DTYPES, launch
 
 SOURCE = "deform_roi_pool.cu"
-_KERNELS = ("droi_forward", "droi_backward", "dpsroi_forward", "dpsroi_backward", "roi_pool_max_abs")
+_KERNELS = ("droi_forward", "droi_backward", "dpsroi_forward", "dpsroi_backward", "roi_pool_max_abs",
+            "roi_pool_fixed_finish")
 NAME_EXPRESSIONS = (
     [f"{k}<{t}>" for t in CXX_TYPES.values() for k in _KERNELS]
-    + ["cast_from_acc<__half>", "cast_from_acc<__nv_bfloat16>", "fixed_point_add<float>", "fixed_point_add<double>"]
+    + ["cast_from_acc<__half>", "cast_from_acc<__nv_bfloat16>"]
 )
 
+MAX_ABS_THREADS = 1024 * BLOCK  # roi_pool_max_abs: enough to fill the GPU, each reading many elements
 WARP = 32  # threads per deform_psroi_pool backward item, and (RoI, bin) items per droi_backward block (WARP_SIZE)
 ROI_BWD_BLOCK = WARP * 16  # droi_backward's block: ROI_BWD_BLOCK in the kernel
 
@@ -87,13 +90,13 @@ def backward(grad_output, input, rois, offset, mask, *, geo, dtype, deterministi
     grad_offset = cupy.empty_like(offset) if offset is not None else None
     grad_mask = cupy.empty_like(mask) if mask is not None else None
     bins = geo.output_size[0] * geo.output_size[1]
-    grad_acc, fixed_args = _input_grad_workspace(x, go, mask, bins, dtype, deterministic)
+    workspace = _input_grad_workspace(x, go, mask, bins, dtype, deterministic)
     flags = (np.int32(offset is not None), np.int32(mask is not None))
     geo_args = _droi_args(x.shape, rois.shape[0], geo, dtype)
     launch(_kernel("droi_backward", dtype), -(-rois.shape[0] * bins // WARP) * ROI_BWD_BLOCK,
-           (go, x, rois, _or(offset, x), _or(mask, x), *flags, *geo_args, *fixed_args, grad_acc,
+           (go, x, rois, _or(offset, x), _or(mask, x), *flags, *geo_args, *workspace,
             _or(grad_offset, x), _or(grad_mask, x)), block=ROI_BWD_BLOCK)
-    return _input_grad(grad_acc, fixed_args, rois.shape[0] * bins, dtype), grad_offset, grad_mask
+    return _input_grad(x, workspace, rois.shape[0] * bins, dtype), grad_offset, grad_mask
 
 
 def psroi_forward(input, rois, offset, *, geo, dtype):
@@ -115,44 +118,46 @@ def psroi_backward(grad_output, input, rois, offset, *, geo, dtype, deterministi
     has_offset = offset is not None
     grad_offset = cupy.empty_like(offset) if has_offset else None
     bins = geo.pooled_size**2
-    grad_acc, fixed_args = _input_grad_workspace(x, go, None, bins, dtype, deterministic)
+    workspace = _input_grad_workspace(x, go, None, bins, dtype, deterministic)
     items = rois.shape[0] * geo.num_classes * _part_size(geo, has_offset) ** 2
     launch(_kernel("dpsroi_backward", dtype), items * WARP,
            (go, x, rois, _or(offset, x), np.int32(has_offset),
-            *_psroi_args(x.shape, rois.shape[0], geo, has_offset, dtype), *fixed_args, grad_acc,
+            *_psroi_args(x.shape, rois.shape[0], geo, has_offset, dtype), *workspace,
             _or(grad_offset, x)))
-    return _input_grad(grad_acc, fixed_args, rois.shape[0] * bins, dtype), grad_offset
+    return _input_grad(x, workspace, rois.shape[0] * bins, dtype), grad_offset
 
 
 def _input_grad_workspace(x, go, mask, bins, dtype, deterministic):
-    """The zeroed input-gradient accumulator and the backward kernels' (deterministic,
-    max_abs_bits, fixed) arguments; in deterministic mode, also runs the max-abs pass (whose
-    bound covers R * bins terms: see roi_pool_max_abs)."""
+    """The backward kernels' (deterministic, max_abs_bits, fixed, special, grad_input) arguments:
+    a zeroed float accumulator, or in deterministic mode the zeroed fixed-point workspace (the
+    float pointer then unused) after the max-abs pass (whose bound covers R * bins terms: see
+    roi_pool_max_abs)."""
     import cupy
 
-    grad_acc = cupy.zeros(x.shape, ACC_DTYPES[dtype])
     if not deterministic:
-        return grad_acc, (np.int32(0), grad_acc, grad_acc)
+        grad_acc = cupy.zeros(x.shape, ACC_DTYPES[dtype])
+        return np.int32(0), grad_acc, grad_acc, grad_acc, grad_acc
     max_abs_bits = cupy.zeros(1, np.uint32)
     fixed = cupy.zeros(x.size, np.uint64)
-    launch(_kernel("roi_pool_max_abs", dtype), go.size,
+    special = cupy.zeros(-(-x.size // 16), np.uint32)
+    launch(_kernel("roi_pool_max_abs", dtype), min(go.size, MAX_ABS_THREADS),
            (go, _or(mask, go), np.int32(mask is not None), np.int64(go.shape[1]), np.int64(bins), np.int64(go.size),
             max_abs_bits))
-    return grad_acc, (np.int32(1), max_abs_bits, fixed)
+    return np.int32(1), max_abs_bits, fixed, special, fixed
 
 
-def _input_grad(grad_acc, fixed_args, terms, dtype):
-    """The input gradient in the storage dtype, after folding in the fixed-point sums."""
+def _input_grad(x, workspace, terms, dtype):
+    """The input gradient in the storage dtype, from _input_grad_workspace's arrays."""
     import cupy
 
-    deterministic, max_abs_bits, fixed = fixed_args
-    if deterministic:
-        acc_name = np.dtype(ACC_DTYPES[dtype]).name
-        launch(_compile.function(sys.modules[__name__], f"fixed_point_add<{CXX_TYPES[acc_name]}>"), grad_acc.size,
-               (fixed, max_abs_bits, np.int64(terms), np.int64(grad_acc.size), grad_acc))
-    if np.dtype(STORAGE_DTYPES[dtype]) == grad_acc.dtype:
+    deterministic, max_abs_bits, fixed, special, grad_acc = workspace
+    if not deterministic and np.dtype(STORAGE_DTYPES[dtype]) == grad_acc.dtype:
         return grad_acc
-    out = cupy.empty(grad_acc.shape, STORAGE_DTYPES[dtype])
-    launch(_compile.function(sys.modules[__name__], f"cast_from_acc<{CXX_TYPES[dtype]}>"), grad_acc.size,
-           (grad_acc, np.int64(grad_acc.size), out))
+    out = cupy.empty(x.shape, STORAGE_DTYPES[dtype])
+    if deterministic:
+        launch(_kernel("roi_pool_fixed_finish", dtype), out.size,
+               (fixed, special, max_abs_bits, np.int64(terms), np.int64(out.size), out))
+    else:
+        launch(_compile.function(sys.modules[__name__], f"cast_from_acc<{CXX_TYPES[dtype]}>"), out.size,
+               (grad_acc, np.int64(out.size), out))
     return out
