@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .._arrays import STORAGE_DTYPES  # noqa: F401  (host modules take every dtype table from here)
+from .. import _arrays
 
 BLOCK = 256
 _MAX_BLOCKS = 65535  # grid-stride loops cover the rest
@@ -29,6 +29,7 @@ _modules: dict = {}  # (source, device) -> cupy.RawModule
 _functions: dict = {}  # (source, device, name expression) -> cupy.RawKernel
 _debug = os.environ.get("CUDEFORM_DEBUG", "") not in ("", "0")
 
+STORAGE_DTYPES = _arrays.STORAGE_DTYPES  # host modules take every dtype table from here
 # C++ storage type of each dtype name (bfloat16 travels in uint16 CuPy arrays: see _arrays).
 CXX_TYPES = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float", "float64": "double"}
 ACC_DTYPES = {"float16": np.float32, "bfloat16": np.float32, "float32": np.float32, "float64": np.float64}
