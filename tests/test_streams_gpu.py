@@ -59,34 +59,24 @@ def test_threads_with_their_own_streams_match_one_thread(monkeypatch):
             assert_same_results(got[name, det], want, exact=det, what=(i, name, det))
 
 
+_CUBLAS_CAPTURE = pytest.mark.xfail(strict=True, raises=AssertionError,
+                                    reason="CuPy refuses cuBLAS calls during stream capture")
+
+
 @pytest.mark.parametrize("deterministic", MODES)
-@pytest.mark.parametrize("name", CASES)
-def test_never_synchronises(name, deterministic):
-    """Forward and backward return while the stream is still busy (see run_behind_busy_stream)
-    and then give the eager results."""
+@pytest.mark.parametrize("name,method", [
+    *((n, "busy_stream") for n in CASES),
+    *(pytest.param(n, "graph_capture", marks=_CUBLAS_CAPTURE) if n in USES_CUBLAS else (n, "graph_capture")
+      for n in CASES)])
+def test_never_synchronises(name, method, deterministic):
+    """Forward and backward return while the stream is still busy (run_behind_busy_stream), and
+    where they can be captured into a CUDA graph and replayed (capture_and_replay), the replay
+    gives the eager results."""
     import cupy
 
     case = CASES[name]
     arrays, grad_output = case.on(cupy)
     expected = [to_numpy(r) for r in case.run(arrays, grad_output, deterministic)]
-    got = run_behind_busy_stream(lambda: case.run(arrays, grad_output, deterministic),
-                                 cupy.cuda.Stream(non_blocking=True))
-    assert_same_results(got, expected, exact=deterministic, what=name)
-
-
-@pytest.mark.parametrize("deterministic", MODES)
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=pytest.mark.xfail(strict=True, raises=AssertionError,
-                                            reason="CuPy refuses cuBLAS calls during stream capture"))
-    if n in USES_CUBLAS else n for n in CASES])
-def test_cuda_graph_capture(name, deterministic):
-    """Forward and backward captured into a CUDA graph (see capture_and_replay) and replayed:
-    the replay gives the eager results."""
-    import cupy
-
-    case = CASES[name]
-    arrays, grad_output = case.on(cupy)
-    expected = [to_numpy(r) for r in case.run(arrays, grad_output, deterministic)]
-    got = capture_and_replay(lambda: case.run(arrays, grad_output, deterministic),
-                             cupy.cuda.Stream(non_blocking=True))
+    runner = run_behind_busy_stream if method == "busy_stream" else capture_and_replay
+    got = runner(lambda: case.run(arrays, grad_output, deterministic), cupy.cuda.Stream(non_blocking=True))
     assert_same_results(got, expected, exact=deterministic, what=name)
