@@ -129,9 +129,10 @@ def deform_kernel_conv2d(input, weight, kernel_offset, bias=None, *, kernel_size
 
     - global DK: the resampled kernels, ``N * C_out * (C_in/groups) * kh*kw`` elements, plus
       rigid columns (``C_in*kh*kw*H_out*W_out`` elements per image) for as many images as fit
-      in 32 MiB on the CPU, 64 MiB on the GPU (at least one image). On the GPU, when
-      ``(C_in/groups)*kh*kw <= 64`` (depthwise and the like) the convolution is direct, without
-      columns.
+      in 32 MiB on the CPU, 128 MiB on the GPU (at least one image). On the GPU, when
+      ``(C_in/groups)*kh*kw <= 64`` (depthwise and the like) and the planes have fewer than
+      2**30 positions, the convolution is direct and needs nothing: each block samples the
+      kernel of its (image, output channel) into shared memory.
     - local DK: nothing; the scope is sampled at every output position on the fly, so no
       per-position kernel of ``N*C_out*(C_in/groups)*kh*kw*H_out*W_out`` elements exists.
     """
@@ -165,10 +166,12 @@ def deform_kernel_conv2d_backward(grad_output, input, weight, kernel_offset, bia
 
     Memory beyond the gradients: global DK, the resampled kernels and their gradient (each
     ``N * C_out * (C_in/groups) * kh*kw`` elements, the gradient in float32 for the half
-    types), the columns of the forward (two buffers on the CPU) and on the GPU the resampling
-    as an ``N * G * kh*kw * S_h*S_w`` table; local DK, on the GPU, per-block partial sums of
-    the weight gradient (fewer than ``(4096 + C_out * C_in/groups) * S_h*S_w`` elements),
-    nothing on the CPU.
+    types; on the GPU's direct path the gradient is summed per band of positions when
+    ``N * C_out < 2048``, fewer than ``(N * C_out + 2048) * (C_in/groups) * kh*kw`` elements),
+    the columns of the forward (two buffers on the CPU; on the GPU only off the direct path)
+    and on the GPU the resampling as an ``N * G * kh*kw * S_h*S_w`` table; local DK, on the
+    GPU, per-block partial sums of the weight gradient (fewer than
+    ``(4096 + C_out * C_in/groups) * S_h*S_w`` elements), nothing on the CPU.
     """
     op = "deform_kernel_conv2d_backward"
     check.boolean(op, "deterministic", deterministic)

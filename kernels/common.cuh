@@ -233,36 +233,59 @@ __device__ __forceinline__ A warp_sum(A v) {
     return v;
 }
 
-// The sum over a block (blockDim.x a multiple of WARP_SIZE, every thread calling), in a fixed
-// order: warp sums, then the warps' sums by warp 0. Reproducible; the result is in thread 0.
-// scratch: WARP_SIZE elements of shared memory, reusable by the next call.
-template <typename A>
-__device__ __forceinline__ A block_sum(A v, A* scratch) {
-    v = warp_sum(v);
+// The sums over a block of NV values per thread (blockDim.x a multiple of WARP_SIZE, every
+// thread calling), in a fixed order: warp sums, then the warps' sums by warp 0. Reproducible;
+// the results are in thread 0. scratch: NV * WARP_SIZE elements of shared memory, reusable by
+// the next call.
+template <int NV, typename A>
+__device__ __forceinline__ void block_sums(A (&v)[NV], A* scratch) {
     const int lane = threadIdx.x % WARP_SIZE, warp = threadIdx.x / WARP_SIZE;
+#pragma unroll
+    for (int e = 0; e < NV; ++e) v[e] = warp_sum(v[e]);
     __syncthreads();  // the previous call's readers are done with scratch
-    if (lane == 0) scratch[warp] = v;
+    if (lane == 0) {
+#pragma unroll
+        for (int e = 0; e < NV; ++e) scratch[e * WARP_SIZE + warp] = v[e];
+    }
     __syncthreads();
-    if (warp == 0) v = warp_sum(lane < (int)(blockDim.x / WARP_SIZE) ? scratch[lane] : A(0));
-    return v;
+    if (warp == 0) {
+#pragma unroll
+        for (int e = 0; e < NV; ++e)
+            v[e] = warp_sum(lane < (int)(blockDim.x / WARP_SIZE) ? scratch[e * WARP_SIZE + lane] : A(0));
+    }
 }
 
-// d/dh and d/dw of bilinear_zero at (h, w), from the right at the kinks (integer coordinates):
-// non-zero on [-1, H) x [-1, W), so a point at exactly h = -1, which reads 0, is still pulled
-// into the plane (deform_conv2d's border_grad="torchvision").
-template <typename A, typename T>
-__device__ __forceinline__ void bilinear_zero_position_grad(const T* plane, index_t height, index_t width,
-                                                            A h, A w, A& grad_h, A& grad_w) {
-    grad_h = grad_w = A(0);
-    if (!(h >= A(-1) && h < A(height) && w >= A(-1) && w < A(width))) return;
-    const Corners<A> p(h, w);
-    const A v00 = pixel<A>(plane, height, width, p.y0, p.x0);
-    const A v01 = pixel<A>(plane, height, width, p.y0, p.x0 + 1);
-    const A v10 = pixel<A>(plane, height, width, p.y0 + 1, p.x0);
-    const A v11 = pixel<A>(plane, height, width, p.y0 + 1, p.x0 + 1);
-    grad_h = (A(1) - p.lw) * (v10 - v00) + p.lw * (v11 - v01);
-    grad_w = (A(1) - p.lh) * (v01 - v00) + p.lh * (v11 - v10);
-}
+// d/dh and d/dw of bilinear_zero at one point, from the right at the kinks (integer
+// coordinates): non-zero on [-1, H) x [-1, W), so a point at exactly h = -1, which reads 0, is
+// still pulled into the plane (deform_conv2d's border_grad="torchvision"). As BilinearTaps, the
+// corners are found once and applied to many planes of the same size.
+template <typename A>
+struct BilinearSlopes {
+    A lh, lw;
+    index_t i00, width;
+    bool live, ok00, ok01, ok10, ok11;
+
+    __device__ __forceinline__ BilinearSlopes(A h, A w, index_t height, index_t width_) : width(width_) {
+        live = h >= A(-1) && h < A(height) && w >= A(-1) && w < A(width_);
+        if (!live) h = w = A(0);  // keeps NaN and infinities out of floor() and the casts
+        const Corners<A> p(h, w);
+        const bool y0 = p.y0 >= 0, y1 = p.y0 + 1 < height, x0 = p.x0 >= 0, x1 = p.x0 + 1 < width;
+        ok00 = live && y0 && x0; ok01 = live && y0 && x1; ok10 = live && y1 && x0; ok11 = live && y1 && x1;
+        lh = p.lh;
+        lw = p.lw;
+        i00 = p.y0 * width + p.x0;
+    }
+
+    template <typename T>
+    __device__ __forceinline__ void grad(const T* plane, A& grad_h, A& grad_w) const {
+        const A v00 = ok00 ? to_acc(plane[i00]) : A(0);
+        const A v01 = ok01 ? to_acc(plane[i00 + 1]) : A(0);
+        const A v10 = ok10 ? to_acc(plane[i00 + width]) : A(0);
+        const A v11 = ok11 ? to_acc(plane[i00 + width + 1]) : A(0);
+        grad_h = (A(1) - lw) * (v10 - v00) + lw * (v11 - v01);
+        grad_w = (A(1) - lh) * (v01 - v00) + lh * (v11 - v10);
+    }
+};
 
 }  // namespace cudeform
 
@@ -291,7 +314,7 @@ template <typename T>
 __global__ void add_bias(T* out, const T* __restrict__ bias, cudeform::index_t images, cudeform::index_t channels,
                          cudeform::index_t L) {
     CUDEFORM_LOOP(i, images * channels * L) {
-        const cudeform::index_t c = cudeform::fast_div(i, L) % channels;
+        const cudeform::index_t r = cudeform::fast_div(i, L), c = r - cudeform::fast_div(r, channels) * channels;
         out[i] = cudeform::from_acc<T>(cudeform::to_acc(out[i]) + cudeform::to_acc(bias[c]));
     }
 }
@@ -306,8 +329,10 @@ __global__ void bias_grad(const T* __restrict__ grad_output, cudeform::index_t n
     __shared__ A partial[256];
     for (cudeform::index_t c = blockIdx.x; c < channels; c += gridDim.x) {
         A sum = A(0);
-        for (cudeform::index_t t = threadIdx.x; t < n * L; t += blockDim.x)
-            sum += cudeform::to_acc(grad_output[((t / L) * channels + c) * L + t % L]);
+        for (cudeform::index_t image = 0; image < n; ++image) {
+            const T* plane = grad_output + (image * channels + c) * L;
+            for (cudeform::index_t t = threadIdx.x; t < L; t += blockDim.x) sum += cudeform::to_acc(plane[t]);
+        }
         partial[threadIdx.x] = sum;
         __syncthreads();
         for (int s = blockDim.x / 2; s > 0; s >>= 1) {

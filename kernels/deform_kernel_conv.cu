@@ -6,11 +6,13 @@
 // group g reads it with bilinear_zero at (i + (S_h - kh)/2 + dh, j + (S_w - kw)/2 + dw). Output
 // channel o belongs to weight group o / (C_out / groups) and to offset group o / (C_out / G).
 //
-// Global DK: dk_resample samples one kernel per image, (N, C_out, Cg, K), K = kh * kw; the
-// convolution is dk_im2col plus one strided-batched GEMM (host) or the direct dk_global_conv.
-// Its backward goes through the resampled kernels' gradient, also (N, C_out, Cg, K).
-// Local DK: fused kernels that sample the scope at every output position; nothing per position
-// is stored.
+// Global DK: one sampled kernel per image, (N, C_out, Cg, K), K = kh * kw. When Cg * K is small
+// (depthwise) the convolution is direct: dk_global_conv samples the kernel of a plane into
+// shared memory and convolves, and the backward has direct kernels too; otherwise dk_resample
+// stores the kernels and the host multiplies them with dk_im2col's columns (cuBLAS). The
+// backward goes through the resampled kernels' gradient, (N, bands, C_out, Cg, K).
+// Local DK: fused kernels that sample the scope at every output position, each thread for a
+// chunk of channels that share the position's scope taps; nothing per position is stored.
 //
 // Every sum is a gather or a block reduction with a fixed order: the backward is bitwise
 // reproducible and uses no atomics. Templated on the storage type T; sums in acc<T>::type.
@@ -27,6 +29,19 @@ using namespace cudeform;
 #define DK_GEO                                                                                     \
     const DkGeometry geo{batch, channels, height, width, c_out, groups, offset_groups, kh, kw, sh, \
                          sw, ph, pw, dh, dw, out_h, out_w, scope_h, scope_w}
+
+// Capacity of dk_global_conv's shared kernel, Cg * K values (DIRECT_CAPACITY in the host).
+#define DK_DIRECT_CAPACITY 1024
+// Kernel points of one kernel row that the direct kernels unroll, and kernel rows that a thread
+// of dk_global_kernel_grad sums at once.
+#define DK_ROW_TAPS 4
+#define DK_PIECE_ROWS 2
+// Channels that a thread of the local kernels handles at once (CHUNK in the host).
+#define DK_CHUNK 8
+
+// a / b rounded up, for positive a, b (64-bit sizes or the direct kernels' 32-bit coordinates).
+template <typename I>
+__device__ __forceinline__ I ceil_div(I a, I b) { return b == 1 ? a : (I)fast_div(a + b - 1, b); }
 
 struct DkGeometry {
     index_t batch, channels, height, width, c_out, groups, offset_groups;
@@ -50,13 +65,21 @@ struct DkGeometry {
     __device__ __forceinline__ index_t og() const { return og_; }
     __device__ __forceinline__ index_t opg() const { return opg_; }
 
-    // Where kernel point k, moved by its offsets (dh at off[0], dw at off[step]), reads the
+    // Where kernel point (i, j), moved by its offsets (dh at off[0], dw at off[step]), reads the
     // scope: the kh x kw grid is centred in the S_h x S_w scope.
     template <typename A, typename T>
-    __device__ __forceinline__ void scope_point(index_t k, const T* off, index_t step, A& h, A& w) const {
-        const int ki = (int)k;
-        h = A(2 * (ki / kw) + scope_h - kh) / A(2) + to_acc(off[0]);
-        w = A(2 * (ki % kw) + scope_w - kw) / A(2) + to_acc(off[step]);
+    __device__ __forceinline__ void scope_point(int i, int j, const T* off, index_t step, A& h, A& w) const {
+        h = A(2 * i + (int)(scope_h - kh)) / A(2) + to_acc(off[0]);
+        w = A(2 * j + (int)(scope_w - kw)) / A(2) + to_acc(off[step]);
+    }
+
+    // Global DK: kernel point k of the scope `plane`, moved by `off`, the offsets of one
+    // (image, offset group).
+    template <typename A, typename T>
+    __device__ __forceinline__ A resample(const T* plane, const T* off, int k) const {
+        A h, w;
+        scope_point(k / kw, k % kw, off + 2 * k, 1, h, w);
+        return bilinear_zero<A>(plane, scope_h, scope_w, h, w);
     }
 
     __device__ __forceinline__ index_t in_row(index_t y, int i) const { return y * sh - ph + (index_t)i * dh; }
@@ -66,153 +89,256 @@ struct DkGeometry {
     __device__ __forceinline__ bool out_row(index_t iy, int i, index_t& y) const {
         const index_t t = iy + ph - (index_t)i * dh;
         if (t < 0) return false;
-        y = fast_div(t, sh);
+        y = sh == 1 ? t : fast_div(t, sh);
         return y * sh == t && y < out_h;
     }
     __device__ __forceinline__ bool out_col(index_t ix, int j, index_t& x) const {
         const index_t t = ix + pw - (index_t)j * dw;
         if (t < 0) return false;
-        x = fast_div(t, sw);
+        x = sw == 1 ? t : fast_div(t, sw);
         return x * sw == t && x < out_w;
     }
 };
 
 // ---------------------------------------------------------------------------------------------
-// The kernel values of the direct kernels. with_point(n, o, i, j, l, f) calls f(value), where
-// value(c) is kernel point (i, j) of output channel o of image n, at output position l, for
-// channel c of o's weight group; it does not call f when that kernel point is 0 for every c.
+// Inside one (image, channel) plane the direct kernels count in 32 bits: the host takes the
+// direct path only when every coordinate of the convolution fits (planes of fewer than 2**30
+// positions, see _direct in the host). 64-bit index arithmetic would double their instructions.
 // ---------------------------------------------------------------------------------------------
 
-// Global DK: the kernels dk_resample sampled, (N, C_out, Cg, K).
-template <typename T>
-struct ResampledKernels {
-    const T* kernels;
-    DkGeometry geo;
-
-    template <typename F>
-    __device__ __forceinline__ void with_point(index_t n, index_t o, int i, int j, index_t, F f) const {
-        const index_t K = geo.K();
-        const T* first = kernels + (n * geo.c_out + o) * geo.cg() * K + (index_t)i * geo.kw + j;
-        f([&](index_t c) { return to_acc(first[c * K]); });
-    }
-};
-
-// Local DK: the scope sampled with the offsets of output position l. The taps are computed once
-// and applied to the Cg planes of the output channel.
-template <typename T>
-struct SampledKernels {
-    typedef typename acc<T>::type A;
-    const T* weight;
-    const T* offset;
-    DkGeometry geo;
-
-    template <typename F>
-    __device__ __forceinline__ void with_point(index_t n, index_t o, int i, int j, index_t l, F f) const {
-        const index_t L = geo.L(), k = (index_t)i * geo.kw + j, g = fast_div(o, geo.opg());
-        A h, w;
-        geo.scope_point(k, offset + ((n * geo.offset_groups + g) * geo.K() + k) * 2 * L + l, L, h, w);
-        if (!in_open_box(h, w, geo.scope_h, geo.scope_w)) return;
-        const BilinearTaps<A> taps(h, w, geo.scope_h, geo.scope_w);
-        const index_t S = geo.scope();
-        const T* planes = weight + o * geo.cg() * S;
-        f([&](index_t c) { return taps.sample(planes + c * S); });
-    }
-};
-
-// out[n, o, l] = bias[o] + sum over c, (i, j) of input[n, first + c, rigid point] * value(c).
-// One thread per output element.
-template <typename T, typename Kernels>
-__device__ __forceinline__ void dk_conv_body(const T* input, const Kernels& kernels, const T* bias, int use_bias,
-                                             const DkGeometry& geo, T* out) {
-    typedef typename acc<T>::type A;
-    const index_t L = geo.L(), hw = geo.hw(), cg = geo.cg();
-    CUDEFORM_LOOP(idx, geo.batch * geo.c_out * L) {
-        const index_t no = fast_div(idx, L), l = idx - no * L;
-        const index_t n = fast_div(no, geo.c_out), o = no - n * geo.c_out;
-        const index_t y = fast_div(l, geo.out_w), x = l - y * geo.out_w;
-        const T* planes = input + (n * geo.channels + fast_div(o, geo.og()) * cg) * hw;
-        A sum = use_bias ? to_acc(bias[o]) : A(0);
-        for (int i = 0; i < geo.kh; ++i) {
-            const index_t iy = geo.in_row(y, i);
-            if (iy < 0 || iy >= geo.height) continue;
-            for (int j = 0; j < geo.kw; ++j) {
-                const index_t ix = geo.in_col(x, j);
-                if (ix < 0 || ix >= geo.width) continue;
-                const T* px = planes + iy * geo.width + ix;
-                kernels.with_point(n, o, i, j, l, [&](auto value) {
-                    for (index_t c = 0; c < cg; ++c) sum += to_acc(px[c * hw]) * value(c);
-                });
-            }
-        }
-        out[idx] = from_acc<T>(sum);
-    }
+// The kernel points [lo, hi) of one axis whose rigid coordinates first + point * step fall
+// inside [0, size); the others read the zero padding.
+__device__ __forceinline__ void points_inside(int first, int step, int points, int size, int& lo, int& hi) {
+    lo = first >= 0 ? 0 : min(points, ceil_div(-first, step));
+    hi = first >= size ? 0 : min(points, ceil_div(size - first, step));
 }
 
-// grad_input[n, c_in, iy, ix] = sum over the outputs o of c_in's weight group and the (i, j, l)
-// that read (iy, ix) of grad_output[n, o, l] * value(c). A gather: one thread per input element.
-template <typename T, typename Kernels>
-__device__ __forceinline__ void dk_input_grad_body(const T* grad_output, const Kernels& kernels,
-                                                   const DkGeometry& geo, T* grad_input) {
-    typedef typename acc<T>::type A;
-    const index_t L = geo.L(), hw = geo.hw(), cg = geo.cg(), og = geo.og();
-    CUDEFORM_LOOP(idx, geo.batch * geo.channels * hw) {
-        const index_t nc = fast_div(idx, hw), p = idx - nc * hw;
-        const index_t iy = fast_div(p, geo.width), ix = p - iy * geo.width;
-        const index_t n = fast_div(nc, geo.channels), c_in = nc - n * geo.channels;
-        const index_t wg = fast_div(c_in, cg), c = c_in - wg * cg;
-        A sum = A(0);
-        for (int i = 0; i < geo.kh; ++i) {
-            index_t y;
-            if (!geo.out_row(iy, i, y)) continue;
-            for (int j = 0; j < geo.kw; ++j) {
-                index_t x;
-                if (!geo.out_col(ix, j, x)) continue;
-                const index_t l = y * geo.out_w + x;
-                const T* go = grad_output + (n * geo.c_out + wg * og) * L + l;
-                for (index_t o = 0; o < og; ++o)
-                    kernels.with_point(n, wg * og + o, i, j, l,
-                                       [&](auto value) { sum += to_acc(go[o * L]) * value(c); });
-            }
-        }
-        grad_input[idx] = from_acc<T>(sum);
-    }
+// The kernel points [lo, hi) of one axis with which an output in [0, out) could read input
+// coordinate `in`: t = in + pad - point * dil in [0, (out - 1) * stride]. With a stride, t must
+// also be a multiple of it (that output is t / stride).
+__device__ __forceinline__ void points_reaching(int in, int pad, int dil, int stride, int points, int out, int& lo,
+                                                int& hi) {
+    const int top = in + pad, excess = top - (out - 1) * stride;
+    hi = top < 0 ? 0 : min(points, (dil == 1 ? top : (int)fast_div(top, dil)) + 1);
+    lo = excess <= 0 ? 0 : min(points, ceil_div(excess, dil));
 }
+
+// The positions of band b (of `bands` that cut a plane of `size` positions) that a thread takes,
+// begin + threadIdx.x, then every blockDim.x, with their row and column in a plane `width`
+// wide: split once, then advanced by additions (a division per position would cost as much as
+// a light kernel's work on it).
+struct PlaneWalk {
+    int p, y, x, end, width, step_y, step_x;
+
+    __device__ __forceinline__ PlaneWalk(index_t b, index_t bands, index_t size, index_t width_) : width((int)width_) {
+        const int length = (int)ceil_div(size, bands);
+        p = (int)b * length + (int)threadIdx.x;
+        end = min((int)size, ((int)b + 1) * length);
+        y = (int)fast_div(p, width);
+        x = p - y * width;
+        step_y = (int)fast_div((int)blockDim.x, width);
+        step_x = (int)blockDim.x - step_y * width;
+    }
+
+    __device__ __forceinline__ bool live() const { return p < end; }
+
+    __device__ __forceinline__ void next() {
+        p += blockDim.x;
+        y += step_y;
+        x += step_x;
+        if (x >= width) {
+            x -= width;
+            ++y;
+        }
+    }
+};
 
 // ---------------------------------------------------------------------------------------------
 // Global DK
 // ---------------------------------------------------------------------------------------------
 
-// kernels[n, o, c, k]: the scope of (o, c) sampled at kernel point k moved by image n's offset.
+// kernels[n, o, c, k]: the scope of (o, c) sampled at kernel point k moved by image n's offsets.
+// One thread per (n, o, c), for its K points.
 template <typename T>
 __global__ void dk_resample(const T* __restrict__ weight, const T* __restrict__ offset, DK_GEOMETRY,
                             T* __restrict__ kernels) {
     typedef typename acc<T>::type A;
     DK_GEO;
     const index_t K = geo.K(), occ = c_out * geo.cg(), S = geo.scope();
-    CUDEFORM_LOOP(idx, batch * occ * K) {
-        const index_t r = fast_div(idx, K), k = idx - r * K;
-        const index_t n = fast_div(r, occ), oc = r - n * occ;
-        const index_t g = fast_div(fast_div(oc, geo.cg()), geo.opg());
-        A h, w;
-        geo.scope_point(k, offset + 2 * ((n * offset_groups + g) * K + k), 1, h, w);
-        kernels[idx] = from_acc<T>(bilinear_zero<A>(weight + oc * S, scope_h, scope_w, h, w));
+    CUDEFORM_LOOP(idx, batch * occ) {
+        const index_t n = fast_div(idx, occ), oc = idx - n * occ;
+        const T* off = offset + 2 * (n * offset_groups + fast_div(fast_div(oc, geo.cg()), geo.opg())) * K;
+        for (int k = 0; k < (int)K; ++k) kernels[idx * K + k] = from_acc<T>(geo.resample<A>(weight + oc * S, off, k));
     }
 }
 
-// The direct convolution with the resampled kernels, for small Cg * K (depthwise), where a GEMM
-// would have a handful of rows.
+// The direct convolution, for small Cg * K (depthwise), where a GEMM would have a handful of
+// rows: one block per (image, output channel, band of positions) samples the plane's kernel
+// into shared memory, then each thread computes outputs, consecutive threads consecutive
+// positions (coalesced rows).
 template <typename T>
-__global__ void dk_global_conv(const T* __restrict__ input, const T* __restrict__ kernels,
-                               const T* __restrict__ bias, int use_bias, DK_GEOMETRY, T* __restrict__ out) {
+__global__ void __launch_bounds__(256) dk_global_conv(const T* __restrict__ input, const T* __restrict__ weight,
+                                                      const T* __restrict__ offset, const T* __restrict__ bias,
+                                                      int use_bias, index_t bands, DK_GEOMETRY, T* __restrict__ out) {
+    typedef typename acc<T>::type A;
     DK_GEO;
-    dk_conv_body(input, ResampledKernels<T>{kernels, geo}, bias, use_bias, geo, out);
+    __shared__ A kernel[DK_DIRECT_CAPACITY];
+    const index_t L = geo.L(), K = geo.K(), cg = geo.cg(), hw = geo.hw(), S = geo.scope();
+    const int H = (int)height, W = (int)width;
+    for (index_t unit = blockIdx.x; unit < batch * c_out * bands; unit += gridDim.x) {
+        const index_t no = fast_div(unit, bands), n = fast_div(no, c_out), o = no - n * c_out;
+        const T* off = offset + 2 * (n * offset_groups + fast_div(o, geo.opg())) * K;
+        __syncthreads();  // the previous unit's threads are done with `kernel`
+        for (index_t r = threadIdx.x; r < cg * K; r += blockDim.x) {
+            const index_t c = fast_div(r, K);
+            kernel[r] = geo.resample<A>(weight + (o * cg + c) * S, off, (int)(r - c * K));
+        }
+        __syncthreads();
+        const T* planes = input + (n * channels + fast_div(o, geo.og()) * cg) * hw;
+        const A b = use_bias ? to_acc(bias[o]) : A(0);
+        for (PlaneWalk q(unit - no * bands, bands, L, out_w); q.live(); q.next()) {
+            const int iy0 = q.y * sh - ph, ix0 = q.x * sw - pw;
+            int i_lo, i_hi, j_lo, j_hi;
+            points_inside(iy0, dh, kh, H, i_lo, i_hi);
+            points_inside(ix0, dw, kw, W, j_lo, j_hi);
+            A sum = b;
+            for (index_t c = 0; c < cg; ++c) {
+                const T* plane = planes + c * hw;
+                const A* taps = kernel + (c * kh + i_lo) * kw;
+                for (int i = i_lo; i < i_hi; ++i, taps += kw) {
+                    const T* row = plane + ((iy0 + i * dh) * W + ix0);
+                    // Pieces of DK_ROW_TAPS unrolled points: a loop over a handful of points
+                    // would spend more on its control than on the products.
+                    for (int j0 = j_lo; j0 < j_hi; j0 += DK_ROW_TAPS) {
+#pragma unroll
+                        for (int t = 0; t < DK_ROW_TAPS; ++t) {
+                            if (j0 + t < j_hi) sum += to_acc(row[(j0 + t) * dw]) * taps[j0 + t];
+                        }
+                    }
+                }
+            }
+            out[no * L + q.p] = from_acc<T>(sum);
+        }
+    }
 }
 
+// sum + the sum over the kernel points j in [j_lo, j_hi) of one kernel row whose output column
+// x = (left - j * dw) / sw is whole, of row[x] * kernel_row[j]. Pieces of unrolled points, as
+// in dk_global_conv; UNIT (sw = 1) has no division.
+template <bool UNIT, typename A, typename T>
+__device__ __forceinline__ A reaching_dot(const T* row, const T* kernel_row, int left, int dw, int sw, int j_lo,
+                                          int j_hi, A sum) {
+    for (int j0 = j_lo; j0 < j_hi; j0 += DK_ROW_TAPS) {
+#pragma unroll
+        for (int t = 0; t < DK_ROW_TAPS; ++t) {
+            const int j = j0 + t, tx = left - j * dw;
+            if (UNIT) {
+                if (j < j_hi) sum += to_acc(row[tx]) * to_acc(kernel_row[j]);
+            } else {
+                const int x = (int)fast_div(tx, sw);
+                if (j < j_hi && x * sw == tx) sum += to_acc(row[x]) * to_acc(kernel_row[j]);
+            }
+        }
+    }
+    return sum;
+}
+
+// grad_input[n, c_in, iy, ix] = sum over the outputs o of c_in's weight group and the (i, j, y, x)
+// whose rigid point is (iy, ix) of grad_output[n, o, y, x] * kernels[n, o, c, i, j]: the
+// transposed direct convolution, a gather. One block per (image, input channel, band of
+// positions), one thread per position.
 template <typename T>
-__global__ void dk_global_input_grad(const T* __restrict__ grad_output, const T* __restrict__ kernels, DK_GEOMETRY,
-                                     T* __restrict__ grad_input) {
+__global__ void dk_global_input_grad(const T* __restrict__ grad_output, const T* __restrict__ kernels,
+                                     index_t bands, DK_GEOMETRY, T* __restrict__ grad_input) {
+    typedef typename acc<T>::type A;
     DK_GEO;
-    dk_input_grad_body(grad_output, ResampledKernels<T>{kernels, geo}, geo, grad_input);
+    const index_t L = geo.L(), K = geo.K(), hw = geo.hw(), cg = geo.cg(), og = geo.og();
+    const int OH = (int)out_h, OW = (int)out_w;
+    for (index_t unit = blockIdx.x; unit < batch * channels * bands; unit += gridDim.x) {
+        const index_t nc = fast_div(unit, bands), n = fast_div(nc, channels), c_in = nc - n * channels;
+        const index_t wg = fast_div(c_in, cg), c = c_in - wg * cg;
+        const T* go = grad_output + (n * c_out + wg * og) * L;
+        const T* kern = kernels + ((n * c_out + wg * og) * cg + c) * K;  // output wg*og + q: + q*Cg*K
+        for (PlaneWalk q(unit - nc * bands, bands, hw, width); q.live(); q.next()) {
+            int i_lo, i_hi, j_lo, j_hi;
+            points_reaching(q.y, ph, dh, sh, kh, OH, i_lo, i_hi);
+            points_reaching(q.x, pw, dw, sw, kw, OW, j_lo, j_hi);
+            const int left = q.x + pw;
+            A sum = A(0);
+            for (int i = i_lo; i < i_hi; ++i) {
+                int y = q.y + ph - i * dh;
+                if (sh != 1) {
+                    const int t = y;
+                    y = (int)fast_div(t, sh);
+                    if (y * sh != t) continue;
+                }
+                for (index_t o = 0; o < og; ++o) {
+                    const T* row = go + o * L + y * OW;
+                    const T* kk = kern + o * cg * K + i * kw;
+                    sum = sw == 1 ? reaching_dot<true>(row, kk, left, dw, sw, j_lo, j_hi, sum)
+                                  : reaching_dot<false>(row, kk, left, dw, sw, j_lo, j_hi, sum);
+                }
+            }
+            grad_input[nc * hw + q.p] = from_acc<T>(sum);
+        }
+    }
+}
+
+// The resampled kernels' gradient of the direct path, per band of positions:
+// grad_kernels[n, band, o, c, k] = sum over the band's l of grad_output[n, o, l] *
+// input[n, c_in, rigid point of (l, k)]. One block per (n, o, band); it takes the kernel in
+// pieces of DK_PIECE_ROWS rows by DK_ROW_TAPS points of one c, each thread summing its
+// positions for the piece's points (one grad_output read serves them all), then a fixed-order
+// block sum.
+template <typename T>
+__global__ void __launch_bounds__(256) dk_global_kernel_grad(const T* __restrict__ grad_output,
+                                                             const T* __restrict__ input, index_t bands, DK_GEOMETRY,
+                                                             typename acc<T>::type* __restrict__ grad_kernels) {
+    typedef typename acc<T>::type A;
+    DK_GEO;
+    __shared__ A scratch[DK_PIECE_ROWS * DK_ROW_TAPS * WARP_SIZE];
+    const index_t L = geo.L(), K = geo.K(), hw = geo.hw(), cg = geo.cg();
+    const int H = (int)height, W = (int)width;
+    const int col_pieces = (kw + DK_ROW_TAPS - 1) / DK_ROW_TAPS, row_pieces = (kh + DK_PIECE_ROWS - 1) / DK_PIECE_ROWS;
+    for (index_t unit = blockIdx.x; unit < batch * c_out * bands; unit += gridDim.x) {
+        const index_t no = fast_div(unit, bands), n = fast_div(no, c_out), o = no - n * c_out;
+        const index_t b = unit - no * bands;
+        const T* go = grad_output + no * L;
+        const T* planes = input + (n * channels + fast_div(o, geo.og()) * cg) * hw;
+        A* part = grad_kernels + ((n * bands + b) * c_out + o) * cg * K;
+        for (index_t piece = 0; piece < cg * row_pieces * col_pieces; ++piece) {
+            const index_t ci = fast_div(piece, (index_t)col_pieces), c = fast_div(ci, (index_t)row_pieces);
+            const int i0 = (int)(ci - c * row_pieces) * DK_PIECE_ROWS, j0 = (int)(piece - ci * col_pieces) * DK_ROW_TAPS;
+            const int rows = min(DK_PIECE_ROWS, kh - i0), taps = min(DK_ROW_TAPS, kw - j0);
+            const int dy = i0 * dh - ph, dx = j0 * dw - pw;
+            const T* plane = planes + c * hw;
+            A sums[DK_PIECE_ROWS * DK_ROW_TAPS];
+#pragma unroll
+            for (int e = 0; e < DK_PIECE_ROWS * DK_ROW_TAPS; ++e) sums[e] = A(0);
+            for (PlaneWalk q(b, bands, L, out_w); q.live(); q.next()) {
+                const int iy0 = q.y * sh + dy, ix0 = q.x * sw + dx;
+                int lo, hi;
+                points_inside(ix0, dw, taps, W, lo, hi);
+                const A g = to_acc(go[q.p]);
+#pragma unroll
+                for (int r = 0; r < DK_PIECE_ROWS; ++r) {
+                    const int iy = iy0 + r * dh;
+                    if (r >= rows || (unsigned)iy >= (unsigned)H) continue;
+                    const T* px = plane + (iy * W + ix0);
+#pragma unroll
+                    for (int t = 0; t < DK_ROW_TAPS; ++t) {
+                        if (t >= lo && t < hi) sums[r * DK_ROW_TAPS + t] += g * to_acc(px[t * dw]);
+                    }
+                }
+            }
+            block_sums(sums, scratch);
+            if (threadIdx.x == 0) {
+                for (int r = 0; r < rows; ++r) {
+                    for (int t = 0; t < taps; ++t) part[c * K + (i0 + r) * kw + j0 + t] = sums[r * DK_ROW_TAPS + t];
+                }
+            }
+        }
+    }
 }
 
 // Columns of the rigid grid for `batch` images: cols[n, c * K + k, l], zero padding. One thread
@@ -261,90 +387,58 @@ __global__ void dk_col2im(const T* __restrict__ cols, DK_GEOMETRY, T* __restrict
     }
 }
 
-// The resampled kernels' gradient of the direct path: grad_kernels[n, o, c, k] = sum over l of
-// grad_output[n, o, l] * input[n, c_in, rigid point]. One block per (n, o, c) (a multiple of 32
-// threads), a fixed-order block sum per kernel point.
-template <typename T>
-__global__ void dk_global_kernel_grad(const T* __restrict__ grad_output, const T* __restrict__ input, DK_GEOMETRY,
-                                      typename acc<T>::type* __restrict__ grad_kernels) {
-    typedef typename acc<T>::type A;
-    DK_GEO;
-    __shared__ A scratch[WARP_SIZE];
-    const index_t L = geo.L(), K = geo.K(), hw = geo.hw(), cg = geo.cg();
-    for (index_t b = blockIdx.x; b < batch * c_out * cg; b += gridDim.x) {
-        const index_t no = fast_div(b, cg), c = b - no * cg, n = fast_div(no, c_out), o = no - n * c_out;
-        const T* go = grad_output + no * L;
-        const T* plane = input + (n * channels + fast_div(o, geo.og()) * cg + c) * hw;
-        for (int i = 0; i < kh; ++i) {
-            for (int j = 0; j < kw; ++j) {
-                A part = A(0);
-                for (index_t l = threadIdx.x; l < L; l += blockDim.x) {
-                    const index_t y = fast_div(l, out_w), x = l - y * out_w;
-                    const index_t iy = geo.in_row(y, i), ix = geo.in_col(x, j);
-                    if (iy >= 0 && iy < height && ix >= 0 && ix < width)
-                        part += to_acc(go[l]) * to_acc(plane[iy * width + ix]);
-                }
-                part = block_sum(part, scratch);
-                if (threadIdx.x == 0) grad_kernels[b * K + (index_t)i * kw + j] = part;
-            }
-        }
-    }
-}
-
 // grad_offset[n, 2 * (g*K + k) + {0, 1}] = sum over the (o, c) of offset group g of
-// grad_kernels[n, o, c, k] * d kernels[n, o, c, k] / d(dh, dw). One block per (n, g, k), of up to
-// 1024 threads (the bound keeps the registers within what such a block may use).
+// grad_kernels[n, o, c, k] (summed over the bands) * d kernels[n, o, c, k] / d(dh, dw). One block
+// per (n, g, k), of up to 1024 threads (the bound keeps the registers within what such a block
+// may use). The block also writes taps[n, g, k, s], the weight of scope element s in kernel point
+// k of (n, g): a row of the resampling as a (K, S) matrix per (n, g), for dk_global_weight_grad.
 template <typename T>
 __global__ void __launch_bounds__(1024) dk_global_offset_grad(const typename acc<T>::type* __restrict__ grad_kernels,
-                                      const T* __restrict__ weight, const T* __restrict__ offset, DK_GEOMETRY,
-                                      T* __restrict__ grad_offset) {
+                                      const T* __restrict__ weight, const T* __restrict__ offset, index_t bands,
+                                      DK_GEOMETRY, T* __restrict__ grad_offset,
+                                      typename acc<T>::type* __restrict__ taps) {
     typedef typename acc<T>::type A;
     DK_GEO;
-    __shared__ A scratch[WARP_SIZE];
+    __shared__ A scratch[2 * WARP_SIZE];
     const index_t K = geo.K(), S = geo.scope(), occ = c_out * geo.cg(), terms = geo.opg() * geo.cg();
     for (index_t b = blockIdx.x; b < batch * offset_groups * K; b += gridDim.x) {
         const index_t ng = fast_div(b, K), k = b - ng * K, n = fast_div(ng, offset_groups), g = ng - n * offset_groups;
         A h, w;
-        geo.scope_point(k, offset + 2 * b, 1, h, w);
-        A grad_h = A(0), grad_w = A(0);
-        for (index_t t = threadIdx.x; t < terms; t += blockDim.x) {
-            const index_t oc = g * terms + t;  // the (o, c) of offset group g are contiguous
-            A d_h, d_w;
-            bilinear_zero_position_grad(weight + oc * S, scope_h, scope_w, h, w, d_h, d_w);
-            const A gk = grad_kernels[(n * occ + oc) * K + k];
-            grad_h += gk * d_h;
-            grad_w += gk * d_w;
+        geo.scope_point((int)k / kw, (int)k % kw, offset + 2 * b, 1, h, w);
+        const bool inside = in_open_box(h, w, scope_h, scope_w);
+        const Corners<A> p(inside ? h : A(0), inside ? w : A(0));
+        for (index_t s = threadIdx.x; s < S; s += blockDim.x) {
+            const index_t sy = fast_div(s, scope_w), dy = sy - p.y0, dx = s - sy * scope_w - p.x0;
+            const bool corner = inside && dy >= 0 && dy <= 1 && dx >= 0 && dx <= 1;
+            taps[b * S + s] = corner ? (dy ? p.lh : A(1) - p.lh) * (dx ? p.lw : A(1) - p.lw) : A(0);
         }
-        grad_h = block_sum(grad_h, scratch);
-        grad_w = block_sum(grad_w, scratch);
+        const BilinearSlopes<A> slopes(h, w, scope_h, scope_w);
+        A grads[2] = {A(0), A(0)};
+        if (slopes.live) {
+            for (index_t t = threadIdx.x; t < terms; t += blockDim.x) {
+                const index_t oc = g * terms + t;  // the (o, c) of offset group g are contiguous
+                A d_h, d_w;
+                slopes.grad(weight + oc * S, d_h, d_w);
+                const A* gk = grad_kernels + (n * bands * occ + oc) * K + k;
+                A gsum = A(0);
+                for (index_t band = 0; band < bands; ++band) gsum += gk[band * occ * K];
+                grads[0] += gsum * d_h;
+                grads[1] += gsum * d_w;
+            }
+        }
+        block_sums(grads, scratch);
         if (threadIdx.x == 0) {
-            grad_offset[2 * b] = from_acc<T>(grad_h);
-            grad_offset[2 * b + 1] = from_acc<T>(grad_w);
+            grad_offset[2 * b] = from_acc<T>(grads[0]);
+            grad_offset[2 * b + 1] = from_acc<T>(grads[1]);
         }
     }
 }
 
-// taps[n, g, k, s]: the weight of scope element s in kernel point k of (n, g), i.e. the
-// resampling as a sparse (K, S) matrix per (n, g). `taps` must be zeroed; one thread per row.
-template <typename T>
-__global__ void dk_global_taps(const T* __restrict__ offset, DK_GEOMETRY, typename acc<T>::type* __restrict__ taps) {
-    typedef typename acc<T>::type A;
-    DK_GEO;
-    const index_t K = geo.K(), S = geo.scope();
-    CUDEFORM_LOOP(idx, batch * offset_groups * K) {
-        A h, w;
-        geo.scope_point(idx - fast_div(idx, K) * K, offset + 2 * idx, 1, h, w);
-        if (!in_open_box(h, w, scope_h, scope_w)) continue;
-        A* row = taps + idx * S;
-        BilinearTaps<A>(h, w, scope_h, scope_w).for_each([&](index_t s, A wt) { row[s] = wt; });
-    }
-}
-
-// grad_weight[o, c, s] = sum over n, k of grad_kernels[n, o, c, k] * taps[n, g, k, s]. A gather,
-// one thread per weight element: the N*K-term sums need no atomics.
+// grad_weight[o, c, s] = sum over n, k (and bands) of grad_kernels[n, o, c, k] * taps[n, g, k, s].
+// A gather, one thread per weight element: the N*K-term sums need no atomics.
 template <typename T>
 __global__ void dk_global_weight_grad(const typename acc<T>::type* __restrict__ grad_kernels,
-                                      const typename acc<T>::type* __restrict__ taps, DK_GEOMETRY,
+                                      const typename acc<T>::type* __restrict__ taps, index_t bands, DK_GEOMETRY,
                                       T* __restrict__ grad_weight) {
     typedef typename acc<T>::type A;
     DK_GEO;
@@ -354,9 +448,11 @@ __global__ void dk_global_weight_grad(const typename acc<T>::type* __restrict__ 
         const index_t g = fast_div(fast_div(oc, geo.cg()), geo.opg());
         A sum = A(0);
         for (index_t n = 0; n < batch; ++n) {
-            const A* gk = grad_kernels + (n * occ + oc) * K;
             const A* tp = taps + (n * offset_groups + g) * K * S + s;
-            for (index_t k = 0; k < K; ++k) sum += gk[k] * tp[k * S];
+            for (index_t band = 0; band < bands; ++band) {
+                const A* gk = grad_kernels + ((n * bands + band) * occ + oc) * K;
+                for (index_t k = 0; k < K; ++k) sum += gk[k] * tp[k * S];
+            }
         }
         grad_weight[idx] = from_acc<T>(sum);
     }
@@ -366,50 +462,205 @@ __global__ void dk_global_weight_grad(const typename acc<T>::type* __restrict__ 
 // Local DK
 // ---------------------------------------------------------------------------------------------
 
+// The work of the local forward and input-gradient kernels: one thread per position of a block
+// of positions, for a chunk of up to DK_CHUNK channels, the chunk fastest (consecutive blocks
+// share the image, the positions and their offsets). The channels are `runs` runs of `run`
+// channels, each cut into chunks of `span`: chunk m of a run covers channels
+// [m * span, min(run, (m + 1) * span)) of it.
+struct DkLocalWork {
+    index_t positions, run, per_run, chunks, blocks, units;
+    int span;
+
+    __device__ __forceinline__ DkLocalWork(index_t positions, index_t batch, index_t runs, index_t run, int span)
+        : positions(positions), run(run), per_run(ceil_div(run, (index_t)span)), chunks(runs * per_run),
+          blocks(ceil_div(positions, (index_t)blockDim.x)), units(batch * blocks * chunks), span(span) {}
+
+    // Unit `unit`: image n, this thread's position p (live: inside the plane), and the chunk's
+    // first channel and channel count.
+    __device__ __forceinline__ void item(index_t unit, index_t& n, index_t& p, bool& live, index_t& first,
+                                         int& count) const {
+        const index_t nb = fast_div(unit, chunks), chunk = unit - nb * chunks, r = fast_div(chunk, per_run);
+        n = fast_div(nb, blocks);
+        p = (nb - n * blocks) * blockDim.x + threadIdx.x;
+        live = p < positions;
+        first = r * run + (chunk - r * per_run) * span;
+        count = (int)min((index_t)span, (r + 1) * run - first);
+    }
+};
+
+// out[n, o, l] = bias[o] + sum over c, (i, j) of input[n, c_in, rigid point] * the scope of (o, c)
+// sampled at (i, j) moved by the offsets of (n, l). The chunk's output channels lie in one offset
+// group: the taps of a kernel point are computed once for all of them.
 template <typename T>
-__global__ void dk_local_conv(const T* __restrict__ input, const T* __restrict__ weight, const T* __restrict__ offset,
-                              const T* __restrict__ bias, int use_bias, DK_GEOMETRY, T* __restrict__ out) {
+__global__ void __launch_bounds__(256, 2) dk_local_conv(const T* __restrict__ input, const T* __restrict__ weight,
+                                                     const T* __restrict__ offset, const T* __restrict__ bias,
+                                                     int use_bias, int span, DK_GEOMETRY, T* __restrict__ out) {
+    typedef typename acc<T>::type A;
     DK_GEO;
-    dk_conv_body(input, SampledKernels<T>{weight, offset, geo}, bias, use_bias, geo, out);
+    const index_t L = geo.L(), K = geo.K(), hw = geo.hw(), S = geo.scope(), cg = geo.cg(), og = geo.og();
+    const DkLocalWork work(L, batch, offset_groups, geo.opg(), span);
+    for (index_t unit = blockIdx.x; unit < work.units; unit += gridDim.x) {
+        index_t n, l, o0;
+        bool live;
+        int count;
+        work.item(unit, n, l, live, o0, count);
+        if (!live) continue;
+        const index_t g = fast_div(o0, geo.opg());
+        const index_t y = fast_div(l, out_w), x = l - y * out_w;
+        // Each channel's first input plane and its scopes. Lanes past the chunk's end repeat its
+        // last channel: every address below is valid without a test, and their sums are dropped.
+        const T* planes[DK_CHUNK];
+        const T* scopes[DK_CHUNK];
+        A sums[DK_CHUNK];
+        index_t wg = fast_div(o0, og), within = o0 - wg * og;
+#pragma unroll
+        for (int u = 0; u < DK_CHUNK; ++u) {
+            const index_t o = o0 + min(u, count - 1);
+            planes[u] = input + (n * channels + wg * cg) * hw;
+            scopes[u] = weight + o * cg * S;
+            sums[u] = use_bias ? to_acc(bias[o]) : A(0);
+            if (u + 1 < count && ++within == og) {
+                within = 0;
+                ++wg;
+            }
+        }
+        const T* off = offset + (n * offset_groups + g) * K * 2 * L + l;
+        for (int i = 0; i < kh; ++i) {
+            const index_t iy = geo.in_row(y, i);
+            if (iy < 0 || iy >= height) continue;
+            for (int j = 0; j < kw; ++j) {
+                const index_t ix = geo.in_col(x, j), k = (index_t)i * kw + j;
+                if (ix < 0 || ix >= width) continue;
+                A h, w;
+                geo.scope_point(i, j, off + 2 * k * L, L, h, w);
+                if (!in_open_box(h, w, scope_h, scope_w)) continue;
+                const BilinearTaps<A> taps(h, w, scope_h, scope_w);
+                for (index_t c = 0, pixel = iy * width + ix; c < cg; ++c, pixel += hw) {
+#pragma unroll
+                    for (int u = 0; u < DK_CHUNK; ++u)
+                        sums[u] += to_acc(planes[u][pixel]) * taps.sample(scopes[u] + c * S);
+                }
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < DK_CHUNK; ++u) {
+            if (u < count) out[(n * c_out + o0 + u) * L + l] = from_acc<T>(sums[u]);
+        }
+    }
 }
 
+// grad_input[n, c_in, iy, ix] = sum over the outputs o of c_in's weight group and the (i, j, y, x)
+// whose rigid point is (iy, ix) of grad_output[n, o, y, x] * the scope of (o, c) sampled at (i, j)
+// moved by the offsets of (n, y, x). A gather. The host cuts the input channels into chunks
+// whose outputs o = weight group * og + q lie, for every q, in one offset group (a chunk inside
+// one weight group, or of depthwise channels whose outputs share an offset group), so the taps
+// of a kernel point are computed once per run of outputs for the whole chunk.
 template <typename T>
-__global__ void dk_local_input_grad(const T* __restrict__ grad_output, const T* __restrict__ weight,
-                                    const T* __restrict__ offset, DK_GEOMETRY, T* __restrict__ grad_input) {
+__global__ void __launch_bounds__(256, 2) dk_local_input_grad(const T* __restrict__ grad_output,
+                                                           const T* __restrict__ weight, const T* __restrict__ offset,
+                                                           int span, index_t run, DK_GEOMETRY,
+                                                           T* __restrict__ grad_input) {
+    typedef typename acc<T>::type A;
     DK_GEO;
-    dk_input_grad_body(grad_output, SampledKernels<T>{weight, offset, geo}, geo, grad_input);
+    const index_t L = geo.L(), K = geo.K(), hw = geo.hw(), S = geo.scope(), cg = geo.cg(), og = geo.og();
+    const index_t opg = geo.opg();
+    const DkLocalWork work(hw, batch, fast_div(channels, run), run, span);
+    for (index_t unit = blockIdx.x; unit < work.units; unit += gridDim.x) {
+        index_t n, p, c0;
+        bool live;
+        int count;
+        work.item(unit, n, p, live, c0, count);
+        if (!live) continue;
+        const index_t iy = fast_div(p, width), ix = p - iy * width;
+        // Per input channel, the grad_output plane of the first output of its weight group and
+        // the scope of (that output, the channel). Lanes past the chunk's end repeat its last
+        // channel, as in dk_local_conv.
+        const T* outs[DK_CHUNK];
+        const T* scopes[DK_CHUNK];
+        A sums[DK_CHUNK];
+        const index_t wg0 = fast_div(c0, cg);
+        index_t wg = wg0, c = c0 - wg * cg;
+#pragma unroll
+        for (int u = 0; u < DK_CHUNK; ++u) {
+            outs[u] = grad_output + (n * c_out + wg * og) * L;
+            scopes[u] = weight + (wg * og * cg + c) * S;
+            sums[u] = A(0);
+            if (u + 1 < count && ++c == cg) {
+                c = 0;
+                ++wg;
+            }
+        }
+        for (int i = 0; i < kh; ++i) {
+            index_t y;
+            if (!geo.out_row(iy, i, y)) continue;
+            for (int j = 0; j < kw; ++j) {
+                index_t x;
+                if (!geo.out_col(ix, j, x)) continue;
+                const index_t l = y * out_w + x, k = (index_t)i * kw + j;
+                // Outputs wg*og + q, in runs of q that share an offset group.
+                for (index_t q = 0; q < og;) {
+                    const index_t g = fast_div(wg0 * og + q, opg), q_end = min(og, (g + 1) * opg - wg0 * og);
+                    A h, w;
+                    geo.scope_point(i, j, offset + ((n * offset_groups + g) * K + k) * 2 * L + l, L, h, w);
+                    if (in_open_box(h, w, scope_h, scope_w)) {
+                        const BilinearTaps<A> taps(h, w, scope_h, scope_w);
+                        for (; q < q_end; ++q) {
+#pragma unroll
+                            for (int u = 0; u < DK_CHUNK; ++u)
+                                sums[u] += to_acc(outs[u][q * L + l]) * taps.sample(scopes[u] + q * cg * S);
+                        }
+                    }
+                    q = q_end;
+                }
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < DK_CHUNK; ++u) {
+            if (u < count) grad_input[(n * channels + c0 + u) * hw + p] = from_acc<T>(sums[u]);
+        }
+    }
 }
 
 // grad_offset[n, 2 * (g*K + k) + {0, 1}, l] = sum over the (o, c) of offset group g of
 // grad_output[n, o, l] * input[n, c_in, rigid point] * d scope sample / d(dh, dw). A gather, one
-// thread per (n, g, k, l).
+// thread per (n, g, k, l); the sample's corners are found once for all the (o, c).
 template <typename T>
 __global__ void dk_local_offset_grad(const T* __restrict__ grad_output, const T* __restrict__ input,
                                      const T* __restrict__ weight, const T* __restrict__ offset, DK_GEOMETRY,
                                      T* __restrict__ grad_offset) {
     typedef typename acc<T>::type A;
     DK_GEO;
-    const index_t L = geo.L(), K = geo.K(), S = geo.scope(), hw = geo.hw(), cg = geo.cg(), opg = geo.opg();
+    const index_t L = geo.L(), K = geo.K(), S = geo.scope(), hw = geo.hw(), cg = geo.cg(), og = geo.og();
+    const index_t opg = geo.opg();
     CUDEFORM_LOOP(idx, batch * offset_groups * K * L) {
         const index_t ngk = fast_div(idx, L), l = idx - ngk * L;
         const index_t ng = fast_div(ngk, K), k = ngk - ng * K;
         const index_t n = fast_div(ng, offset_groups), g = ng - n * offset_groups;
         const index_t y = fast_div(l, out_w), x = l - y * out_w;
-        const index_t iy = geo.in_row(y, (int)k / kw), ix = geo.in_col(x, (int)k % kw);
+        const int i = (int)k / kw, j = (int)k % kw;
+        const index_t iy = geo.in_row(y, i), ix = geo.in_col(x, j);
         const index_t oi = 2 * ngk * L + l;
         A grad_h = A(0), grad_w = A(0);
         if (iy >= 0 && iy < height && ix >= 0 && ix < width) {
             A h, w;
-            geo.scope_point(k, offset + oi, L, h, w);
-            for (index_t o = g * opg; o < (g + 1) * opg; ++o) {
-                const A go = to_acc(grad_output[(n * c_out + o) * L + l]);
-                const T* px = input + (n * channels + fast_div(o, geo.og()) * cg) * hw + iy * width + ix;
-                for (index_t c = 0; c < cg; ++c) {
-                    A d_h, d_w;
-                    bilinear_zero_position_grad(weight + (o * cg + c) * S, scope_h, scope_w, h, w, d_h, d_w);
-                    const A v = go * to_acc(px[c * hw]);
-                    grad_h += v * d_h;
-                    grad_w += v * d_w;
+            geo.scope_point(i, j, offset + oi, L, h, w);
+            const BilinearSlopes<A> slopes(h, w, scope_h, scope_w);
+            if (slopes.live) {
+                index_t wg = fast_div(g * opg, og), within = g * opg - wg * og;
+                for (index_t o = g * opg; o < (g + 1) * opg; ++o) {
+                    const A go = to_acc(grad_output[(n * c_out + o) * L + l]);
+                    const T* px = input + (n * channels + wg * cg) * hw + iy * width + ix;
+                    for (index_t c = 0; c < cg; ++c) {
+                        A d_h, d_w;
+                        slopes.grad(weight + (o * cg + c) * S, d_h, d_w);
+                        const A v = go * to_acc(px[c * hw]);
+                        grad_h += v * d_h;
+                        grad_w += v * d_w;
+                    }
+                    if (++within == og) {
+                        within = 0;
+                        ++wg;
+                    }
                 }
             }
         }
@@ -436,19 +687,19 @@ __global__ void dk_local_weight_grad(const T* __restrict__ grad_output, const T*
     __shared__ __align__(16) unsigned char private_bytes[DK_PRIVATE_BYTES];
     A* const sums = reinterpret_cast<A*>(private_bytes);
     // One padding element per row: in the final row sums, the lanes of a warp hit distinct banks.
-    const index_t row = blockDim.x + 1;
+    const int row = blockDim.x + 1;
     const index_t S = geo.scope(), L = geo.L(), K = geo.K(), hw = geo.hw(), cg = geo.cg();
-    const index_t tile = min(S, (index_t)(DK_PRIVATE_BYTES / sizeof(A)) / row);
-    const index_t pairs = c_out * cg, positions = batch * L, per_chunk = (positions + chunks - 1) / chunks;
+    const index_t tile = min(S, (index_t)(DK_PRIVATE_BYTES / sizeof(A) / row));
+    const index_t pairs = c_out * cg, positions = batch * L, per_chunk = ceil_div(positions, chunks);
     A* const mine = sums + threadIdx.x;
     for (index_t b = blockIdx.x; b < pairs * chunks; b += gridDim.x) {
-        const index_t chunk = b / pairs, pair = b - chunk * pairs;
+        const index_t chunk = fast_div(b, pairs), pair = b - chunk * pairs;
         const index_t o = fast_div(pair, cg), c = pair - o * cg, g = fast_div(o, geo.opg());
         const index_t c_in = fast_div(o, geo.og()) * cg + c;
         const index_t begin = chunk * per_chunk, end = min(positions, begin + per_chunk);
         for (index_t s0 = 0; s0 < S; s0 += tile) {
-            const index_t count = min(tile, S - s0);
-            for (index_t t = 0; t < count; ++t) mine[t * row] = A(0);
+            const int count = (int)min(tile, S - s0);  // shared-memory offsets fit 32 bits
+            for (int t = 0; t < count; ++t) mine[t * row] = A(0);
             for (index_t p = begin + threadIdx.x; p < end; p += blockDim.x) {
                 const index_t n = fast_div(p, L), l = p - n * L;
                 const index_t y = fast_div(l, out_w), x = l - y * out_w;
@@ -462,19 +713,19 @@ __global__ void dk_local_weight_grad(const T* __restrict__ grad_output, const T*
                         const index_t ix = geo.in_col(x, j), k = (index_t)i * kw + j;
                         if (ix < 0 || ix >= width) continue;
                         A h, w;
-                        geo.scope_point(k, off + 2 * k * L, L, h, w);
+                        geo.scope_point(i, j, off + 2 * k * L, L, h, w);
                         if (!in_open_box(h, w, scope_h, scope_w)) continue;
                         const A v = go * to_acc(plane[iy * width + ix]);
                         BilinearTaps<A>(h, w, scope_h, scope_w).for_each([&](index_t s, A wt) {
-                            if (s >= s0 && s < s0 + count) mine[(s - s0) * row] += wt * v;
+                            if ((unsigned long long)(s - s0) < (unsigned long long)count) mine[(int)(s - s0) * row] += wt * v;
                         });
                     }
                 }
             }
             __syncthreads();
-            for (index_t t = threadIdx.x; t < count; t += blockDim.x) {
+            for (int t = threadIdx.x; t < count; t += blockDim.x) {
                 A total = A(0);
-                for (index_t r = 0; r < blockDim.x; ++r) total += sums[t * row + r];
+                for (int r = 0; r < (int)blockDim.x; ++r) total += sums[t * row + r];
                 partial[(chunk * pairs + pair) * S + s0 + t] = total;
             }
             __syncthreads();

@@ -267,3 +267,46 @@ def test_caller_arrays_unchanged(xp, mode):
     for k, v in given.items():
         assert np.array_equal(to_numpy(v), before[k]), k
     assert np.array_equal(to_numpy(grad_out), np.ones(out.shape))
+
+
+# The GPU host's choices, checked without a GPU.
+
+@pytest.mark.parametrize("c_in,c_out,groups,offset_groups", [
+    (256, 256, 256, 1), (20, 20, 20, 2), (3, 6, 3, 3), (2, 8, 2, 4), (8, 16, 8, 2), (12, 12, 4, 3), (16, 24, 1, 2),
+])
+def test_gpu_local_input_grad_chunks_share_offset_groups(c_in, c_out, groups, offset_groups):
+    """dk_local_input_grad samples the scope once per kernel point and output slot q for a
+    whole chunk of input channels: for every q, the outputs (weight group * og + q) of a chunk's
+    channels must lie in one offset group."""
+    from types import SimpleNamespace
+
+    from cudeform.cuda import deform_kernel_conv as gpu
+
+    s = SimpleNamespace(c_in=c_in, cg=c_in // groups, og=c_out // groups, opg=c_out // offset_groups)
+    run, span = gpu._input_grad_chunks(s)
+    assert c_in % run == 0 and 1 <= span <= gpu.CHUNK
+    for first in range(0, c_in, run):
+        for start in range(first, first + run, span):
+            chunk = range(start, min(first + run, start + span))
+            for q in range(s.og):
+                assert len({((c // s.cg) * s.og + q) // s.opg for c in chunk}) == 1, (chunk, q)
+    if groups == c_in == c_out and offset_groups == 1:
+        assert span == gpu.CHUNK  # depthwise channels share full chunks
+
+
+def test_gpu_direct_path_bounds():
+    """Global DK is direct on the GPU only for short reductions and for planes whose
+    coordinates fit the direct kernels' 32-bit in-plane arithmetic."""
+    from types import SimpleNamespace
+
+    from cudeform.cuda import deform_kernel_conv as gpu
+
+    geo = SimpleNamespace(kernel=(3, 3), padding=(1, 1), dilation=(1, 1))
+
+    def shapes(rows, h, w):
+        return SimpleNamespace(rows=rows, h=h, w=w, hw=h * w, L=h * w)
+
+    assert gpu._direct(shapes(9, 56, 56), geo)
+    assert not gpu._direct(shapes(gpu.DIRECT_MAX_REDUCTION + 1, 56, 56), geo)
+    assert not gpu._direct(shapes(9, 2**15, 2**15), geo)
+    assert not gpu._direct(shapes(9, 1, 2**30 - 1), geo)

@@ -26,6 +26,33 @@ LARGE = {
 }
 
 
+# Small shapes for the branches of the GPU kernels: chunks of channels that straddle weight or
+# offset groups, kernel rows wider than one unrolled piece, planes cut into bands, borders.
+EDGES = {
+    # depthwise with a channel multiplier; C_out/G = 2 outputs per offset group, so the local
+    # input gradient's chunks hold one input channel
+    "multiplier": dict(N=2, C_in=3, C_out=6, groups=3, G=3, kernel=(3, 3), scope=(4, 4), H=9, W=11,
+                       stride=1, padding=1, dilation=1),
+    # weight groups of 4 outputs over offset groups of 2
+    "split_groups": dict(N=1, C_in=2, C_out=8, groups=2, G=4, kernel=(2, 2), scope=(3, 3), H=6, W=5,
+                         stride=1, padding=0, dilation=1),
+    # depthwise, more channels than a chunk, chunks shared across offset groups
+    "chunks": dict(N=2, C_in=20, C_out=20, groups=20, G=2, kernel=(3, 3), scope=(4, 4), H=6, W=7,
+                   stride=1, padding=1, dilation=1),
+    # kernel rows of 5 points (two pieces), stride and dilation 2, depthwise
+    "wide_strided": dict(N=2, C_in=6, C_out=6, groups=6, G=2, kernel=(2, 5), scope=(3, 7), H=13, W=17,
+                         stride=2, padding=(1, 3), dilation=2),
+    # few planes of many positions: the direct kernels cut them into bands
+    "bands": dict(N=1, C_in=2, C_out=2, groups=2, G=1, kernel=(3, 3), scope=(4, 4), H=45, W=50,
+                  stride=1, padding=1, dilation=1),
+    "bands_dense": dict(N=1, C_in=2, C_out=3, groups=1, G=1, kernel=(3, 3), scope=(3, 3), H=40, W=33,
+                        stride=(1, 2), padding=1, dilation=1),
+    # padding wider than the input: every output reads some zeros
+    "big_pad": dict(N=1, C_in=3, C_out=3, groups=3, G=1, kernel=(3, 3), scope=(5, 4), H=3, W=4,
+                    stride=1, padding=3, dilation=2),
+}
+
+
 def rounded_case(torch, cfg, mode, dtype, seed):
     """Inputs in `dtype` as CUDA tensors, and the same values in float64 NumPy."""
     args, geo = make_case(cfg, mode, seed=seed)
@@ -52,16 +79,16 @@ def check_against_reference(torch, tensors, exact, geo, dtype, seed):
 
 @pytest.mark.parametrize("dtype", ["float64", "float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("name", list(CONFIGS) + list(LARGE))
+@pytest.mark.parametrize("name", list(CONFIGS) + list(LARGE) + list(EDGES))
 def test_every_dtype_against_float64(torch, dtype, mode, name):
-    cfg = CONFIGS.get(name) or LARGE[name]
+    cfg = {**CONFIGS, **LARGE, **EDGES}[name]
     tensors, exact, geo = rounded_case(torch, cfg, mode, dtype, seed=30)
     check_against_reference(torch, tensors, exact, geo, dtype, seed=31)
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float16"])
 @pytest.mark.parametrize("path,limit", [("direct", 10**9), ("gemm", 0)])
-@pytest.mark.parametrize("name", list(CONFIGS) + ["dense3x3", "depthwise3x3"])
+@pytest.mark.parametrize("name", list(CONFIGS) + ["dense3x3", "depthwise3x3"] + list(EDGES))
 def test_both_global_paths(torch, monkeypatch, dtype, path, limit, name):
     """Global DK convolves directly or through columns and GEMMs, by the reduction length:
     force each path on every configuration, with several columns chunks for the GEMM."""
@@ -70,18 +97,18 @@ def test_both_global_paths(torch, monkeypatch, dtype, path, limit, name):
     monkeypatch.setattr(gpu, "DIRECT_MAX_REDUCTION", limit)
     if path == "gemm":
         monkeypatch.setattr(gpu, "COLUMNS_BYTES", 1)  # one image per chunk
-    cfg = CONFIGS.get(name) or LARGE[name]
+    cfg = {**CONFIGS, **LARGE, **EDGES}[name]
     tensors, exact, geo = rounded_case(torch, cfg, "global", dtype, seed=32)
     check_against_reference(torch, tensors, exact, geo, dtype, seed=33)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("name", list(CONFIGS) + list(LARGE))
+@pytest.mark.parametrize("name", list(CONFIGS) + list(LARGE) + list(EDGES))
 def test_gpu_matches_cpu_path(dtype, mode, name):
     import cupy
 
-    cfg = CONFIGS.get(name) or LARGE[name]
+    cfg = {**CONFIGS, **LARGE, **EDGES}[name]
     args, geo = make_case(cfg, mode, seed=34)
     cpu, gpu = on(np, args, dtype), on(cupy, args, dtype)
     tol = 1e-10 if dtype == "float64" else 1e-5

@@ -1,17 +1,21 @@
 """Deformable Kernels on the GPU: kernels/deform_kernel_conv.cu, with cuBLAS GEMMs for global DK.
 
-Global DK: ``dk_resample`` samples one kernel per image, (N, C_out, Cg, K) with Cg = C_in/groups
-and K = kh*kw. With a long reduction (Cg*K > DIRECT_MAX_REDUCTION) the convolution is, per chunk
-of images, the rigid ``dk_im2col`` and one strided-batched GEMM whose batch runs over
-(image, weight group), each with its own weight matrix; otherwise (depthwise and the like) the
-direct ``dk_global_conv``. The backward computes the resampled kernels' gradient (a GEMM, or
-``dk_global_kernel_grad``), the input gradient through the resampled kernels (GEMM + the gather
-``dk_col2im``, or ``dk_global_input_grad``), then backpropagates through the resampling:
-``dk_global_offset_grad`` (one block per (n, offset group, k)) and ``dk_global_weight_grad``
-(one thread per weight element, from the sparse resampling matrix ``dk_global_taps``).
+Global DK, with a short reduction (Cg * K <= DIRECT_MAX_REDUCTION, Cg = C_in/groups,
+K = kh*kw: depthwise and the like) and planes small enough for 32-bit in-plane indices: direct
+kernels. The forward ``dk_global_conv`` samples each
+(image, output channel)'s kernel into shared memory and convolves, one launch, nothing stored.
+The backward stores the resampled kernels (``dk_resample``), gathers the input gradient
+through them (``dk_global_input_grad``) and reduces their gradient per band of positions
+(``dk_global_kernel_grad``). With a long reduction, per chunk of images: the rigid
+``dk_im2col`` and one strided-batched GEMM whose batch runs over (image, weight group), each
+with its own resampled kernels; the backward's two GEMMs and the gather ``dk_col2im``. Both
+then backpropagate through the resampling: ``dk_global_offset_grad`` (one block per (n, offset
+group, k), which also writes the resampling as a dense (K, S) table per (n, offset group)) and
+``dk_global_weight_grad`` (one thread per weight element).
 
-Local DK: fused kernels that sample the scope at every output position; the weight gradient is
-reduced inside blocks (``dk_local_weight_grad``), then over the blocks in a second pass.
+Local DK: fused kernels that sample the scope at every output position, each thread for a chunk
+of CHUNK channels that share the position's bilinear taps; the weight gradient is reduced inside
+blocks (``dk_local_weight_grad``), then over the blocks in a second pass.
 
 Every reduction has a fixed order, so both modes of the backward are bitwise reproducible.
 """
@@ -27,16 +31,23 @@ from . import _blas, _compile
 from ._compile import ACC_DTYPES, CXX_TYPES, STORAGE_DTYPES, launch
 
 SOURCE = "deform_kernel_conv.cu"
-_KERNELS = ("dk_resample", "dk_global_conv", "dk_global_input_grad", "dk_im2col", "dk_col2im",
-            "dk_global_kernel_grad", "dk_global_offset_grad", "dk_global_taps", "dk_global_weight_grad",
-            "dk_local_conv", "dk_local_input_grad", "dk_local_offset_grad", "dk_local_weight_grad",
-            "dk_sum_partials", "bias_grad")
+_KERNELS = ("dk_resample", "dk_global_conv", "dk_global_input_grad", "dk_global_kernel_grad", "dk_im2col",
+            "dk_col2im", "dk_global_offset_grad", "dk_global_weight_grad", "dk_local_conv", "dk_local_input_grad",
+            "dk_local_offset_grad", "dk_local_weight_grad", "dk_sum_partials", "bias_grad", "add_bias")
 NAME_EXPRESSIONS = [f"{k}<{t}>" for t in CXX_TYPES.values() for k in _KERNELS]
 
-COLUMNS_BYTES = 64 * 2**20
+COLUMNS_BYTES = 128 * 2**20
 # Global DK convolves directly (no columns, no GEMM) when a GEMM would reduce over at most this
 # many terms: with depthwise weights the GEMMs are 1-row products that waste the tensor cores.
 DIRECT_MAX_REDUCTION = 64
+# dk_global_conv holds a plane's Cg * K kernel values in shared memory of this many elements
+# (DK_DIRECT_CAPACITY in the source): the direct path is never taken beyond it.
+DIRECT_CAPACITY = 1024
+# The direct kernels cut each (image, channel) plane into bands of positions, one block per
+# band, when there are too few planes for this many blocks (each band at least BLOCK positions).
+TARGET_BLOCKS = 2048
+# Channels per thread of the local kernels (DK_CHUNK in the source).
+CHUNK = 8
 # dk_global_offset_grad has one block per (image, offset group, kernel point), often fewer blocks
 # than the GPU has SMs for their long (C_out/G * Cg)-term sums: wide blocks hide the latency.
 # At most the kernel's __launch_bounds__ (1024).
@@ -73,8 +84,18 @@ def _columns(s, x):
     return chunks, cupy.empty(per_image * step if chunks else 0, x.dtype)
 
 
-def _direct(s) -> bool:
-    return s.rows <= DIRECT_MAX_REDUCTION
+def _direct(s, geo) -> bool:
+    """Whether global DK takes the direct kernels: a short reduction that fits their shared
+    memory, and planes whose every coordinate fits their 32-bit in-plane arithmetic."""
+    (kh, kw), (ph, pw), (dh, dw) = geo.kernel, geo.padding, geo.dilation
+    extent = max(s.hw, s.L, s.h + 2 * ph + (kh - 1) * dh, s.w + 2 * pw + (kw - 1) * dw)
+    return s.rows <= min(DIRECT_MAX_REDUCTION, DIRECT_CAPACITY) and extent < 2**30
+
+
+def _bands(planes: int, size: int) -> int:
+    """Bands per plane of `size` positions for a direct kernel with one block per band: enough
+    blocks for the GPU when the planes are few, each band at least a block of positions."""
+    return max(1, min(-(-TARGET_BLOCKS // max(planes, 1)), size // _compile.BLOCK))
 
 
 class _Shapes:
@@ -83,9 +104,13 @@ class _Shapes:
     def __init__(self, x, weight, geo):
         self.n, self.c_in = x.shape[:2]
         self.c_out, self.cg = weight.shape[:2]
+        self.h, self.w = x.shape[2:]
+        self.hw = self.h * self.w
         self.L = geo.out_size[0] * geo.out_size[1]
         self.K = geo.kernel[0] * geo.kernel[1]
+        self.S = geo.scope[0] * geo.scope[1]
         self.og = self.c_out // geo.groups
+        self.opg = self.c_out // geo.offset_groups
         self.rows = self.cg * self.K  # of one (image, weight group) GEMM operand
 
 
@@ -93,9 +118,14 @@ def _resample(weight, offset, x, geo, s, dtype):
     import cupy
 
     kernels = cupy.empty((s.n, s.c_out, s.rows), STORAGE_DTYPES[dtype])
-    launch(_kernel("dk_resample", dtype), kernels.size,
+    launch(_kernel("dk_resample", dtype), s.n * s.c_out * s.cg,
            (weight, offset, *_geometry_args(geo, x.shape, s.c_out, s.n), kernels))
     return kernels
+
+
+def _local_blocks(s, positions: int, runs: int, run: int, span: int) -> int:
+    """Blocks of dk_local_conv / dk_local_input_grad: (image, block of positions, chunk)."""
+    return s.n * -(-positions // _compile.BLOCK) * runs * -(-run // span)
 
 
 def forward(input, weight, kernel_offset, bias, *, geo, dtype):
@@ -108,14 +138,17 @@ def forward(input, weight, kernel_offset, bias, *, geo, dtype):
     bias_arg = bias if use_bias else x
     geo_args = _geometry_args(geo, x.shape, s.c_out, s.n)
     if geo.local:
-        launch(_kernel("dk_local_conv", dtype), out.size, (x, weight, offset, bias_arg, use_bias, *geo_args, out))
+        # Chunks of output channels inside one offset group: they share the scope taps.
+        span = min(CHUNK, s.opg)
+        launch(_kernel("dk_local_conv", dtype), _local_blocks(s, s.L, geo.offset_groups, s.opg, span) * _compile.BLOCK,
+               (x, weight, offset, bias_arg, use_bias, np.int32(span), *geo_args, out))
+        return out
+    if _direct(s, geo):
+        bands = _bands(s.n * s.c_out, s.L)
+        launch(_kernel("dk_global_conv", dtype), s.n * s.c_out * bands * _compile.BLOCK,
+               (x, weight, offset, bias_arg, use_bias, np.int64(bands), *geo_args, out))
         return out
     kernels = _resample(weight, offset, x, geo, s, dtype)
-    if _direct(s):
-        launch(_kernel("dk_global_conv", dtype), out.size, (x, kernels, bias_arg, use_bias, *geo_args, out))
-        return out
-    if use_bias:
-        out[...] = bias.reshape(1, s.c_out, 1, 1)  # the GEMMs add onto it (beta = 1)
     chunks, cols = _columns(s, x)
     im2col = _kernel("dk_im2col", dtype)
     for n0, n1 in chunks:
@@ -123,7 +156,9 @@ def forward(input, weight, kernel_offset, bias, *, geo, dtype):
         launch(im2col, b * s.c_in * s.L, (x[n0:n1], *_geometry_args(geo, x.shape, s.c_out, b), cols))
         # One product per (image, weight group): its resampled kernels times its columns.
         _blas.matmul(kernels[n0:n1], cols, out[n0:n1], m=s.og, n=s.L, k=s.rows, dtype=dtype, batch=b * geo.groups,
-                     stride_a=s.og * s.rows, stride_b=s.rows * s.L, stride_c=s.og * s.L, beta=float(use_bias))
+                     stride_a=s.og * s.rows, stride_b=s.rows * s.L, stride_c=s.og * s.L)
+    if use_bias:
+        launch(_kernel("add_bias", dtype), out.size, (out, bias, np.int64(s.n), np.int64(s.c_out), np.int64(s.L)))
     return out
 
 
@@ -154,12 +189,17 @@ def _global_backward(go, x, weight, offset, geo, s, dtype, grad_input, grad_offs
     acc_dtype = ACC_DTYPES[dtype]
     geo_args = _geometry_args(geo, x.shape, s.c_out, s.n)
     kernels = _resample(weight, offset, x, geo, s, dtype)
-    grad_kernels = cupy.empty((s.n, s.c_out, s.rows), acc_dtype)
-    if _direct(s):
-        launch(_kernel("dk_global_input_grad", dtype), grad_input.size, (go, kernels, *geo_args, grad_input))
-        launch(_kernel("dk_global_kernel_grad", dtype), s.n * s.c_out * s.cg * _compile.BLOCK,
-               (go, x, *geo_args, grad_kernels))
+    if _direct(s, geo):
+        in_bands = _bands(s.n * s.c_in, s.hw)
+        launch(_kernel("dk_global_input_grad", dtype), s.n * s.c_in * in_bands * _compile.BLOCK,
+               (go, kernels, np.int64(in_bands), *geo_args, grad_input))
+        bands = _bands(s.n * s.c_out, s.L)
+        grad_kernels = cupy.empty((s.n, bands, s.c_out, s.rows), acc_dtype)
+        launch(_kernel("dk_global_kernel_grad", dtype), s.n * s.c_out * bands * _compile.BLOCK,
+               (go, x, np.int64(bands), *geo_args, grad_kernels))
     else:
+        bands = 1
+        grad_kernels = cupy.empty((s.n, bands, s.c_out, s.rows), acc_dtype)
         chunks, cols = _columns(s, x)
         im2col, col2im = _kernel("dk_im2col", dtype), _kernel("dk_col2im", dtype)
         for n0, n1 in chunks:
@@ -172,19 +212,31 @@ def _global_backward(go, x, weight, offset, geo, s, dtype, grad_input, grad_offs
             # The columns' gradient, kernels^T @ grad_output, into the same buffer.
             _blas.matmul(kernels[n0:n1], go[n0:n1], cols, m=s.rows, n=s.L, k=s.og, dtype=dtype, trans_a=True,
                          batch=b * geo.groups, stride_a=s.og * s.rows, stride_b=s.og * s.L, stride_c=s.rows * s.L)
-            launch(col2im, b * s.c_in * x.shape[2] * x.shape[3], (cols, *chunk_args, grad_input[n0:n1]))
+            launch(col2im, b * s.c_in * s.hw, (cols, *chunk_args, grad_input[n0:n1]))
+    taps = cupy.empty((s.n, geo.offset_groups, s.K, s.S), acc_dtype)
     launch(_kernel("dk_global_offset_grad", dtype), s.n * geo.offset_groups * s.K * OFFSET_GRAD_BLOCK,
-           (grad_kernels, weight, offset, *geo_args, grad_offset), block=OFFSET_GRAD_BLOCK)
-    taps = cupy.zeros((s.n, geo.offset_groups, s.K, geo.scope[0] * geo.scope[1]), acc_dtype)
-    launch(_kernel("dk_global_taps", dtype), s.n * geo.offset_groups * s.K, (offset, *geo_args, taps))
-    launch(_kernel("dk_global_weight_grad", dtype), grad_weight.size, (grad_kernels, taps, *geo_args, grad_weight))
+           (grad_kernels, weight, offset, np.int64(bands), *geo_args, grad_offset, taps), block=OFFSET_GRAD_BLOCK)
+    launch(_kernel("dk_global_weight_grad", dtype), grad_weight.size,
+           (grad_kernels, taps, np.int64(bands), *geo_args, grad_weight))
+
+
+def _input_grad_chunks(s) -> tuple[int, int]:
+    """(run, span) of dk_local_input_grad: chunks of `span` input channels, inside runs of `run`,
+    whose outputs (weight group * og + q) lie in one offset group for every q. Inside one weight
+    group that always holds (the chunk shares its outputs); depthwise channels (Cg = 1) may
+    share a chunk when span * og divides C_out/G, so chunks never straddle an offset group."""
+    if s.cg > 1:
+        return s.cg, min(CHUNK, s.cg)
+    return s.c_in, max([1] + [d for d in range(2, CHUNK + 1) if s.opg % (d * s.og) == 0])
 
 
 def _local_backward(go, x, weight, offset, geo, s, dtype, grad_input, grad_offset, grad_weight):
     import cupy
 
     geo_args = _geometry_args(geo, x.shape, s.c_out, s.n)
-    launch(_kernel("dk_local_input_grad", dtype), grad_input.size, (go, weight, offset, *geo_args, grad_input))
+    run, span = _input_grad_chunks(s)
+    launch(_kernel("dk_local_input_grad", dtype), _local_blocks(s, s.hw, s.c_in // run, run, span) * _compile.BLOCK,
+           (go, weight, offset, np.int32(span), np.int64(run), *geo_args, grad_input))
     launch(_kernel("dk_local_offset_grad", dtype), grad_offset.size // 2,
            (go, x, weight, offset, *geo_args, grad_offset))
     # Enough chunks of positions to fill the GPU, each at least a block's worth of positions.
