@@ -39,9 +39,13 @@ using namespace cudeform;
 // Channels that a thread of the local kernels handles at once (CHUNK in the host).
 #define DK_CHUNK 8
 
-// a / b rounded up, for positive a, b (64-bit sizes or the direct kernels' 32-bit coordinates).
-template <typename I>
-__device__ __forceinline__ I ceil_div(I a, I b) { return b == 1 ? a : (I)fast_div(a + b - 1, b); }
+// a / b for the direct kernels' non-negative 32-bit coordinates. Unlike fast_div it has no
+// 64-bit fallback, whose subroutine call makes the compiler spill registers around it.
+__device__ __forceinline__ int div32(int a, int b) { return (int)((unsigned)a / (unsigned)b); }
+
+// a / b rounded up, for positive a, b: 64-bit sizes or 32-bit coordinates.
+__device__ __forceinline__ index_t ceil_div(index_t a, index_t b) { return b == 1 ? a : fast_div(a + b - 1, b); }
+__device__ __forceinline__ int ceil_div(int a, int b) { return b == 1 ? a : div32(a + b - 1, b); }
 
 struct DkGeometry {
     index_t batch, channels, height, width, c_out, groups, offset_groups;
@@ -119,7 +123,7 @@ __device__ __forceinline__ void points_inside(int first, int step, int points, i
 __device__ __forceinline__ void points_reaching(int in, int pad, int dil, int stride, int points, int out, int& lo,
                                                 int& hi) {
     const int top = in + pad, excess = top - (out - 1) * stride;
-    hi = top < 0 ? 0 : min(points, (dil == 1 ? top : (int)fast_div(top, dil)) + 1);
+    hi = top < 0 ? 0 : min(points, (dil == 1 ? top : div32(top, dil)) + 1);
     lo = excess <= 0 ? 0 : min(points, ceil_div(excess, dil));
 }
 
@@ -134,9 +138,9 @@ struct PlaneWalk {
         const int length = (int)ceil_div(size, bands);
         p = (int)b * length + (int)threadIdx.x;
         end = min((int)size, ((int)b + 1) * length);
-        y = (int)fast_div(p, width);
+        y = div32(p, width);
         x = p - y * width;
-        step_y = (int)fast_div((int)blockDim.x, width);
+        step_y = div32((int)blockDim.x, width);
         step_x = (int)blockDim.x - step_y * width;
     }
 
@@ -235,7 +239,7 @@ __device__ __forceinline__ A reaching_dot(const T* row, const T* kernel_row, int
             if (UNIT) {
                 if (j < j_hi) sum += to_acc(row[tx]) * to_acc(kernel_row[j]);
             } else {
-                const int x = (int)fast_div(tx, sw);
+                const int x = div32(tx, sw);
                 if (j < j_hi && x * sw == tx) sum += to_acc(row[x]) * to_acc(kernel_row[j]);
             }
         }
@@ -269,7 +273,7 @@ __global__ void dk_global_input_grad(const T* __restrict__ grad_output, const T*
                 int y = q.y + ph - i * dh;
                 if (sh != 1) {
                     const int t = y;
-                    y = (int)fast_div(t, sh);
+                    y = div32(t, sh);
                     if (y * sh != t) continue;
                 }
                 for (index_t o = 0; o < og; ++o) {
