@@ -89,6 +89,19 @@ def _scope_point(scope, kh, kw, k, dh, dw):
     return k // kw + (scope.shape[2] - kh) / 2 + dh, k % kw + (scope.shape[3] - kw) / 2 + dw
 
 
+@njit(inline="always")
+def _local_tap(scope, offset, n, gk, k, y, x, height, width, kh, kw, sh, sw, ph, pw, dh, dw):
+    """Kernel point k (of offset group slot gk) at output (y, x) in local DK: whether its rigid
+    input pixel (yy, xx) is inside the image, that pixel, and where its moved point reads the
+    scope (only computed inside)."""
+    yy = y * sh - ph + (k // kw) * dh
+    xx = x * sw - pw + (k % kw) * dw
+    if not (0 <= yy < height and 0 <= xx < width):
+        return False, yy, xx, 0.0, 0.0
+    h, w = _scope_point(scope, kh, kw, k, offset[n, 2 * gk, y, x], offset[n, 2 * gk + 1, y, x])
+    return True, yy, xx, h, w
+
+
 # --------------------------------------------------------------------------------------------
 # Global DK
 # --------------------------------------------------------------------------------------------
@@ -255,12 +268,10 @@ def _local_forward(inp, weight, offset, groups, kh, kw, sh, sw, ph, pw, dh, dw, 
             for x in range(out_w):
                 total = 0.0
                 for k in range(k_size):
-                    yy = y * sh - ph + (k // kw) * dh
-                    xx = x * sw - pw + (k % kw) * dw
-                    if not (0 <= yy < height and 0 <= xx < width):
+                    inside, yy, xx, h, w = _local_tap(weight, offset, n, gk0 + k, k, y, x, height, width,
+                                                      kh, kw, sh, sw, ph, pw, dh, dw)
+                    if not inside:
                         continue
-                    h, w = _scope_point(weight, kh, kw, k, offset[n, 2 * (gk0 + k), y, x],
-                                        offset[n, 2 * (gk0 + k) + 1, y, x])
                     for c in range(c_per_group):
                         total += inp[n, first + c, yy, xx] * _sample(weight[o, c], h, w)
                 out[n, o, y, x] = total
@@ -285,11 +296,9 @@ def _local_input_grad(grad_out, weight, offset, groups, kh, kw, sh, sw, ph, pw, 
             for y in range(out_h):
                 for x in range(out_w):
                     for k in range(k_size):
-                        yy = y * sh - ph + (k // kw) * dh
-                        xx = x * sw - pw + (k % kw) * dw
-                        if 0 <= yy < height and 0 <= xx < width:
-                            h, w = _scope_point(weight, kh, kw, k, offset[n, 2 * (gk0 + k), y, x],
-                                                offset[n, 2 * (gk0 + k) + 1, y, x])
+                        inside, yy, xx, h, w = _local_tap(weight, offset, n, gk0 + k, k, y, x, height, width,
+                                                          kh, kw, sh, sw, ph, pw, dh, dw)
+                        if inside:
                             target[yy, xx] += grad_out[n, o, y, x] * _sample(weight[o, c], h, w)
 
 
@@ -311,10 +320,9 @@ def _local_offset_grad(grad_out, inp, weight, offset, groups, kh, kw, sh, sw, ph
             for x in range(out_w):
                 grad_h = 0.0
                 grad_w = 0.0
-                yy = y * sh - ph + (k // kw) * dh
-                xx = x * sw - pw + (k % kw) * dw
-                if 0 <= yy < height and 0 <= xx < width:
-                    h, w = _scope_point(weight, kh, kw, k, offset[n, 2 * gk, y, x], offset[n, 2 * gk + 1, y, x])
+                inside, yy, xx, h, w = _local_tap(weight, offset, n, gk, k, y, x, height, width,
+                                                  kh, kw, sh, sw, ph, pw, dh, dw)
+                if inside:
                     for o in range(g * per_offset_group, (g + 1) * per_offset_group):
                         first = (o // per_weight_group) * c_per_group
                         for c in range(c_per_group):
@@ -343,11 +351,9 @@ def _local_weight_grad(grad_out, inp, offset, groups, kh, kw, sh, sw, ph, pw, dh
             for y in range(out_h):
                 for x in range(out_w):
                     for k in range(k_size):
-                        yy = y * sh - ph + (k // kw) * dh
-                        xx = x * sw - pw + (k % kw) * dw
-                        if 0 <= yy < height and 0 <= xx < width:
-                            h, w = _scope_point(grad_weight, kh, kw, k, offset[n, 2 * (gk0 + k), y, x],
-                                                offset[n, 2 * (gk0 + k) + 1, y, x])
+                        inside, yy, xx, h, w = _local_tap(grad_weight, offset, n, gk0 + k, k, y, x, height, width,
+                                                          kh, kw, sh, sw, ph, pw, dh, dw)
+                        if inside:
                             _scatter(target, h, w, grad_out[n, o, y, x] * inp[n, c_in, yy, xx])
 
 
