@@ -33,19 +33,24 @@ def use_torch_allocator():
         malloc, lambda ptr, device: torch.cuda.caching_allocator_delete(ptr)).malloc)
 
 
-def median_ms(fn, warmup=3, reps=20):
-    """Median device time of one call, with calls queued back to back (as in a training loop,
-    where the host prepares the next launch while the device works) and events around each."""
+def median_ms(fn, warmup=3, reps=20, rounds=5):
+    """Device time of one call: calls queued back to back (as in a training loop, where the host
+    prepares the next launch while the device works), events around each; the median of each
+    round of ``reps`` calls, and the smallest of ``rounds`` such medians, so that a moment when
+    the host is busy with something else does not decide the number."""
     for _ in range(warmup):
         fn()
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-    torch.cuda.synchronize()
-    for start, end in events:
-        start.record()
-        fn()
-        end.record()
-    torch.cuda.synchronize()
-    return float(np.median([start.elapsed_time(end) for start, end in events]))
+    medians = []
+    for _ in range(rounds):
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+        torch.cuda.synchronize()
+        for start, end in events:
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize()
+        medians.append(float(np.median([start.elapsed_time(end) for start, end in events])))
+    return min(medians)
 
 
 def extra_mib(fn):

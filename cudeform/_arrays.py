@@ -102,6 +102,7 @@ def _torch_dtypes() -> dict:
             torch.float64: "float64"}
 
 
+@functools.lru_cache(maxsize=None)
 def _torch_dtype(name: str):
     return next(k for k, v in _torch_dtypes().items() if v == name)
 
@@ -168,11 +169,14 @@ class _TorchAllocator:
 
     def tensor(self, arr: Any, dtype: str):
         """The torch tensor viewing ``arr``'s memory, or None if that memory is not ours."""
-        block = self.live.get(arr.data.mem.ptr)
+        memory = arr.data
+        block = self.live.get(memory.mem.ptr)
         if block is None or not arr.flags.c_contiguous:
             return None
-        start = arr.data.ptr - arr.data.mem.ptr
-        return block[start:start + arr.nbytes].view(_torch_dtype(dtype)).view(arr.shape)
+        start = memory.ptr - memory.mem.ptr
+        if start or block.numel() != arr.nbytes:  # else the whole block: skip the slice
+            block = block[start:start + arr.nbytes]
+        return block.view(_torch_dtype(dtype)).view(arr.shape)
 
 
 _torch_allocator = _TorchAllocator()
@@ -218,14 +222,14 @@ class Prepared(NamedTuple):
         return result
 
 
-def _caller_stream(framework: str, device: Device, first: Any):
+def _caller_stream(framework: str, device: Device):
     """Pointer of the stream a torch CUDA call must run on (torch's current one); None means
     CuPy's current stream."""
     if device.kind != "cuda" or framework != "torch":
         return None
     import torch
 
-    return torch.cuda.current_stream(first.device).cuda_stream
+    return torch.cuda.current_stream(device.index).cuda_stream  # an int index is the fast lookup
 
 
 @functools.lru_cache(maxsize=None)
@@ -275,6 +279,9 @@ class _DeviceContext:
         return False
 
 
+_NO_CONTEXT = contextlib.nullcontext()  # reusable, and cheaper than a new one per call
+
+
 def prepare(op: str, optional: tuple = (), **arrays: Any) -> Prepared:
     """Check that the given arrays share one device and one supported floating dtype,
     and take them as C-contiguous NumPy or CuPy arrays: zero-copy views, or copies of the
@@ -301,14 +308,14 @@ def prepare(op: str, optional: tuple = (), **arrays: Any) -> Prepared:
         check.fail(op, reference, f"an array on the CPU, since {_cuda_unavailable()} (for CUDA arrays: {CUPY_HINT})",
                    f"a {_type_name(given[reference])} on {device}")
     framework = located[first_name][0]
-    stream_ptr = _caller_stream(framework, device, given[first_name])
+    stream_ptr = _caller_stream(framework, device)
     allowed = CPU_DTYPES if device.kind == "cpu" else GPU_DTYPES
     out: dict = dict.fromkeys(arrays)
     dtypes: dict = {}
     # DLPack's exchange may enqueue work on the consumer's current stream: make it the caller's.
     # CuPy arrays and torch tensors are viewed directly and need no context.
     dlpack = device.kind == "cuda" and any(fw not in ("cupy", "torch") for fw, _ in located.values())
-    with _DeviceContext(device, stream_ptr) if dlpack else contextlib.nullcontext():
+    with _DeviceContext(device, stream_ptr) if dlpack else _NO_CONTEXT:
         for name, obj in given.items():
             out[name], dtypes[name] = _convert(obj, located[name][0], device)
             if dtypes[name] not in allowed:

@@ -2,8 +2,10 @@
 // Host code: cudeform/cuda/deform_conv.py. CPU twin: cudeform/cpu/deform_conv.py.
 //
 // A chunk of `batch` images starting at image `n0` is processed at a time. Its columns are a
-// (C_in * kh * kw, batch * L) matrix, L = H_out * W_out, row c * K + k holding the (masked)
-// samples of input channel c at kernel point k, so one GEMM per weight group multiplies them.
+// (C_in * kh * kw, batch * pitch) matrix, row c * K + k holding the (masked) samples of input
+// channel c at kernel point k, image n in columns [n * pitch, n * pitch + L), L = H_out * W_out
+// (the forward pads pitch for aligned GEMM rows; the backward uses pitch = L), so one GEMM per
+// weight group multiplies them.
 // Every kernel is templated on the storage type T and computes in acc<T>::type.
 #include "common.cuh"
 
@@ -47,29 +49,31 @@ __device__ __forceinline__ void dcn_point(const T* offset, const T* mask, int us
     m = use_mask ? to_acc(mask[gk * L + s.l]) : A(1);
 }
 
-// Columns: cols[(c * K + k), n * L + l] = mask * sample. Work items are (run, image, position)
-// with the position fastest, so a warp writes contiguous stretches of a columns row.
+// Columns: cols[(c * K + k), n * pitch + l] = mask * sample; the padding columns
+// [L, pitch) of each image are left as they are (their GEMM results are never read). Work items
+// are (run, image, position) with the position fastest, so a warp writes contiguous stretches
+// of a columns row.
 template <typename T>
 __global__ void dcn_im2col(const T* __restrict__ input, const T* __restrict__ offset,
-                           const T* __restrict__ mask, int use_mask, DCN_GEOMETRY, int run,
+                           const T* __restrict__ mask, int use_mask, DCN_GEOMETRY, int run, index_t pitch,
                            T* __restrict__ cols) {
     typedef typename acc<T>::type A;
-    const index_t L = out_h * out_w, K = (index_t)kh * kw, bL = batch * L, hw = height * width;
+    const index_t L = out_h * out_w, K = (index_t)kh * kw, bL = batch * L, bP = batch * pitch, hw = height * width;
     CUDEFORM_LOOP(idx, (channels / run) * bL) {
         const DcnSite s(idx, run, DCN_GEOMETRY_ARGS);
         const T* plane = input + (s.img * channels + s.c0) * hw;
-        T* col = cols + s.c0 * K * bL + s.n * L + s.l;
+        T* col = cols + s.c0 * K * bP + s.n * pitch + s.l;
         for (int i = 0; i < kh; ++i) {
             for (int j = 0; j < kw; ++j) {
                 const index_t k = (index_t)i * kw + j;
                 A h, w, m;
                 dcn_point(offset, mask, use_mask, s, i, j, DCN_GEOMETRY_ARGS, h, w, m);
                 if (!in_open_box(h, w, height, width)) {
-                    for (int c = 0; c < run; ++c) col[(c * K + k) * bL] = from_acc<T>(A(0));
+                    for (int c = 0; c < run; ++c) col[(c * K + k) * bP] = from_acc<T>(A(0));
                     continue;
                 }
                 const BilinearTaps<A> taps(h, w, height, width);
-                for (int c = 0; c < run; ++c) col[(c * K + k) * bL] = from_acc<T>(m * taps.sample(plane + c * hw));
+                for (int c = 0; c < run; ++c) col[(c * K + k) * bP] = from_acc<T>(m * taps.sample(plane + c * hw));
             }
         }
     }
@@ -201,17 +205,17 @@ __global__ void dcn_col2im_coord(const T* __restrict__ gcols, const T* __restric
     }
 }
 
-// (C_out, batch, L) GEMM result of several weight groups -> images n0.. of the (N, C_out, L)
-// output, plus bias.
+// (C_out, batch, pitch) GEMM result -> images n0.. of the (N, C_out, L) output, plus bias.
 template <typename T>
 __global__ void dcn_output_epilogue(const T* __restrict__ buffer, const T* __restrict__ bias, int use_bias,
-                                    index_t c_out, index_t batch, index_t L, index_t n0, T* __restrict__ out) {
+                                    index_t c_out, index_t batch, index_t L, index_t pitch, index_t n0,
+                                    T* __restrict__ out) {
     typedef typename acc<T>::type A;
     CUDEFORM_LOOP(idx, batch * c_out * L) {
         const index_t r = fast_div(idx, L), l = idx - r * L, n = fast_div(r, c_out), o = r - n * c_out;
-        A v = to_acc(buffer[(o * batch + n) * L + l]);
+        A v = to_acc(buffer[(o * batch + n) * pitch + l]);
         if (use_bias) v += to_acc(bias[o]);
-        out[(n0 + n) * c_out * L + o * L + l] = from_acc<T>(v);
+        out[n0 * c_out * L + idx] = from_acc<T>(v);
     }
 }
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 import numpy as np
 
 _DATA_TYPES = {"float16": 2, "bfloat16": 14, "float32": 0, "float64": 1}  # cudaDataType
-# alpha = 1 and beta in {0, 1} as host scalars of the compute type, made once.
+# alpha = 1 and beta in {0, 1} as host scalars of the compute type, made once, and their
+# addresses (reading ``.ctypes.data`` costs microseconds per call).
 _SCALARS = {(t, v): np.array(v, t) for t in (np.float32, np.float64) for v in (0.0, 1.0)}
+_SCALAR_PTRS = {key: arr.ctypes.data for key, arr in _SCALARS.items()}
 
 
 def matmul(a, b, c, *, m: int, n: int, k: int, dtype: str, c_dtype: str | None = None,
@@ -32,8 +34,6 @@ def matmul(a, b, c, *, m: int, n: int, k: int, dtype: str, c_dtype: str | None =
     c_dtype = c_dtype or dtype
     compute, scalar = ((cublas.CUBLAS_COMPUTE_64F, np.float64) if dtype == "float64"
                        else (cublas.CUBLAS_COMPUTE_32F, np.float32))
-    alpha_host = _SCALARS[scalar, 1.0]
-    beta_host = _SCALARS[scalar, beta]
     handle = cupy.cuda.device.get_cublas_handle()
     cublas.setStream(handle, cupy.cuda.get_current_stream().ptr)
     # Row-major C = A B is column-major C^T = B^T A^T: swap the operands.
@@ -45,10 +45,10 @@ def matmul(a, b, c, *, m: int, n: int, k: int, dtype: str, c_dtype: str | None =
         cublas.CUBLAS_OP_T if trans_b else cublas.CUBLAS_OP_N,
         cublas.CUBLAS_OP_T if trans_a else cublas.CUBLAS_OP_N,
         n, m, k,
-        alpha_host.ctypes.data,
+        _SCALAR_PTRS[scalar, 1.0],
         b.data.ptr, _DATA_TYPES[dtype], ldb, stride_b,
         a.data.ptr, _DATA_TYPES[dtype], lda, stride_a,
-        beta_host.ctypes.data,
+        _SCALAR_PTRS[scalar, beta],
         c.data.ptr, _DATA_TYPES[c_dtype], ldc, stride_c,
         batch, compute, cublas.CUBLAS_GEMM_DEFAULT,
     )

@@ -1,16 +1,22 @@
 """Deformable convolution on the GPU: kernels/deform_conv.cu around cuBLAS GEMMs.
 
-Forward, per chunk of images: im2col -> one strided-batched GEMM, batched over the images
-straight into the output when there is one weight group, else over the groups into a buffer
-that an epilogue lays out -> bias. Backward, per chunk: GEMM for the columns' gradient -> col2im
-(input gradient) and col2im_coord (offset and mask gradients) -> im2col again into the same
-buffer -> GEMM accumulating the weight gradient in float32 (float64 for float64).
+Forward, per chunk of images: im2col, then the GEMM. With one weight group and H_out*W_out a
+multiple of PITCH, one strided-batched GEMM over the images writes straight into the output,
+then the bias is added. Otherwise one GEMM per weight group (a strided batch) over all images
+of the chunk writes a (C_out, images, pitch) buffer, and an epilogue lays it out as the output
+and adds the bias: each image's columns start at a multiple of PITCH elements, so every GEMM
+row is 16-byte aligned, which cuBLAS's fast kernels need (at H_out*W_out = 25*38 in fp16 on an
+H200, the unaligned per-image GEMMs took 76 us, the aligned GEMM over both images 16 us).
+Backward, per chunk: GEMM for the columns' gradient -> col2im (input gradient) and
+col2im_coord (offset and mask gradients) -> im2col again into the same buffer -> GEMM
+accumulating the weight gradient in float32 (float64 for float64).
 
 Workspace: one columns buffer of at most COLUMNS_BYTES (always at least one image), plus a
-(C_out, images, H_out*W_out) GEMM buffer when a chunk of several images meets several weight
-groups (forward) or holds several images (backward); the backward
-adds a float32 input-gradient accumulator for the half types and, in deterministic mode, a
-64-bit fixed-point accumulator of one chunk's input gradient.
+(C_out, images, pitch) GEMM buffer for a chunk when the forward does not write the output
+directly, and in the backward for a chunk of several images; the backward adds a float32
+input-gradient accumulator for the half types and, in deterministic mode, a 64-bit fixed-point
+accumulator of one chunk's input gradient. Chunks are balanced: the fewest that fit, of equal
+size.
 """
 
 from __future__ import annotations
@@ -33,9 +39,11 @@ NAME_EXPRESSIONS = (
 )
 
 COLUMNS_BYTES = 128 * 2**20
+PITCH = 8  # elements: 16 bytes of fp16/bf16, the alignment cuBLAS's vectorised kernels need
 # im2col/col2im threads handle runs of channels that share a sampling point (within an offset
-# group): the bilinear taps are computed once per run. Longer runs mean fewer threads.
-MAX_RUN = 16
+# group): the bilinear taps are computed once per run. The longest run per dtype, as measured on
+# an H200 over the benchmark shapes (runs of 1-16; fewer, longer threads win up to these).
+MAX_RUN = {"float16": 16, "bfloat16": 16, "float32": 8, "float64": 8}
 
 
 def _kernel(name: str, dtype: str):
@@ -43,7 +51,12 @@ def _kernel(name: str, dtype: str):
 
 
 def _chunk(n_images: int, bytes_per_image: int) -> tuple[int, list]:
-    step = max(1, min(n_images, COLUMNS_BYTES // max(1, bytes_per_image)))
+    """The fewest chunks of images whose columns fit in COLUMNS_BYTES (at least one image
+    each), of equal size but the last: 16 images that fit 14 at a time go as 8 + 8, since a
+    GEMM over 2 images uses the GPU poorly."""
+    most = max(1, min(n_images, COLUMNS_BYTES // max(1, bytes_per_image)))
+    count = -(-n_images // most) if n_images else 1
+    step = max(1, -(-n_images // count))
     return step, [(n0, min(n_images, n0 + step)) for n0 in range(0, n_images, step)]
 
 
@@ -58,8 +71,9 @@ def _geometry_args(geo, shape, images, n0):
             i64(geo.out_size[0]), i64(geo.out_size[1]))
 
 
-def _run(geo, channels):
-    return math.gcd(channels // geo.offset_groups, MAX_RUN)
+def _run(geo, channels, dtype):
+    """Channels per im2col/col2im thread: a power of two that divides an offset group's."""
+    return math.gcd(channels // geo.offset_groups, MAX_RUN[dtype])
 
 
 def forward(input, offset, weight, bias, mask, *, geo, dtype):
@@ -75,34 +89,40 @@ def forward(input, offset, weight, bias, mask, *, geo, dtype):
     out = cupy.empty((n, c_out, *geo.out_size), storage)
     if n == 0:
         return out
-    step, chunks = _chunk(n, c_in * K * L * x.itemsize)
-    cols = cupy.empty(c_in * K * step * L, storage)
-    via_buffer = g > 1 and step > 1
-    buffer = cupy.empty(c_out * step * L, storage) if via_buffer else None
+    # Direct: one weight group and aligned rows, so each image's GEMM writes its output block.
+    direct = g == 1 and L % PITCH == 0
+    pitch = -(-L // PITCH) * PITCH
+    step, chunks = _chunk(n, c_in * K * pitch * x.itemsize)
+    size = c_in * K * step * pitch  # a multiple of PITCH: the GEMM buffer after it stays aligned
+    workspace = cupy.empty(size + (0 if direct else c_out * step * pitch), storage)
+    cols, buffer = workspace[:size], None if direct else workspace[size:]
     use_mask = np.int32(mask is not None)
-    run = _run(geo, c_in)
+    run = _run(geo, c_in, dtype)
+    im2col = _kernel("dcn_im2col", dtype)
     for n0, n1 in chunks:
         b = n1 - n0
-        launch(_kernel("dcn_im2col", dtype), c_in // run * b * L,
+        launch(im2col, c_in // run * b * L,
                (x, offset, mask if use_mask else x, use_mask, *_geometry_args(geo, x.shape, b, n0),
-                np.int32(run), cols))
-        if g == 1:
-            # Image n's columns are the column block [n*L, (n+1)*L) of the (rows, b*L) matrix.
-            _blas.matmul(weight, cols, out[n0], m=c_out, n=L, k=rows, dtype=dtype, batch=b,
+                np.int32(run), np.int64(pitch), cols))
+        if direct:
+            first = out[n0]
+            _blas.matmul(weight, cols, first, m=c_out, n=L, k=rows, dtype=dtype, batch=b,
                          stride_b=L, ld_b=b * L, stride_c=c_out * L)
-        elif b == 1:
-            _blas.matmul(weight, cols, out[n0], m=c_out // g, n=L, k=rows, dtype=dtype, batch=g,
-                         stride_a=(c_out // g) * rows, stride_b=rows * L, stride_c=(c_out // g) * L)
-        else:
-            _blas.matmul(weight, cols, buffer, m=c_out // g, n=b * L, k=rows, dtype=dtype, batch=g,
-                         stride_a=(c_out // g) * rows, stride_b=rows * b * L, stride_c=(c_out // g) * b * L)
-            launch(_kernel("dcn_output_epilogue", dtype), b * c_out * L,
-                   (buffer, bias if bias is not None else x, np.int32(bias is not None),
-                    np.int64(c_out), np.int64(b), np.int64(L), np.int64(n0), out))
+            if bias is not None:
+                launch(_kernel("add_bias", dtype), b * c_out * L, (first, bias, *_int64s(b, c_out, L)))
             continue
-        if bias is not None:
-            launch(_kernel("add_bias", dtype), b * c_out * L, (out[n0], bias, np.int64(b), np.int64(c_out), np.int64(L)))
+        _blas.matmul(weight, cols, buffer, m=c_out // g, n=b * pitch, k=rows, dtype=dtype, batch=g,
+                     stride_a=(c_out // g) * rows, stride_b=rows * b * pitch, stride_c=(c_out // g) * b * pitch)
+        launch(_kernel("dcn_output_epilogue", dtype), b * c_out * L,
+               (buffer, bias if bias is not None else x, np.int32(bias is not None),
+                *_int64s(c_out, b, L, pitch, n0), out))
     return out
+
+
+@functools.lru_cache(maxsize=1024)
+def _int64s(*values):
+    """Kernel arguments as int64 scalars (cached: NumPy scalars cost more than a small launch)."""
+    return tuple(np.int64(v) for v in values)
 
 
 def backward(grad_output, input, offset, weight, bias, mask, *, geo, dtype, border_grad, deterministic):
@@ -132,7 +152,7 @@ def backward(grad_output, input, offset, weight, bias, mask, *, geo, dtype, bord
         max_abs_bits = cupy.empty(1, np.uint32)
 
     kernels = {name: _kernel(name, dtype) for name in _KERNELS}
-    run = _run(geo, c_in)
+    run = _run(geo, c_in, dtype)
     sites = c_in // run
     for n0, n1 in chunks:
         b = n1 - n0
@@ -160,7 +180,8 @@ def backward(grad_output, input, offset, weight, bias, mask, *, geo, dtype, bord
                (cols, x, offset, mask_arg, use_mask, np.int32(border_grad == "torchvision"), *geo_args,
                 grad_offset, grad_mask if use_mask else grad_offset))
         # The columns again, in the same buffer, for the weight gradient.
-        launch(kernels["dcn_im2col"], sites * b * L, (x, offset, mask_arg, use_mask, *geo_args, np.int32(run), cols))
+        launch(kernels["dcn_im2col"], sites * b * L,
+               (x, offset, mask_arg, use_mask, *geo_args, np.int32(run), np.int64(L), cols))
         _blas.matmul(go_chunk, cols, grad_weight_acc, m=c_out // g, n=rows, k=b * L, dtype=dtype,
                      c_dtype=np.dtype(acc_dtype).name, trans_b=True, batch=g, beta=1.0,
                      stride_a=(c_out // g) * b * L, stride_b=rows * b * L, stride_c=(c_out // g) * rows)
