@@ -27,7 +27,12 @@ The GPU path (CuPy arrays, float64 and float32) is fuzzed against the CPU path o
 inputs, the same way: every draw of every op, huge and non-finite offsets included, with the
 backward in its default or its deterministic mode; where a non-finite offset empties a sample
 or a bin, both paths give exactly 0.
+
+``CUDEFORM_FUZZ_SCALE=k`` multiplies every example count by k (default 1, which keeps CI within
+minutes); the GPU proof runs thousands of cases per op this way (``.ci/fuzz``).
 """
+
+import os
 
 import numpy as np
 import pytest
@@ -47,9 +52,13 @@ TOL = 1e-10
 FAR = 1e6  # an offset that puts any sample far outside every image / scope of these tests
 
 
+SCALE = int(os.environ.get("CUDEFORM_FUZZ_SCALE", "1"))
+
+
 def fuzz(n):
-    """Reproducible settings: derandomised, no example database, no deadline."""
-    return settings(max_examples=n, deadline=None, derandomize=True, database=None,
+    """Reproducible settings: derandomised, no example database, no deadline; n examples
+    times CUDEFORM_FUZZ_SCALE."""
+    return settings(max_examples=n * SCALE, deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
