@@ -2,6 +2,8 @@
 
 import numpy as np
 
+from cudeform.testing import gradcheck
+
 
 def to_numpy(a):
     if a is None:
@@ -27,6 +29,15 @@ def assert_grads_match(grads, expected, tol=1e-10):
         else:
             assert got.shape == want.shape, field
             assert rel_err(got, want) < tol, field
+
+
+def assert_gradcheck(xp, forward, backward, args, geo, checked, **options):
+    """cudeform.testing.gradcheck passes for ``args`` (``xp`` arrays) and checks exactly the
+    arguments ``checked``. On the GPU it checks 150 elements per argument: each element costs
+    two forward calls, and every one of them a few kernel launches."""
+    result = gradcheck(forward, backward, args, kwargs=geo, max_elements=150 if xp is not np else None, **options)
+    assert result.ok, str(result)
+    assert set(result.checked) == checked
 
 
 # Relative L2 error of a result computed in a dtype, against float64 on the same inputs.
