@@ -19,15 +19,17 @@ def rel_err(actual, expected):
     return diff / scale if scale else diff
 
 
-def assert_grads_match(grads, expected, tol=1e-10):
+def assert_grads_match(grads, expected, tol=1e-10, dtype=None):
     """Every field of a gradients named tuple against the reference's gradients in order: None
-    where the reference has none, else the same shape and a relative error below ``tol``."""
+    where the reference has none, else the same shape (and ``dtype``, when given) and a
+    relative error below ``tol``."""
     assert len(grads) == len(expected)
     for field, got, want in zip(grads._fields, grads, expected):
         if want is None:
             assert got is None, field
         else:
             assert got.shape == want.shape, field
+            assert dtype is None or got.dtype == dtype, field
             assert rel_err(got, want) < tol, field
 
 
