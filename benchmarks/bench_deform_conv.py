@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import cudeform
+from cudeform.testing import peak_extra_memory
 
 SPEC_SHAPES = [(16, 128, 64, 64), (16, 256, 32, 32), (16, 512, 16, 16), (2, 256, 100, 152)]
 DETECTION_SHAPES = [(2, 128, 100, 152), (2, 256, 50, 76), (2, 512, 25, 38)]
@@ -54,16 +55,8 @@ def median_ms(fn, warmup=3, reps=20, rounds=5):
 
 
 def extra_mib(fn):
-    """Peak memory during fn() beyond what existed before it and what it returns."""
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    result = fn()
-    torch.cuda.synchronize()
-    kept = torch.cuda.memory_allocated() - before
-    extra = (torch.cuda.max_memory_allocated() - before - kept) / 2**20
-    del result
-    return extra
+    """Peak memory during fn() beyond what existed before it and what it returns, in MiB."""
+    return peak_extra_memory(fn)[0] / 2**20
 
 
 def bench_shape(shape, dtype):

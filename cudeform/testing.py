@@ -13,6 +13,9 @@ It works for NumPy and CuPy arrays, so the same check runs on the CPU and on the
 
 Pick random inputs away from kinks (for a bilinear sampler: non-integer sampling
 positions); a finite difference across a kink does not estimate a derivative.
+
+:func:`peak_extra_memory` measures the workspace a call needs on a CUDA device (PyTorch's
+memory statistics), for tests and benchmarks of memory bounds.
 """
 
 from __future__ import annotations
@@ -169,3 +172,20 @@ def gradcheck(
     if not ok and raise_exception:
         raise GradcheckError(str(result))
     return result
+
+
+def peak_extra_memory(fn: Callable[[], Any]) -> tuple[int, Any]:
+    """Call ``fn()`` and return (bytes, its result), where bytes is the peak of PyTorch's CUDA
+    memory during the call beyond what was allocated before it and what is still allocated
+    after it (its results): the workspace the call needed. cudeform's calls on torch tensors
+    allocate through PyTorch, so their workspaces count. Resets the peak statistics of the
+    current device; needs PyTorch with CUDA."""
+    import torch
+
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    result = fn()
+    torch.cuda.synchronize()
+    kept = torch.cuda.memory_allocated() - before
+    return torch.cuda.max_memory_allocated() - before - kept, result

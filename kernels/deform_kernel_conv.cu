@@ -89,6 +89,25 @@ struct DkGeometry {
     __device__ __forceinline__ index_t in_row(index_t y, int i) const { return y * sh - ph + (index_t)i * dh; }
     __device__ __forceinline__ index_t in_col(index_t x, int j) const { return x * sw - pw + (index_t)j * dw; }
 
+    // Local DK: f(pixel, h, w) for each kernel point of output (y, x) whose rigid input pixel
+    // (pixel = iy * width + ix) is inside the image and whose moved point (h, w) is inside the
+    // scope's open box. `off` points at the offsets of (image, offset group) at (y, x): those of
+    // kernel point k at off[2 * k * L] and off[(2 * k + 1) * L].
+    template <typename A, typename T, typename F>
+    __device__ __forceinline__ void for_each_local_tap(index_t y, index_t x, const T* off, index_t L, F f) const {
+        for (int i = 0; i < kh; ++i) {
+            const index_t iy = in_row(y, i);
+            if (iy < 0 || iy >= height) continue;
+            for (int j = 0; j < kw; ++j) {
+                const index_t ix = in_col(x, j), k = (index_t)i * kw + j;
+                if (ix < 0 || ix >= width) continue;
+                A h, w;
+                scope_point(i, j, off + 2 * k * L, L, h, w);
+                if (in_open_box(h, w, scope_h, scope_w)) f(iy * width + ix, h, w);
+            }
+        }
+    }
+
     // The output row whose kernel row i reads input row iy; false when there is none (stride).
     __device__ __forceinline__ bool out_row(index_t iy, int i, index_t& y) const {
         const index_t t = iy + ph - (index_t)i * dh;
@@ -529,23 +548,13 @@ __global__ void __launch_bounds__(256, 2) dk_local_conv(const T* __restrict__ in
             }
         }
         const T* off = offset + (n * offset_groups + g) * K * 2 * L + l;
-        for (int i = 0; i < kh; ++i) {
-            const index_t iy = geo.in_row(y, i);
-            if (iy < 0 || iy >= height) continue;
-            for (int j = 0; j < kw; ++j) {
-                const index_t ix = geo.in_col(x, j), k = (index_t)i * kw + j;
-                if (ix < 0 || ix >= width) continue;
-                A h, w;
-                geo.scope_point(i, j, off + 2 * k * L, L, h, w);
-                if (!in_open_box(h, w, scope_h, scope_w)) continue;
-                const BilinearTaps<A> taps(h, w, scope_h, scope_w);
-                for (index_t c = 0, pixel = iy * width + ix; c < cg; ++c, pixel += hw) {
+        geo.for_each_local_tap<A>(y, x, off, L, [&](index_t pixel, A h, A w) {
+            const BilinearTaps<A> taps(h, w, scope_h, scope_w);
+            for (index_t c = 0; c < cg; ++c, pixel += hw) {
 #pragma unroll
-                    for (int u = 0; u < DK_CHUNK; ++u)
-                        sums[u] += to_acc(planes[u][pixel]) * taps.sample(scopes[u] + c * S);
-                }
+                for (int u = 0; u < DK_CHUNK; ++u) sums[u] += to_acc(planes[u][pixel]) * taps.sample(scopes[u] + c * S);
             }
-        }
+        });
 #pragma unroll
         for (int u = 0; u < DK_CHUNK; ++u) {
             if (u < count) out[(n * c_out + o0 + u) * L + l] = from_acc<T>(sums[u]);
@@ -710,21 +719,12 @@ __global__ void dk_local_weight_grad(const T* __restrict__ grad_output, const T*
                 const A go = to_acc(grad_output[(n * c_out + o) * L + l]);
                 const T* plane = input + (n * channels + c_in) * hw;
                 const T* off = offset + (n * offset_groups + g) * K * 2 * L + l;
-                for (int i = 0; i < kh; ++i) {
-                    const index_t iy = geo.in_row(y, i);
-                    if (iy < 0 || iy >= height) continue;
-                    for (int j = 0; j < kw; ++j) {
-                        const index_t ix = geo.in_col(x, j), k = (index_t)i * kw + j;
-                        if (ix < 0 || ix >= width) continue;
-                        A h, w;
-                        geo.scope_point(i, j, off + 2 * k * L, L, h, w);
-                        if (!in_open_box(h, w, scope_h, scope_w)) continue;
-                        const A v = go * to_acc(plane[iy * width + ix]);
-                        BilinearTaps<A>(h, w, scope_h, scope_w).for_each([&](index_t s, A wt) {
-                            if ((unsigned long long)(s - s0) < (unsigned long long)count) mine[(int)(s - s0) * row] += wt * v;
-                        });
-                    }
-                }
+                geo.for_each_local_tap<A>(y, x, off, L, [&](index_t pixel, A h, A w) {
+                    const A v = go * to_acc(plane[pixel]);
+                    BilinearTaps<A>(h, w, scope_h, scope_w).for_each([&](index_t s, A wt) {
+                        if ((unsigned long long)(s - s0) < (unsigned long long)count) mine[(int)(s - s0) * row] += wt * v;
+                    });
+                });
             }
             __syncthreads();
             for (int t = threadIdx.x; t < count; t += blockDim.x) {

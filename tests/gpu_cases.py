@@ -7,6 +7,7 @@ Each case is built from the op tests' own case builders. Shapes pick the paths b
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, NamedTuple
 
 import numpy as np
@@ -122,6 +123,19 @@ def run_behind_busy_stream(run, stream):
         stream.synchronize()
     assert still_running, "the call waited for the device"
     return results
+
+
+@contextlib.contextmanager
+def busy_torch_stream(torch):
+    """A new torch stream, made current, with large matmuls still queued on it: work that went
+    to another stream instead of the current one would race with them (and read inputs that
+    the stream has not produced yet)."""
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        big = torch.randn(4096, 4096, device="cuda")
+        for _ in range(3):
+            big = big @ big / 64
+        yield stream
 
 
 def capture_and_replay(run, stream):

@@ -2,6 +2,8 @@
 
 import numpy as np
 
+from cudeform.testing import gradcheck
+
 
 def to_numpy(a):
     if a is None:
@@ -17,16 +19,27 @@ def rel_err(actual, expected):
     return diff / scale if scale else diff
 
 
-def assert_grads_match(grads, expected, tol=1e-10):
+def assert_grads_match(grads, expected, tol=1e-10, dtype=None):
     """Every field of a gradients named tuple against the reference's gradients in order: None
-    where the reference has none, else the same shape and a relative error below ``tol``."""
+    where the reference has none, else the same shape (and ``dtype``, when given) and a
+    relative error below ``tol``."""
     assert len(grads) == len(expected)
     for field, got, want in zip(grads._fields, grads, expected):
         if want is None:
             assert got is None, field
         else:
             assert got.shape == want.shape, field
+            assert dtype is None or got.dtype == dtype, field
             assert rel_err(got, want) < tol, field
+
+
+def assert_gradcheck(xp, forward, backward, args, geo, checked, **options):
+    """cudeform.testing.gradcheck passes for ``args`` (``xp`` arrays) and checks exactly the
+    arguments ``checked``. On the GPU it checks 150 elements per argument: each element costs
+    two forward calls, and every one of them a few kernel launches."""
+    result = gradcheck(forward, backward, args, kwargs=geo, max_elements=150 if xp is not np else None, **options)
+    assert result.ok, str(result)
+    assert set(result.checked) == checked
 
 
 # Relative L2 error of a result computed in a dtype, against float64 on the same inputs.

@@ -7,6 +7,8 @@ import pytest
 
 import cudeform
 import reference as ref
+from cudeform.testing import peak_extra_memory
+from gpu_cases import busy_torch_stream
 from helpers import TOLERANCE, l2_rel, rel_err
 from test_deform_conv import CONFIGS, make_case, on, out_size, split
 
@@ -81,12 +83,8 @@ def test_deterministic_backward_is_bitwise_and_accurate(torch, dtype):
 def test_torch_current_stream(torch):
     """Work is queued on torch's current stream, so no synchronisation is needed around it."""
     tensors, exact, geo = rounded_case(torch, CONFIGS["grouped"], "float32", seed=25)
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        big = torch.randn(4096, 4096, device="cuda")
-        for _ in range(3):
-            big = big @ big / 64  # keep the stream busy so that a wrong stream would race
-        x = tensors["input"] * 1.0  # produced on `stream`
+    with busy_torch_stream(torch):
+        x = tensors["input"] * 1.0  # produced on the busy stream
         out = cudeform.deform_conv2d(x, *split(tensors)[0][1:], **split(tensors)[1], **geo)
         result = (out * 1.0).cpu()
     expected = ref.deform_conv2d(*split(exact)[0], **split(exact)[1], **geo)
@@ -137,19 +135,11 @@ def test_workspace_is_bounded(torch, monkeypatch, groups):
     images = 6 * 2**20 // per_image
     chunk_output = c * images * h * w * 4
 
-    def extra(fn):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        result = fn()
-        torch.cuda.synchronize()
-        kept = torch.cuda.memory_allocated() - before
-        return torch.cuda.max_memory_allocated() - before - kept, result
-
-    fwd_extra, out = extra(lambda: cudeform.deform_conv2d(x, offset, weight, padding=1, mask=mask))
+    fwd_extra, out = peak_extra_memory(lambda: cudeform.deform_conv2d(x, offset, weight, padding=1, mask=mask))
     assert out.shape == (n, c, h, w)
     assert fwd_extra <= images * per_image + (chunk_output if groups > 1 else 0) + 2**20
-    bwd_extra, _ = extra(lambda: cudeform.deform_conv2d_backward(go, x, offset, weight, padding=1, mask=mask))
+    bwd_extra, _ = peak_extra_memory(lambda: cudeform.deform_conv2d_backward(go, x, offset, weight, padding=1,
+                                                                             mask=mask))
     assert bwd_extra <= images * per_image + chunk_output + 2**20
 
 

@@ -8,6 +8,7 @@ import pytest
 
 import cudeform
 import reference as ref
+from gpu_cases import busy_torch_stream
 from helpers import TOLERANCE, l2_rel, rel_err
 from test_deform_kernel_conv import CONFIGS, MODES, grad_output_for, make_case, on, positional
 
@@ -139,12 +140,8 @@ def test_backward_is_bitwise_repeatable(torch, dtype, mode, deterministic):
 def test_torch_current_stream(torch):
     """Work is queued on torch's current stream, so no synchronisation is needed around it."""
     tensors, exact, geo = rounded_case(torch, CONFIGS["grouped"], "local", "float32", seed=37)
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        big = torch.randn(4096, 4096, device="cuda")
-        for _ in range(3):
-            big = big @ big / 64  # keep the stream busy so that a wrong stream would race
-        x = tensors["input"] * 1.0  # produced on `stream`
+    with busy_torch_stream(torch):
+        x = tensors["input"] * 1.0  # produced on the busy stream
         out = cudeform.deform_kernel_conv2d(**dict(tensors, input=x), **geo)
         result = (out * 1.0).cpu()
     expected = ref.deform_kernel_conv2d(*positional(exact), **geo)

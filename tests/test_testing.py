@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import cudeform
-from cudeform.testing import GradcheckError, gradcheck
+from cudeform.testing import GradcheckError, gradcheck, peak_extra_memory
 
 
 def case():
@@ -46,3 +46,16 @@ def test_inputs_left_untouched():
     gradcheck(cudeform.deform_conv2d, cudeform.deform_conv2d_backward, inputs, max_elements=5)
     for k in inputs:
         assert np.array_equal(inputs[k], before[k])
+
+
+@pytest.mark.gpu
+def test_peak_extra_memory_counts_the_workspace_not_the_result(torch):
+    def fn():
+        workspace = torch.empty(3 * 2**20, dtype=torch.uint8, device="cuda")
+        result = torch.ones(2**20, dtype=torch.uint8, device="cuda")
+        del workspace
+        return result
+
+    extra, result = peak_extra_memory(fn)
+    assert extra == 3 * 2**20
+    assert result.shape == (2**20,) and bool(result.all())

@@ -216,20 +216,19 @@ def test_bad_arguments_raise_named_errors():
         ct.DeformConv2dPack(4, 2, 3, deform_groups=3)
 
 
-def test_empty_batches():
-    arrays, params = _case("deform_conv2d", "full")
+@pytest.mark.parametrize("op,emptied,shape,whole", [
+    ("deform_conv2d", ("input", "offset", "mask"), (0, 2, 3, 2), "weight"),
+    ("deform_roi_pool", ("rois", "offset", "mask"), (0, 2, 2, 3), "input"),
+])
+def test_empty_batches(op, emptied, shape, whole):
+    """With no images (no RoIs), the output is empty and the argument kept whole gets a zero
+    gradient."""
+    arrays, params = _case(op, "full")
     tensors = tensors_on(arrays, "cpu", requires_grad=True)
-    tensors.update(input=tensors["input"][:0], offset=tensors["offset"][:0], mask=tensors["mask"][:0])
-    out = call("deform_conv2d", tensors, params)
+    tensors.update({name: tensors[name][:0] for name in emptied})
+    out = call(op, tensors, params)
     out.sum().backward()
-    assert out.shape == (0, 2, 3, 2) and tensors["weight"].grad.abs().sum() == 0
-
-    arrays, params = _case("deform_roi_pool", "full")
-    tensors = tensors_on(arrays, "cpu", requires_grad=True)
-    tensors.update(rois=tensors["rois"][:0], offset=tensors["offset"][:0], mask=tensors["mask"][:0])
-    out = call("deform_roi_pool", tensors, params)
-    out.sum().backward()
-    assert out.shape == (0, 2, 2, 3) and tensors["input"].grad.abs().sum() == 0
+    assert out.shape == shape and tensors[whole].grad.abs().sum() == 0
 
 
 # torch.compile

@@ -450,6 +450,16 @@ def _weight_columns_order(weight, g):
         g, c_out // g, kh * kw * cg)
 
 
+def _setup(x, weight, mask, geo):
+    """What both passes start from: whether a mask was given, the mask for the kernels (a
+    dummy that they never read when none was), the sizes (N, C_in, C_out, H_out, W_out,
+    groups) and the weight in the columns' order."""
+    use_mask = mask is not None
+    mask = mask if use_mask else np.zeros((1, 1, 1, 1), x.dtype)
+    g = geo.groups
+    return use_mask, mask, (*x.shape[:2], weight.shape[0], *geo.out_size, g), _weight_columns_order(weight, g)
+
+
 def _serial_kernels(fn):
     """Run ``fn`` with the calling thread's Numba kernels on that thread alone (restored after).
 
@@ -475,14 +485,8 @@ def _serial_kernels(fn):
 @_serial_kernels
 def forward(input, offset, weight, bias, mask, *, geo, dtype):
     x = input
-    use_mask = mask is not None
-    mask = mask if use_mask else np.zeros((1, 1, 1, 1), x.dtype)
-    n, c_in = x.shape[:2]
-    c_out = weight.shape[0]
-    out_h, out_w = geo.out_size
+    use_mask, mask, (n, c_in, c_out, out_h, out_w, g), w = _setup(x, weight, mask, geo)
     length = out_h * out_w
-    g = geo.groups
-    w = _weight_columns_order(weight, g)
     rows = w.shape[2]
     out = np.empty((n, c_out, out_h, out_w), x.dtype)
     ws = _Workspace(x, offset, mask, use_mask, geo, 1)
@@ -501,14 +505,8 @@ def forward(input, offset, weight, bias, mask, *, geo, dtype):
 @_serial_kernels
 def backward(grad_output, input, offset, weight, bias, mask, *, geo, dtype, border_grad, deterministic):
     x, go = input, grad_output
-    use_mask = mask is not None
-    mask_arr = mask if use_mask else np.zeros((1, 1, 1, 1), x.dtype)
-    n, c_in = x.shape[:2]
-    c_out = weight.shape[0]
-    out_h, out_w = geo.out_size
+    use_mask, mask_arr, (n, c_in, c_out, out_h, out_w, g), w = _setup(x, weight, mask, geo)
     length = out_h * out_w
-    g = geo.groups
-    w = _weight_columns_order(weight, g)
     rows = w.shape[2]
 
     grad_input = np.empty_like(x)

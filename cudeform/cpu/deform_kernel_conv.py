@@ -31,17 +31,20 @@ COLUMNS_BYTES = 32 * 2**20
 
 
 @njit(inline="always")
+def _corner(h, w):
+    """The top-left neighbour (y0, x0) of (h, w) and the fractions (lh, lw) past it."""
+    h0 = math.floor(h)
+    w0 = math.floor(w)
+    return int(h0), int(w0), h - h0, w - w0
+
+
+@njit(inline="always")
 def _sample(plane, h, w):
     """The zero-padded bilinear sample of the scope at (h, w): 0 outside the open box, a
     neighbour outside the plane counting as 0 (bilinear_zero in kernels/common.cuh)."""
     if not in_open_box(h, w, plane.shape[0], plane.shape[1]):
         return 0.0
-    h0 = math.floor(h)
-    w0 = math.floor(w)
-    lh = h - h0
-    lw = w - w0
-    y0 = int(h0)
-    x0 = int(w0)
+    y0, x0, lh, lw = _corner(h, w)
     return ((1 - lh) * ((1 - lw) * pixel(plane, y0, x0) + lw * pixel(plane, y0, x0 + 1))
             + lh * ((1 - lw) * pixel(plane, y0 + 1, x0) + lw * pixel(plane, y0 + 1, x0 + 1)))
 
@@ -51,12 +54,7 @@ def _position_grad(plane, h, w):
     """(d/dh, d/dw) of ``_sample``, from the right at the kinks: non-zero on [-1, S_h) x [-1, S_w)."""
     if not (h >= -1.0 and h < plane.shape[0] and w >= -1.0 and w < plane.shape[1]):
         return 0.0, 0.0
-    h0 = math.floor(h)
-    w0 = math.floor(w)
-    lh = h - h0
-    lw = w - w0
-    y0 = int(h0)
-    x0 = int(w0)
+    y0, x0, lh, lw = _corner(h, w)
     v00 = pixel(plane, y0, x0)
     v01 = pixel(plane, y0, x0 + 1)
     v10 = pixel(plane, y0 + 1, x0)
@@ -70,12 +68,7 @@ def _scatter(plane, h, w, v):
     neighbours inside the plane."""
     if not in_open_box(h, w, plane.shape[0], plane.shape[1]):
         return
-    h0 = math.floor(h)
-    w0 = math.floor(w)
-    lh = h - h0
-    lw = w - w0
-    y0 = int(h0)
-    x0 = int(w0)
+    y0, x0, lh, lw = _corner(h, w)
     for yy, xx, wt in ((y0, x0, (1 - lh) * (1 - lw)), (y0, x0 + 1, (1 - lh) * lw),
                        (y0 + 1, x0, lh * (1 - lw)), (y0 + 1, x0 + 1, lh * lw)):
         if 0 <= yy < plane.shape[0] and 0 <= xx < plane.shape[1]:
@@ -90,12 +83,23 @@ def _scope_point(scope, kh, kw, k, dh, dw):
 
 
 @njit(inline="always")
+def _per_offset_group(offset, c_out, k_size):
+    """Output channels per offset group (the offsets hold 2 * G * K channels)."""
+    return c_out // (offset.shape[1] // (2 * k_size))
+
+
+@njit(inline="always")
+def _rigid_pixel(y, x, k, kw, sh, sw, ph, pw, dh, dw):
+    """The input pixel (yy, xx) that kernel point k reads for output (y, x) on the rigid grid."""
+    return y * sh - ph + (k // kw) * dh, x * sw - pw + (k % kw) * dw
+
+
+@njit(inline="always")
 def _local_tap(scope, offset, n, gk, k, y, x, height, width, kh, kw, sh, sw, ph, pw, dh, dw):
     """Kernel point k (of offset group slot gk) at output (y, x) in local DK: whether its rigid
     input pixel (yy, xx) is inside the image, that pixel, and where its moved point reads the
     scope (only computed inside)."""
-    yy = y * sh - ph + (k // kw) * dh
-    xx = x * sw - pw + (k % kw) * dw
+    yy, xx = _rigid_pixel(y, x, k, kw, sh, sw, ph, pw, dh, dw)
     if not (0 <= yy < height and 0 <= xx < width):
         return False, yy, xx, 0.0, 0.0
     h, w = _scope_point(scope, kh, kw, k, offset[n, 2 * gk, y, x], offset[n, 2 * gk + 1, y, x])
@@ -106,16 +110,22 @@ def _local_tap(scope, offset, n, gk, k, y, x, height, width, kh, kw, sh, sw, ph,
 # Global DK
 # --------------------------------------------------------------------------------------------
 
+@njit(inline="always")
+def _global_point(scope, offset, n, gk, k, kh, kw):
+    """Where kernel point k (of offset group slot gk) of image n reads the scope in global DK."""
+    return _scope_point(scope, kh, kw, k, offset[n, 2 * gk], offset[n, 2 * gk + 1])
+
+
 @njit(parallel=True, cache=True)
 def _resample(weight, offset, kh, kw, kernels):
     n_images, c_out, c_per_group, k_size = kernels.shape
-    per_offset_group = c_out // (offset.shape[1] // (2 * k_size))
+    per_offset_group = _per_offset_group(offset, c_out, k_size)
     for task in prange(n_images * c_out):
         n = task // c_out
         o = task % c_out
         gk0 = (o // per_offset_group) * k_size
         for k in range(k_size):
-            h, w = _scope_point(weight, kh, kw, k, offset[n, 2 * (gk0 + k)], offset[n, 2 * (gk0 + k) + 1])
+            h, w = _global_point(weight, offset, n, gk0 + k, k, kh, kw)
             for c in range(c_per_group):
                 kernels[n, o, c, k] = _sample(weight[o, c], h, w)
 
@@ -130,11 +140,9 @@ def _im2col(inp, n0, kh, kw, sh, sw, ph, pw, dh, dw, out_w, cols):
         c = task % channels
         plane = inp[n0 + n, c]
         for k in range(k_size):
-            i = k // kw
-            j = k % kw
             for pos in range(length):
-                cols[n, c * k_size + k, pos] = pixel(plane, (pos // out_w) * sh - ph + i * dh,
-                                                     (pos % out_w) * sw - pw + j * dw)
+                yy, xx = _rigid_pixel(pos // out_w, pos % out_w, k, kw, sh, sw, ph, pw, dh, dw)
+                cols[n, c * k_size + k, pos] = pixel(plane, yy, xx)
 
 
 @njit(parallel=True, cache=True)
@@ -147,11 +155,8 @@ def _col2im(gcols, n0, kh, kw, sh, sw, ph, pw, dh, dw, out_w, grad_input):
         c = task % channels
         target = grad_input[n0 + n, c]
         for k in range(k_size):
-            i = k // kw
-            j = k % kw
             for pos in range(length):
-                yy = (pos // out_w) * sh - ph + i * dh
-                xx = (pos % out_w) * sw - pw + j * dw
+                yy, xx = _rigid_pixel(pos // out_w, pos % out_w, k, kw, sh, sw, ph, pw, dh, dw)
                 if 0 <= yy < height and 0 <= xx < width:
                     target[yy, xx] += gcols[n, c * k_size + k, pos]
 
@@ -160,13 +165,13 @@ def _col2im(gcols, n0, kh, kw, sh, sw, ph, pw, dh, dw, out_w, grad_input):
 def _global_offset_grad(grad_kernels, weight, offset, kh, kw, grad_offset):
     n_images, c_out, c_per_group, k_size = grad_kernels.shape
     gk_size = offset.shape[1] // 2
-    per_offset_group = c_out // (gk_size // k_size)
+    per_offset_group = _per_offset_group(offset, c_out, k_size)
     for task in prange(n_images * gk_size):
         n = task // gk_size
         gk = task % gk_size
         g = gk // k_size
         k = gk % k_size
-        h, w = _scope_point(weight, kh, kw, k, offset[n, 2 * gk], offset[n, 2 * gk + 1])
+        h, w = _global_point(weight, offset, n, gk, k, kh, kw)
         grad_h = 0.0
         grad_w = 0.0
         for o in range(g * per_offset_group, (g + 1) * per_offset_group):
@@ -181,7 +186,7 @@ def _global_offset_grad(grad_kernels, weight, offset, kh, kw, grad_offset):
 @njit(parallel=True, cache=True)
 def _global_weight_grad(grad_kernels, offset, kh, kw, grad_weight):
     n_images, c_out, c_per_group, k_size = grad_kernels.shape
-    per_offset_group = c_out // (offset.shape[1] // (2 * k_size))
+    per_offset_group = _per_offset_group(offset, c_out, k_size)
     for task in prange(c_out * c_per_group):
         o = task // c_per_group
         c = task % c_per_group
@@ -189,7 +194,7 @@ def _global_weight_grad(grad_kernels, offset, kh, kw, grad_weight):
         target = grad_weight[o, c]
         for n in range(n_images):
             for k in range(k_size):
-                h, w = _scope_point(grad_weight, kh, kw, k, offset[n, 2 * (gk0 + k)], offset[n, 2 * (gk0 + k) + 1])
+                h, w = _global_point(grad_weight, offset, n, gk0 + k, k, kh, kw)
                 _scatter(target, h, w, grad_kernels[n, o, c, k])
 
 
@@ -199,22 +204,29 @@ def _chunks(n_images: int, columns_per_image: int, itemsize: int):
     return step, [(n0, min(n_images, n0 + step)) for n0 in range(0, n_images, step)]
 
 
+def _global_setup(x, weight, offset, geo):
+    """What both global passes start from: the resampled kernels (N, C_out, Cg, K), the chunks
+    of images and a columns buffer for one chunk, (images, C_in * K, L)."""
+    n, c_in = x.shape[:2]
+    kk = geo.kernel[0] * geo.kernel[1]
+    length = geo.out_size[0] * geo.out_size[1]
+    kernels = np.empty((n, *weight.shape[:2], kk), x.dtype)
+    _resample(weight, offset, *geo.kernel, kernels)
+    step, chunks = _chunks(n, c_in * kk * length, x.itemsize)
+    return kernels, chunks, np.empty((step, c_in * kk, length), x.dtype)
+
+
 def _rigid_args(geo):
     kh, kw = geo.kernel
     return (kh, kw, *geo.stride, *geo.padding, *geo.dilation, geo.out_size[1])
 
 
 def _global_forward(x, weight, offset, geo, out):
-    n, c_in = x.shape[:2]
-    c_out, cg = weight.shape[:2]
+    kernels, chunks, cols = _global_setup(x, weight, offset, geo)
+    n, c_out, cg, kk = kernels.shape
     g = geo.groups
-    kk = geo.kernel[0] * geo.kernel[1]
-    length = geo.out_size[0] * geo.out_size[1]
-    kernels = np.empty((n, c_out, cg, kk), x.dtype)
-    _resample(weight, offset, *geo.kernel, kernels)
+    length = cols.shape[2]
     kernels = kernels.reshape(n, g, c_out // g, cg * kk)
-    step, chunks = _chunks(n, c_in * kk * length, x.itemsize)
-    cols = np.empty((step, c_in * kk, length), x.dtype)
     for n0, n1 in chunks:
         b = n1 - n0
         _im2col(x, n0, *_rigid_args(geo), cols[:b])
@@ -223,17 +235,12 @@ def _global_forward(x, weight, offset, geo, out):
 
 
 def _global_backward(go, x, weight, offset, geo, grad_input, grad_weight, grad_offset):
-    n, c_in = x.shape[:2]
-    c_out, cg = weight.shape[:2]
+    kernels, chunks, cols = _global_setup(x, weight, offset, geo)
+    n, c_out, cg, kk = kernels.shape
     g = geo.groups
-    kk = geo.kernel[0] * geo.kernel[1]
-    length = geo.out_size[0] * geo.out_size[1]
-    kernels = np.empty((n, c_out, cg, kk), x.dtype)
-    _resample(weight, offset, *geo.kernel, kernels)
+    length = cols.shape[2]
     kernels_t = np.ascontiguousarray(kernels.reshape(n, g, c_out // g, cg * kk).transpose(0, 1, 3, 2))
     grad_kernels = np.empty((n, g, c_out // g, cg * kk), x.dtype)
-    step, chunks = _chunks(n, c_in * kk * length, x.itemsize)
-    cols = np.empty((step, c_in * kk, length), x.dtype)
     gcols = np.empty_like(cols)
     for n0, n1 in chunks:
         b = n1 - n0
@@ -251,14 +258,22 @@ def _global_backward(go, x, weight, offset, geo, grad_input, grad_weight, grad_o
 # Local DK
 # --------------------------------------------------------------------------------------------
 
+@njit(inline="always")
+def _local_sizes(outputs, inputs, scopes, offset, groups, kh, kw):
+    """The sizes of a local DK call, from arrays shaped like its output, its input and its
+    weight, and its offsets: (N, C_out, H_out, W_out, C_in, H, W, Cg, K, outputs per weight
+    group, outputs per offset group)."""
+    n_images, c_out, out_h, out_w = outputs.shape
+    _, channels, height, width = inputs.shape
+    k_size = kh * kw
+    return (n_images, c_out, out_h, out_w, channels, height, width, scopes.shape[1], k_size, c_out // groups,
+            _per_offset_group(offset, c_out, k_size))
+
+
 @njit(parallel=True, cache=True)
 def _local_forward(inp, weight, offset, groups, kh, kw, sh, sw, ph, pw, dh, dw, out):
-    n_images, c_out, out_h, out_w = out.shape
-    _, _, height, width = inp.shape
-    c_per_group = weight.shape[1]
-    k_size = kh * kw
-    per_weight_group = c_out // groups
-    per_offset_group = c_out // (offset.shape[1] // (2 * k_size))
+    (n_images, c_out, out_h, out_w, _, height, width, c_per_group, k_size, per_weight_group,
+     per_offset_group) = _local_sizes(out, inp, weight, offset, groups, kh, kw)
     for task in prange(n_images * c_out):
         n = task // c_out
         o = task % c_out
@@ -279,12 +294,8 @@ def _local_forward(inp, weight, offset, groups, kh, kw, sh, sw, ph, pw, dh, dw, 
 
 @njit(parallel=True, cache=True)
 def _local_input_grad(grad_out, weight, offset, groups, kh, kw, sh, sw, ph, pw, dh, dw, grad_input):
-    n_images, c_out, out_h, out_w = grad_out.shape
-    _, channels, height, width = grad_input.shape
-    c_per_group = weight.shape[1]
-    k_size = kh * kw
-    per_weight_group = c_out // groups
-    per_offset_group = c_out // (offset.shape[1] // (2 * k_size))
+    (n_images, c_out, out_h, out_w, channels, height, width, c_per_group, k_size, per_weight_group,
+     per_offset_group) = _local_sizes(grad_out, grad_input, weight, offset, groups, kh, kw)
     for task in prange(n_images * channels):
         n = task // channels
         c_in = task % channels
@@ -304,13 +315,9 @@ def _local_input_grad(grad_out, weight, offset, groups, kh, kw, sh, sw, ph, pw, 
 
 @njit(parallel=True, cache=True)
 def _local_offset_grad(grad_out, inp, weight, offset, groups, kh, kw, sh, sw, ph, pw, dh, dw, grad_offset):
-    n_images, c_out, out_h, out_w = grad_out.shape
-    _, _, height, width = inp.shape
-    c_per_group = weight.shape[1]
-    k_size = kh * kw
+    (n_images, c_out, out_h, out_w, _, height, width, c_per_group, k_size, per_weight_group,
+     per_offset_group) = _local_sizes(grad_out, inp, weight, offset, groups, kh, kw)
     gk_size = offset.shape[1] // 2
-    per_weight_group = c_out // groups
-    per_offset_group = c_out // (gk_size // k_size)
     for task in prange(n_images * gk_size):
         n = task // gk_size
         gk = task % gk_size
@@ -336,12 +343,8 @@ def _local_offset_grad(grad_out, inp, weight, offset, groups, kh, kw, sh, sw, ph
 
 @njit(parallel=True, cache=True)
 def _local_weight_grad(grad_out, inp, offset, groups, kh, kw, sh, sw, ph, pw, dh, dw, grad_weight):
-    n_images, c_out, out_h, out_w = grad_out.shape
-    _, _, height, width = inp.shape
-    c_per_group = grad_weight.shape[1]
-    k_size = kh * kw
-    per_weight_group = c_out // groups
-    per_offset_group = c_out // (offset.shape[1] // (2 * k_size))
+    (n_images, c_out, out_h, out_w, _, height, width, c_per_group, k_size, per_weight_group,
+     per_offset_group) = _local_sizes(grad_out, inp, grad_weight, offset, groups, kh, kw)
     for task in prange(c_out * c_per_group):
         o = task // c_per_group
         c_in = (o // per_weight_group) * c_per_group + task % c_per_group

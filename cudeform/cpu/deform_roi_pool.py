@@ -68,6 +68,33 @@ def _bin_corner(start, roi_size, bin_size, index, offset_value, gamma):
     return (start + gamma * roi_size * offset_value) + index * bin_size
 
 
+@njit(inline="always")
+def _droi_bin(offset, use_offset, r, p, q, gamma, start_h, start_w, roi_h, roi_w, bin_h, bin_w):
+    """The corner (y, x) of bin (p, q) of RoI r, moved by its offset."""
+    # Two returns rather than a conditional offset value: that one made the input gradient 8% slower.
+    if use_offset:
+        return (_bin_corner(start_h, roi_h, bin_h, p, offset[r, 1, p, q], gamma),
+                _bin_corner(start_w, roi_w, bin_w, q, offset[r, 0, p, q], gamma))
+    return _bin_corner(start_h, roi_h, bin_h, p, 0.0, gamma), _bin_corner(start_w, roi_w, bin_w, q, 0.0, gamma)
+
+
+@njit(inline="always")
+def _clamped_sample(h, w, height, width, margin):
+    """Whether (h, w) lies in the closed box of ``margin`` (see in_closed_box), and there its
+    clamped corners (see clamped_corners)."""
+    if not in_closed_box(h, w, height, width, margin):
+        return False, 0, 0, 0, 0, 0.0, 0.0, False, False
+    y0, x0, y1, x1, lh, lw, moves_h, moves_w = clamped_corners(h, w, height, width)
+    return True, y0, x0, y1, x1, lh, lw, moves_h, moves_w
+
+
+@njit(inline="always")
+def _droi_sample(y, x, iy, ix, bin_h, bin_w, grid_h, grid_w, height, width):
+    """Sample (iy, ix) of the bin whose corner is (y, x): whether it lies in RoIAlign's box,
+    and its clamped corners."""
+    return _clamped_sample(y + (iy + 0.5) * bin_h / grid_h, x + (ix + 0.5) * bin_w / grid_w, height, width, 1.0)
+
+
 @njit(parallel=True, cache=True)
 def _droi_forward(inp, rois, batch, offset, use_offset, mask, use_mask, scale, ratio, gamma, out):
     n_rois, channels, pooled_h, pooled_w = out.shape
@@ -80,15 +107,13 @@ def _droi_forward(inp, rois, batch, offset, use_offset, mask, use_mask, scale, r
             rois, r, scale, pooled_h, pooled_w, ratio)
         for p in range(pooled_h):
             for q in range(pooled_w):
-                y = _bin_corner(start_h, roi_h, bin_h, p, offset[r, 1, p, q] if use_offset else 0.0, gamma)
-                x = _bin_corner(start_w, roi_w, bin_w, q, offset[r, 0, p, q] if use_offset else 0.0, gamma)
+                y, x = _droi_bin(offset, use_offset, r, p, q, gamma, start_h, start_w, roi_h, roi_w, bin_h, bin_w)
                 total = 0.0
                 for iy in range(grid_h):
-                    h = y + (iy + 0.5) * bin_h / grid_h
                     for ix in range(grid_w):
-                        w = x + (ix + 0.5) * bin_w / grid_w
-                        if in_closed_box(h, w, height, width, 1.0):
-                            y0, x0, y1, x1, lh, lw, _, _ = clamped_corners(h, w, height, width)
+                        inside, y0, x0, y1, x1, lh, lw, _, _ = _droi_sample(y, x, iy, ix, bin_h, bin_w, grid_h, grid_w,
+                                                                            height, width)
+                        if inside:
                             total += blend(plane[y0, x0], plane[y0, x1], plane[y1, x0], plane[y1, x1], lh, lw)
                 total /= count
                 if use_mask:
@@ -111,15 +136,14 @@ def _droi_input_grad(go, rois, order, starts, offset, use_offset, mask, use_mask
                 rois, r, scale, pooled_h, pooled_w, ratio)
             for p in range(pooled_h):
                 for q in range(pooled_w):
-                    y = _bin_corner(start_h, roi_h, bin_h, p, offset[r, 1, p, q] if use_offset else 0.0, gamma)
-                    x = _bin_corner(start_w, roi_w, bin_w, q, offset[r, 0, p, q] if use_offset else 0.0, gamma)
+                    y, x = _droi_bin(offset, use_offset, r, p, q, gamma, start_h, start_w, roi_h, roi_w, bin_h,
+                                     bin_w)
                     g = go[r, c, p, q] * (mask[r, 0, p, q] if use_mask else 1.0) / count
                     for iy in range(grid_h):
-                        h = y + (iy + 0.5) * bin_h / grid_h
                         for ix in range(grid_w):
-                            w = x + (ix + 0.5) * bin_w / grid_w
-                            if in_closed_box(h, w, height, width, 1.0):
-                                y0, x0, y1, x1, lh, lw, _, _ = clamped_corners(h, w, height, width)
+                            inside, y0, x0, y1, x1, lh, lw, _, _ = _droi_sample(y, x, iy, ix, bin_h, bin_w, grid_h,
+                                                                                grid_w, height, width)
+                            if inside:
                                 _scatter(target, y0, x0, y1, x1, lh, lw, g)
 
 
@@ -134,18 +158,16 @@ def _droi_coord_grad(go, inp, rois, batch, offset, use_offset, mask, use_mask, s
             rois, r, scale, pooled_h, pooled_w, ratio)
         for p in range(pooled_h):
             for q in range(pooled_w):
-                y = _bin_corner(start_h, roi_h, bin_h, p, offset[r, 1, p, q] if use_offset else 0.0, gamma)
-                x = _bin_corner(start_w, roi_w, bin_w, q, offset[r, 0, p, q] if use_offset else 0.0, gamma)
+                y, x = _droi_bin(offset, use_offset, r, p, q, gamma, start_h, start_w, roi_h, roi_w, bin_h, bin_w)
                 sum_h = 0.0
                 sum_w = 0.0
                 sum_v = 0.0
                 for iy in range(grid_h):
-                    h = y + (iy + 0.5) * bin_h / grid_h
                     for ix in range(grid_w):
-                        w = x + (ix + 0.5) * bin_w / grid_w
-                        if not in_closed_box(h, w, height, width, 1.0):
+                        inside, y0, x0, y1, x1, lh, lw, moves_h, moves_w = _droi_sample(
+                            y, x, iy, ix, bin_h, bin_w, grid_h, grid_w, height, width)
+                        if not inside:
                             continue
-                        y0, x0, y1, x1, lh, lw, moves_h, moves_w = clamped_corners(h, w, height, width)
                         for c in range(channels):
                             plane = image[c]
                             v00, v01, v10, v11 = plane[y0, x0], plane[y0, x1], plane[y1, x0], plane[y1, x1]
@@ -232,6 +254,19 @@ def _psroi_first(offset, use_offset, r, cls, p, q, pooled, part_size, trans_std,
 
 
 @njit(inline="always")
+def _psroi_sample(h0, w0, ih, iw, sub_h, sub_w, height, width):
+    """Sample (ih, iw) of the bin whose first sample is (h0, w0): whether it lies in MSRA's box,
+    and its clamped corners."""
+    return _clamped_sample(h0 + ih * sub_h, w0 + iw * sub_w, height, width, 0.5)
+
+
+@njit(inline="always")
+def _psroi_channel(ctop, p, q, group, pooled):
+    """The input channel that bin (p, q) of output channel ctop reads: its group cell's."""
+    return (ctop * group + p * group // pooled) * group + q * group // pooled
+
+
+@njit(inline="always")
 def _psroi_count(h0, w0, sub_h, sub_w, n, height, width):
     """The number of a bin's samples inside MSRA's box [-0.5, H - 0.5] x [-0.5, W - 0.5]."""
     count = 0
@@ -255,15 +290,14 @@ def _psroi_forward(inp, rois, batch, offset, use_offset, group, part_size, n, sc
             for q in range(pooled):
                 h0, w0, _, _ = _psroi_first(offset, use_offset, r, ctop // per_class, p, q, pooled, part_size,
                                             trans_std, start_h, start_w, roi_h, roi_w, bin_h, bin_w)
-                plane = inp[batch[r], (ctop * group + p * group // pooled) * group + q * group // pooled]
+                plane = inp[batch[r], _psroi_channel(ctop, p, q, group, pooled)]
                 total = 0.0
                 count = 0
                 for ih in range(n):
-                    h = h0 + ih * sub_h
                     for iw in range(n):
-                        w = w0 + iw * sub_w
-                        if in_closed_box(h, w, height, width, 0.5):
-                            y0, x0, y1, x1, lh, lw, _, _ = clamped_corners(h, w, height, width)
+                        inside, y0, x0, y1, x1, lh, lw, _, _ = _psroi_sample(h0, w0, ih, iw, sub_h, sub_w, height,
+                                                                             width)
+                        if inside:
                             total += blend(plane[y0, x0], plane[y0, x1], plane[y1, x0], plane[y1, x1], lh, lw)
                             count += 1
                 out[r, ctop, p, q] = total / count if count else 0.0
@@ -299,11 +333,10 @@ def _psroi_input_grad(go, rois, order, starts, offset, use_offset, group, part_s
                         continue
                     g = go[r, ctop, p, q] / count
                     for ih in range(n):
-                        h = h0 + ih * sub_h
                         for iw in range(n):
-                            w = w0 + iw * sub_w
-                            if in_closed_box(h, w, height, width, 0.5):
-                                y0, x0, y1, x1, lh, lw, _, _ = clamped_corners(h, w, height, width)
+                            inside, y0, x0, y1, x1, lh, lw, _, _ = _psroi_sample(h0, w0, ih, iw, sub_h, sub_w, height,
+                                                                                 width)
+                            if inside:
                                 _scatter(target, y0, x0, y1, x1, lh, lw, g)
 
 
@@ -323,15 +356,14 @@ def _psroi_offset_grad(go, inp, rois, batch, offset, group, part_size, n, scale,
                     count = _psroi_count(h0, w0, sub_h, sub_w, n, height, width)
                     if count == 0:
                         continue
-                    plane = inp[batch[r], (ctop * group + p * group // pooled) * group + q * group // pooled]
+                    plane = inp[batch[r], _psroi_channel(ctop, p, q, group, pooled)]
                     d_h = 0.0
                     d_w = 0.0
                     for ih in range(n):
-                        h = h0 + ih * sub_h
                         for iw in range(n):
-                            w = w0 + iw * sub_w
-                            if in_closed_box(h, w, height, width, 0.5):
-                                y0, x0, y1, x1, lh, lw, moves_h, moves_w = clamped_corners(h, w, height, width)
+                            inside, y0, x0, y1, x1, lh, lw, moves_h, moves_w = _psroi_sample(
+                                h0, w0, ih, iw, sub_h, sub_w, height, width)
+                            if inside:
                                 dh, dw = blend_gradient(plane[y0, x0], plane[y0, x1], plane[y1, x0], plane[y1, x1],
                                                         lh, lw, moves_h, moves_w)
                                 d_h += dh
