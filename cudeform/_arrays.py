@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import math
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -71,6 +72,8 @@ def _locate(op: str, name: str, obj: Any) -> tuple[str, Device]:
     """Framework and device of one argument, without converting it."""
     if isinstance(obj, np.ndarray):
         return "numpy", Device("cpu", 0)
+    if isinstance(obj, Storage):
+        return "cupy", Device("cuda", int(obj.array.device.id))
     framework = _framework(obj)
     if framework == "cupy":
         return "cupy", Device("cuda", int(obj.device.id))
@@ -91,6 +94,25 @@ def _locate(op: str, name: str, obj: Any) -> tuple[str, Device]:
 # How each dtype is stored in NumPy/CuPy arrays: bfloat16 has no NumPy or CuPy dtype and
 # travels as its 16 bits, its logical dtype carried beside it.
 STORAGE_DTYPES = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32, "float64": np.float64}
+
+
+class Storage(NamedTuple):
+    """A C-contiguous CuPy array and the dtype it stores (a name of GPU_DTYPES): how an adapter
+    that views a framework's device buffers itself (cudeform.jax) hands them to an op, bfloat16
+    included, which has no CuPy dtype. Results come back as CuPy arrays of the storage dtype."""
+
+    array: Any
+    dtype: str
+
+
+def cupy_view(ptr: int, shape: tuple, dtype: str, device_index: int, owner: Any):
+    """Zero-copy CuPy array of ``dtype``'s storage dtype over the C-contiguous device memory at
+    ``ptr`` on CUDA device ``device_index``, which ``owner`` keeps alive."""
+    cupy = cupy_module()
+    storage = STORAGE_DTYPES[dtype]
+    nbytes = math.prod(shape) * np.dtype(storage).itemsize
+    memory = cupy.cuda.UnownedMemory(ptr, nbytes, owner, device_index)
+    return cupy.ndarray(tuple(shape), storage, cupy.cuda.MemoryPointer(memory, 0))
 
 
 @functools.lru_cache(maxsize=None)
@@ -122,15 +144,15 @@ def _from_torch(t: Any, device: Device) -> tuple[Any, str]:
         t = t.contiguous()
     if device.kind == "cpu":
         return (None if dtype == "bfloat16" else t.numpy()), dtype
-    cupy = cupy_module()
-    memory = cupy.cuda.UnownedMemory(t.data_ptr(), t.numel() * t.element_size(), t, device.index)
-    return cupy.ndarray(tuple(t.shape), STORAGE_DTYPES[dtype], cupy.cuda.MemoryPointer(memory, 0)), dtype
+    return cupy_view(t.data_ptr(), tuple(t.shape), dtype, device.index, t), dtype
 
 
 def _convert(obj: Any, framework: str, device: Device) -> tuple[Any, str]:
     """C-contiguous NumPy/CuPy array of ``obj`` (a zero-copy view when it already is
     contiguous, else a copy: the caller's array is never modified) and its dtype name (None
     where unsupported). Every kernel may then assume dense row-major arrays."""
+    if isinstance(obj, Storage):
+        return obj.array, obj.dtype
     if framework == "torch":
         return _from_torch(obj, device)
     if framework not in ("numpy", "cupy"):
@@ -199,7 +221,7 @@ class Prepared(NamedTuple):
     def context(self):
         """Context manager that makes this call's device and stream current (a no-op on the CPU),
         and for torch callers, torch's memory pool CuPy's allocator."""
-        return _DeviceContext(self.device, self.stream_ptr)
+        return _DeviceContext(self.device, self.stream_ptr, self.framework == "torch")
 
     def wrap(self, result):
         """Return ``result`` (NumPy/CuPy, or None) in the caller's framework."""
@@ -250,16 +272,18 @@ class _StreamHandle:
 
 @functools.lru_cache(maxsize=64)
 def _cupy_stream(ptr: int):
-    """A CuPy view of a caller's stream (torch's streams live as long as the process, mostly)."""
+    """A CuPy view of a caller's stream (torch's streams and XLA's live as long as the process,
+    mostly), made on the stream's device."""
     return cupy_module().cuda.Stream.from_external(_StreamHandle(ptr))
 
 
 class _DeviceContext:
-    """Makes a call's device current, and for torch callers its stream and memory pool: a
-    plain class rather than an ExitStack, since it runs on every call."""
+    """Makes a call's device current, and the caller's stream (where given) and for torch
+    callers torch's memory pool: a plain class rather than an ExitStack, since it runs on every
+    call."""
 
-    def __init__(self, device: Device, stream_ptr):
-        self.device, self.stream_ptr = device, stream_ptr
+    def __init__(self, device: Device, stream_ptr, torch_pool: bool):
+        self.device, self.stream_ptr, self.torch_pool = device, stream_ptr, torch_pool
         self.entered: list = []
 
     def __enter__(self):
@@ -267,7 +291,9 @@ class _DeviceContext:
             cupy = cupy_module()
             self.entered = [cupy.cuda.Device(self.device.index)]
             if self.stream_ptr is not None:
-                self.entered += [_cupy_stream(self.stream_ptr), cupy.cuda.using_allocator(_torch_malloc())]
+                self.entered.append(_cupy_stream(self.stream_ptr))
+            if self.torch_pool:
+                self.entered.append(cupy.cuda.using_allocator(_torch_malloc()))
             for context in self.entered:
                 context.__enter__()
         return self
@@ -277,6 +303,13 @@ class _DeviceContext:
             context.__exit__(*exc)
         self.entered = []
         return False
+
+
+def on_stream(device_index: int, stream_ptr: int):
+    """Context manager that makes CUDA device ``device_index`` and the stream at ``stream_ptr``
+    CuPy's current ones (CuPy's memory pool stays): for an adapter that runs ops on a
+    framework's stream (cudeform.jax, on XLA's), handing them :class:`Storage` arrays."""
+    return _DeviceContext(Device("cuda", device_index), stream_ptr, torch_pool=False)
 
 
 _NO_CONTEXT = contextlib.nullcontext()  # reusable, and cheaper than a new one per call
@@ -315,7 +348,7 @@ def prepare(op: str, optional: tuple = (), **arrays: Any) -> Prepared:
     # DLPack's exchange may enqueue work on the consumer's current stream: make it the caller's.
     # CuPy arrays and torch tensors are viewed directly and need no context.
     dlpack = device.kind == "cuda" and any(fw not in ("cupy", "torch") for fw, _ in located.values())
-    with _DeviceContext(device, stream_ptr) if dlpack else _NO_CONTEXT:
+    with _DeviceContext(device, stream_ptr, framework == "torch") if dlpack else _NO_CONTEXT:
         for name, obj in given.items():
             out[name], dtypes[name] = _convert(obj, located[name][0], device)
             if dtypes[name] not in allowed:

@@ -2,31 +2,56 @@
 
 Every function here takes the arguments of the op of the same name in :mod:`cudeform` (arrays
 first, then the non-array parameters as Python values, which are static) and works under
-``jax.jit``, ``jax.grad``/``jax.vjp`` and ``jax.vmap``. The forward and the backward call the
-core through ``jax.pure_callback``; the output shape is computed in Python from the input
-shapes by the core's own shape checks, so bad shapes raise the core's ``ValueError`` at trace
-time.
+``jax.jit``, ``jax.grad``/``jax.vjp`` and ``jax.vmap``. The output shape is computed in Python
+from the input shapes by the core's own shape checks, so bad shapes raise the core's
+``ValueError`` at trace time. Where the op runs is picked when JAX lowers it for its platform
+(``jax.lax.platform_dependent``):
 
-Limits of this first version:
+- **CUDA backend (with CuPy working): on the device.** The forward and the backward run the
+  CUDA kernels through
+  ``jax.experimental.buffer_callback``: the callback views JAX's device buffers as CuPy arrays
+  (zero-copy) and queues the kernels on XLA's stream, so nothing is copied to the host and
+  nothing synchronises; XLA orders the op with the rest of the computation. The core allocates
+  its results (and workspaces) itself, from CuPy's memory pool, so each result is then copied
+  into the output buffer that XLA allocated: one device-to-device copy of the result's size,
+  on the same stream (one more read and write of the result). CuPy's pool reuses a freed
+  block only for work on the stream it was freed on, so nothing overwrites it while XLA's
+  stream may still read it.
+- **Every other backend (CPU, TPU, ROCm, and CUDA where CuPy cannot run): on the host.** The
+  callbacks hand NumPy arrays to the core through ``jax.pure_callback``, and it runs its CPU
+  (Numba) path; on an accelerator, JAX copies the arguments to the host and the result back.
 
-- **Host round trip.** The callbacks hand NumPy arrays to the core, which runs its CPU
-  (Numba) path. On a GPU or TPU backend JAX copies the arguments to the host, the op is
-  computed *on the host CPU*, and the result is copied back to the device, in both the forward
-  and the backward pass. It is correct there but slow and synchronising; the CUDA kernels are
-  not used. A device-resident path through JAX's FFI (the CUDA kernels on JAX's stream) is
-  future work.
-- dtypes: float32 and float64 (the CPU path's); float64 needs ``jax_enable_x64``. All arrays of
-  one call share one dtype (RoIs included).
+Limits:
+
+- **Memory on the GPU.** By default JAX preallocates 75% of the GPU's memory for XLA, and
+  CuPy's pool (the op's workspaces and results) gets only the rest; a large op can then fail
+  with CuPy's ``OutOfMemoryError``. Set ``XLA_PYTHON_CLIENT_PREALLOCATE=false`` (or a smaller
+  ``XLA_PYTHON_CLIENT_MEM_FRACTION``) before JAX starts, so that both allocate on demand. CuPy's
+  pool keeps the blocks it has freed for its next calls; ``cupy.get_default_memory_pool()
+  .free_all_blocks()`` hands them back to the driver. The workspaces are those the core's
+  functions document (the columns buffers of the convolutions, float32 accumulators for the
+  half types' gradients).
+- dtypes: on a CUDA backend float16, bfloat16, float32 and float64; on the host path float32
+  and float64. float64 needs ``jax_enable_x64``. All arrays of one call share one dtype (RoIs
+  included). Without the device path (no CUDA backend, or no CuPy), float16 and bfloat16 raise
+  ``TypeError`` at trace time; with it, a half-precision call lowered for the CPU fails when
+  it runs, with the core's ``TypeError`` inside JAX's runtime error.
 - Gradients: arguments that were not given (None) get none and are not computed; RoIs get
   zero cotangents. There is no forward-mode (``jax.jvp``/``jacfwd``) and no second derivative
   (a ``custom_vjp`` backward is not itself differentiable here).
 - ``jax.vmap`` maps the callback sequentially (``vmap_method="sequential"``): one call of the
   core per mapped element. The ops take a batch dimension of their own (N, or R RoIs), which
   is the fast way to batch.
-- Errors found on the host (a RoI batch index outside [0, N)) surface as the runtime error
-  that JAX raises for a failed callback, when the computation runs.
+- Errors found while the op runs (a RoI batch index outside [0, N) on the CPU, or on the GPU
+  with ``CUDEFORM_DEBUG=1``) surface as the runtime error that JAX raises for a failed
+  callback.
 - ``deform_conv2d``'s offset gradient follows ``border_grad`` (see
-  :func:`cudeform.deform_conv2d_backward`); the CPU path is deterministic.
+  :func:`cudeform.deform_conv2d_backward`). The backwards run in the core's default mode: the
+  CPU path is deterministic, the GPU path accumulates some gradients with atomics and is not
+  bitwise reproducible from run to run.
+- The GPU callbacks are not ``command_buffer_compatible``: XLA runs them eagerly, outside the
+  CUDA graphs it may build around them. Tested on one GPU; computations sharded over several
+  devices are untested.
 """
 
 from __future__ import annotations
@@ -37,9 +62,11 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental.buffer_callback import buffer_callback
 
 import cudeform as _core
 
+from . import _arrays
 from . import _validate as check
 from .deform_conv import BORDER_GRADS
 from .deform_conv import _geometry as _conv_geometry
@@ -48,21 +75,27 @@ from .deform_roi_pool import _psroi_geometry, _roi_geometry
 
 __all__ = ["deform_conv2d", "deform_roi_pool", "deform_psroi_pool", "deform_kernel_conv2d"]
 
-_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
-
-
-def _callback(fn: Callable, result, *args):
-    return jax.pure_callback(fn, result, *args, vmap_method="sequential")
+@functools.lru_cache(maxsize=None)
+def _on_gpu() -> bool:
+    """Whether ops lowered for a CUDA backend run the CUDA kernels (asked once): JAX has a CUDA
+    backend and CuPy can use the GPU. Otherwise every backend takes the host path."""
+    try:
+        jax.devices("cuda")
+    except RuntimeError:  # JAX's answer for a backend it does not have
+        return False
+    return not _arrays._cuda_unavailable()
 
 
 def _dtype(op: str, names: Sequence[str], arrays: Sequence) -> np.dtype:
     dtype = np.dtype(arrays[0].dtype)
-    if dtype not in _DTYPES:
-        raise TypeError(f"{op}: input: expected float32 or float64 (the CPU path's dtypes), got {dtype}")
+    allowed = _arrays.GPU_DTYPES if _on_gpu() else _arrays.CPU_DTYPES
+    if dtype.name not in allowed:
+        where = "" if _on_gpu() else " (float16 and bfloat16 need a CUDA backend and CuPy)"
+        check.fail(op, names[0], f"one of {', '.join(allowed)}{where}", dtype, TypeError)
     for name, a in zip(names, arrays):
         if a is not None and np.dtype(a.dtype) != dtype:
-            raise TypeError(f"{op}: {name}: expected the dtype of input ({dtype}), got {np.dtype(a.dtype)}")
+            check.fail(op, name, f"the dtype of {names[0]} ({dtype})", np.dtype(a.dtype), TypeError)
     return dtype
 
 
@@ -71,6 +104,35 @@ def _host(a):
     # caches) a separate specialisation of every kernel for read-only arrays. The copy is cheap
     # beside the op and shares the compiled kernels with plain NumPy calls.
     return None if a is None else np.array(a)
+
+
+def _device_view(buffer, dtype: str, device_index: int):
+    """CuPy view of a buffer_callback buffer (dense row-major, as XLA hands them)."""
+    return _arrays.cupy_view(buffer.__cuda_array_interface__["data"][0], buffer.shape, dtype, device_index, buffer)
+
+
+def _call(compute: Callable, results: tuple, dtype: np.dtype, args: tuple) -> tuple:
+    """The arrays that ``results`` (ShapeDtypeStructs) describe, as ``compute(*args)`` gives
+    them: the core on ``args`` (None where not given) and one ``dtype``. On a CUDA backend
+    ``compute`` gets CuPy views of JAX's device buffers and runs on XLA's stream; elsewhere it
+    gets NumPy copies, in a host callback."""
+
+    def on_host(*xs):
+        return tuple(np.asarray(r, dtype) for r in compute(*map(_host, xs)))
+
+    def on_device(ctx, outs, *xs):
+        name = dtype.name
+        index = outs[0].__dlpack_device__()[1]  # XLA's device ordinal, CUDA's device index
+        with _arrays.on_stream(index, ctx.stream):
+            got = compute(*(None if x is None else _arrays.Storage(_device_view(x, name, index), name) for x in xs))
+            for out, r in zip(outs, got):
+                # The core's results are fresh C-contiguous arrays: one memcpy each, on XLA's stream.
+                _device_view(out, name, index).data.copy_from_device_async(r.data, r.nbytes)
+
+    branches = {"default": lambda *a: jax.pure_callback(on_host, results, *a, vmap_method="sequential")}
+    if _on_gpu():
+        branches["cuda"] = lambda *a: buffer_callback(on_device, results, vmap_method="sequential")(*a)
+    return jax.lax.platform_dependent(*args, **branches)
 
 
 def _make_op(op: str, names: tuple[str, ...], no_grad: frozenset, core_forward: Callable,
@@ -87,11 +149,10 @@ def _make_op(op: str, names: tuple[str, ...], no_grad: frozenset, core_forward: 
         dtype = _dtype(op, names, arrays)
         shape = out_shape(dict(zip(names, arrays)), kwargs)
 
-        def run(*xs):
-            out = core_forward(**{n: _host(x) for n, x in zip(names, xs)}, **kwargs)
-            return np.asarray(out, dtype=dtype)
+        def compute(*xs):
+            return (core_forward(**dict(zip(names, xs)), **kwargs),)
 
-        return _callback(run, jax.ShapeDtypeStruct(shape, dtype), *arrays)
+        return _call(compute, (jax.ShapeDtypeStruct(shape, dtype),), dtype, arrays)[0]
 
     @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
     def f(params, arrays):
@@ -105,14 +166,13 @@ def _make_op(op: str, names: tuple[str, ...], no_grad: frozenset, core_forward: 
         dtype = np.dtype(arrays[0].dtype)
         # Only the given, differentiable arguments get a gradient computed and returned.
         wanted = [i for i, (n, a) in enumerate(zip(names, arrays)) if a is not None and n not in no_grad]
-        result = tuple(jax.ShapeDtypeStruct(arrays[i].shape, dtype) for i in wanted)
+        results = tuple(jax.ShapeDtypeStruct(arrays[i].shape, dtype) for i in wanted)
 
-        def run(g, *xs):
-            grads = core_backward(_host(g), **{n: _host(x) for n, x in zip(names, xs)}, **kwargs)
-            grads = grads._asdict()
-            return tuple(np.asarray(grads[names[i]], dtype=dtype) for i in wanted)
+        def compute(g, *xs):
+            grads = core_backward(g, **dict(zip(names, xs)), **kwargs)._asdict()
+            return tuple(grads[names[i]] for i in wanted)
 
-        grads = iter(_callback(run, result, grad_output.astype(dtype), *arrays))
+        grads = iter(_call(compute, results, dtype, (grad_output.astype(dtype), *arrays)))
         cotangents = tuple(
             None if a is None else jnp.zeros_like(a) if n in no_grad else next(grads)
             for n, a in zip(names, arrays)
@@ -149,8 +209,8 @@ def deform_conv2d(input, offset, weight, bias=None, *, stride=1, padding=0, dila
     Shapes: input (N, C_in, H, W); offset (N, 2 * G * kh * kw, H_out, W_out), (dy, dx) pairs;
     weight (C_out, C_in / groups, kh, kw); bias (C_out,); mask (N, G * kh * kw, H_out, W_out),
     used as given; output (N, C_out, H_out, W_out). ``border_grad`` picks the offset gradient's
-    convention at the image border, as in :func:`cudeform.deform_conv2d_backward`. Computed on
-    the host (see the module's limits).
+    convention at the image border, as in :func:`cudeform.deform_conv2d_backward`. Runs on a
+    CUDA device or on the host (see the module's docstring).
     """
     op = "deform_conv2d"
     check.choice(op, "border_grad", border_grad, BORDER_GRADS)
@@ -181,7 +241,7 @@ def deform_roi_pool(input, rois, offset=None, *, output_size, spatial_scale=1.0,
     Shapes: input (N, C, H, W); rois (R, 5), rows ``[batch_index, x1, y1, x2, y2]``, same dtype
     as input, zero cotangent; offset (R, 2, ph, pw), channel 0 moving x and channel 1 moving y,
     in units of ``gamma`` times the RoI's size; mask (R, 1, ph, pw); output (R, C, ph, pw).
-    Computed on the host (see the module's limits).
+    Runs on a CUDA device or on the host (see the module's docstring).
     """
     op = "deform_roi_pool"
     params = (("output_size", check.int_pair(op, "output_size", output_size, minimum=1)),
@@ -209,8 +269,8 @@ def deform_psroi_pool(input, rois, offset=None, *, output_dim, pooled_size, grou
 
     Shapes: input (N, output_dim * group_size**2, H, W); rois (R, 5) as for
     :func:`deform_roi_pool`, zero cotangent; offset (R, 2 * num_classes, part_size, part_size);
-    output (R, output_dim, pooled_size, pooled_size). Computed on the host (see the module's
-    limits).
+    output (R, output_dim, pooled_size, pooled_size). Runs on a CUDA device or on the host (see
+    the module's docstring).
     """
     op = "deform_psroi_pool"
     params = (("output_dim", check.integer(op, "output_dim", output_dim, minimum=1)),
@@ -241,7 +301,7 @@ def deform_kernel_conv2d(input, weight, kernel_offset, bias=None, *, kernel_size
     Shapes: input (N, C_in, H, W); weight (C_out, C_in / groups, S_h, S_w), the kernel scope;
     kernel_offset (N, 2 * G * kh * kw) for global DK or (N, 2 * G * kh * kw, H_out, W_out) for
     local DK, (dh, dw) pairs in scope cells; bias (C_out,); output (N, C_out, H_out, W_out).
-    Computed on the host (see the module's limits).
+    Runs on a CUDA device or on the host (see the module's docstring).
     """
     op = "deform_kernel_conv2d"
     params = (("kernel_size", check.int_pair(op, "kernel_size", kernel_size, minimum=1)),

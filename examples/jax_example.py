@@ -3,8 +3,8 @@
 
 The model: a plain 3x3 convolution predicts the offsets (zero-initialised, so training starts as
 an ordinary convolution), ``cudeform.jax.deform_conv2d`` samples with them, and a global average
-pool and a linear layer regress a random target. Runs in seconds on a CPU; on a GPU the
-deformable op round-trips through the host (see ``cudeform.jax``).
+pool and a linear layer regress a random target. Runs in seconds on a CPU; on a CUDA GPU the
+deformable op runs the CUDA kernels on XLA's stream (see ``cudeform.jax``).
 
     python examples/jax_example.py [--steps 20]
 """

@@ -1,7 +1,14 @@
 """Shared fixtures: every op test runs on NumPy and, where a CUDA device is present, on CuPy."""
 
+import os
+
 import numpy as np
 import pytest
+
+# JAX would otherwise take 75% of the GPU's memory when it starts, leaving CuPy's pool (which
+# cudeform.jax's GPU path and the CuPy tests allocate from) the rest. Set before any test
+# module imports jax.
+os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
 
 
 def _cuda_available() -> bool:

@@ -104,20 +104,24 @@ extern "C" __global__ void spin(long long cycles) {
 """
 
 
-def run_behind_busy_stream(run, stream):
-    """Run ``run()`` on ``stream`` right after a kernel that keeps the stream busy for a quarter
-    of a second, and assert that ``run()`` returned while that kernel still ran: a call that
-    synchronised the stream or the device (``.get()``, ``int()`` of a device array, a
-    blocking copy) would have waited for it. Returns ``run()``'s results once the stream is
-    done."""
+def spin():
+    """Queue on CuPy's current stream a kernel that keeps it busy for a quarter of a second or
+    so, and return the event recorded behind it."""
     import cupy
 
-    spin = cupy.RawKernel(_SPIN, "spin")
+    cupy.RawKernel(_SPIN, "spin")((1,), (1,), (np.int64(500_000_000),))
+    return cupy.cuda.get_current_stream().record()
+
+
+def run_behind_busy_stream(run, stream):
+    """Run ``run()`` on ``stream`` right after a kernel that keeps the stream busy (``spin``),
+    and assert that ``run()`` returned while that kernel still ran: a call that synchronised
+    the stream or the device (``.get()``, ``int()`` of a device array, a blocking copy) would
+    have waited for it. Returns ``run()``'s results once the stream is done."""
     with stream:
         run()  # compile every kernel first
         stream.synchronize()
-        spin((1,), (1,), (np.int64(500_000_000),))
-        busy = stream.record()
+        busy = spin()
         results = run()
         still_running = not busy.done
         stream.synchronize()
