@@ -3,7 +3,9 @@ torchvision.ops.deform_conv2d and cuDNN's dense conv2d of the same shape, in one
 
     python benchmarks/bench_deform_conv.py [--quick]
 
-For each shape and dtype: median forward and forward+backward times (CUDA events), the ratios
+For each shape and dtype: forward and forward+backward times (CUDA events; cudeform,
+torchvision and the dense convolution take turns, five rounds of 20 calls, the smallest round
+median counts: see timed_ms), the ratios
 cudeform/torchvision and cudeform/dense, the peak extra memory of each forward (beyond its
 inputs and output), and cudeform's backward alone in its default and its deterministic mode
 (the bar: deterministic within 1.5x of the default). CuPy allocates through PyTorch's caching
@@ -34,24 +36,32 @@ def use_torch_allocator():
         malloc, lambda ptr, device: torch.cuda.caching_allocator_delete(ptr)).malloc)
 
 
-def median_ms(fn, warmup=3, reps=20, rounds=5):
-    """Device time of one call: calls queued back to back (as in a training loop, where the host
-    prepares the next launch while the device works), events around each; the median of each
-    round of ``reps`` calls, and the smallest of ``rounds`` such medians, so that a moment when
-    the host is busy with something else does not decide the number."""
-    for _ in range(warmup):
-        fn()
-    medians = []
-    for _ in range(rounds):
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-        torch.cuda.synchronize()
-        for start, end in events:
-            start.record()
+def timed_ms(fns: dict, warmup=3, reps=20, rounds=5) -> dict:
+    """Device time of one call of each function: calls queued back to back (as in a training
+    loop, where the host prepares the next launch while the device works), events around each.
+    The functions take turns, a round of ``reps`` calls each, so that all of them meet the same
+    conditions (clocks, a busy host); each gets the smallest of its ``rounds`` round medians."""
+    for fn in fns.values():
+        for _ in range(warmup):
             fn()
-            end.record()
-        torch.cuda.synchronize()
-        medians.append(float(np.median([start.elapsed_time(end) for start, end in events])))
-    return min(medians)
+    medians = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                      for _ in range(reps)]
+            torch.cuda.synchronize()
+            for start, end in events:
+                start.record()
+                fn()
+                end.record()
+            torch.cuda.synchronize()
+            medians[name].append(float(np.median([start.elapsed_time(end) for start, end in events])))
+    return {name: min(values) for name, values in medians.items()}
+
+
+def median_ms(fn, **kw):
+    """:func:`timed_ms` of one function."""
+    return timed_ms({"fn": fn}, **kw)["fn"]
 
 
 def extra_mib(fn):
@@ -71,8 +81,6 @@ def bench_shape(shape, dtype):
     offset = (torch.rand(n, 18, h, w, device="cuda", generator=gen) * 4 - 2).to(dt)
     mask = torch.rand(n, 9, h, w, device="cuda", generator=gen).to(dt)
     go = torch.randn(n, c, h, w, device="cuda", dtype=dt, generator=gen)
-    row = {}
-
     cd_fwd = lambda: cudeform.deform_conv2d(x, offset, weight, bias, padding=1, mask=mask)
 
     def cd_bwd(deterministic=False):
@@ -83,33 +91,38 @@ def bench_shape(shape, dtype):
         cd_fwd()
         return cd_bwd()
 
-    row["cd"] = (median_ms(cd_fwd), median_ms(cd_both), extra_mib(cd_fwd))
-    row["cd bwd"] = (median_ms(cd_bwd), median_ms(lambda: cd_bwd(deterministic=True)))
-
     leaves = [t.detach().clone().requires_grad_(True) for t in (x, offset, weight, bias, mask)]
     tv_fwd = lambda: torchvision.ops.deform_conv2d(leaves[0], leaves[1], leaves[2], leaves[3], padding=1,
                                                    mask=leaves[4])
 
-    def tv_both():
-        out = tv_fwd()
-        out.backward(go)
-
-    try:
+    def tv_fwd_no_grad():
         with torch.no_grad():
-            row["tv"] = (median_ms(tv_fwd), None, extra_mib(tv_fwd))
-        row["tv"] = (row["tv"][0], median_ms(tv_both), row["tv"][2])
-    except RuntimeError:  # torchvision has no bfloat16 kernels
-        row["tv"] = None
+            return tv_fwd()
+
+    def tv_both():
+        tv_fwd().backward(go)
 
     dx, dw, db = (t.detach().clone().requires_grad_(True) for t in (x, weight, bias))
     dense_fwd = lambda: F.conv2d(dx, dw, db, padding=1)
 
+    def dense_fwd_no_grad():
+        with torch.no_grad():
+            return dense_fwd()
+
     def dense_both():
         dense_fwd().backward(go)
 
-    with torch.no_grad():
-        dense_fwd_ms = median_ms(dense_fwd)
-    row["dense"] = (dense_fwd_ms, median_ms(dense_both), None)
+    fns = {"cd fwd": cd_fwd, "cd both": cd_both, "cd bwd": cd_bwd, "cd det bwd": lambda: cd_bwd(deterministic=True),
+           "dense fwd": dense_fwd_no_grad, "dense both": dense_both}
+    try:
+        tv_fwd_no_grad()
+        fns.update({"tv fwd": tv_fwd_no_grad, "tv both": tv_both})
+    except RuntimeError:  # torchvision has no bfloat16 kernels
+        pass
+    t = timed_ms(fns)
+    row = {"cd": (t["cd fwd"], t["cd both"], extra_mib(cd_fwd)), "cd bwd": (t["cd bwd"], t["cd det bwd"]),
+           "tv": (t["tv fwd"], t["tv both"], extra_mib(tv_fwd_no_grad)) if "tv fwd" in t else None,
+           "dense": (t["dense fwd"], t["dense both"], None)}
     return row
 
 
@@ -129,7 +142,7 @@ def main():
     name = torch.cuda.get_device_name()
     print(f"\n{name}, {datetime.date.today()}, torch {torch.__version__}, "
           f"cudeform {cudeform.__version__}; "
-          f"3x3, stride 1, padding 1, with mask and bias; median ms")
+          f"3x3, stride 1, padding 1, with mask and bias; ms, smallest of 5 interleaved round medians of 20 calls")
     print("| shape (N,C,H,W) | dtype | cudeform fwd | tv fwd | dense fwd | fwd vs tv | fwd vs dense "
           "| cudeform fwd+bwd | tv fwd+bwd | dense fwd+bwd | f+b vs tv | f+b vs dense "
           "| cudeform fwd extra MiB | tv fwd extra MiB | cudeform bwd | det bwd | det vs default |")
