@@ -132,7 +132,10 @@ def _call(compute: Callable, results: tuple, dtype: np.dtype, args: tuple) -> tu
     branches = {"default": lambda *a: jax.pure_callback(on_host, results, *a, vmap_method="sequential")}
     if _on_gpu():
         branches["cuda"] = lambda *a: buffer_callback(on_device, results, vmap_method="sequential")(*a)
-    return jax.lax.platform_dependent(*args, **branches)
+    # Under jit, so that the branch follows the platform the arguments' computation is lowered
+    # for: evaluated op by op (an un-jitted jax.grad), platform_dependent's index has no operands
+    # and runs on the default device, which picks the CUDA branch for arrays on the CPU.
+    return jax.jit(lambda *a: jax.lax.platform_dependent(*a, **branches))(*args)
 
 
 def _make_op(op: str, names: tuple[str, ...], no_grad: frozenset, core_forward: Callable,
