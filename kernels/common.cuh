@@ -174,12 +174,41 @@ __device__ __forceinline__ double fixed_to_double(unsigned long long q, double s
 // The CPU twin is clamped_corners in cudeform/cpu/_bilinear.py.
 // ---------------------------------------------------------------------------------------------
 
-// Whether (h, w) lies in [-margin, H - 1 + margin] x [-margin, W - 1 + margin]; false for NaN.
-// RoIAlign's box has margin 1, MSRA's position-sensitive pooling's margin 0.5.
+// Whether v lies in [-margin, n - 1 + margin]; false for NaN. RoIAlign's box has margin 1,
+// MSRA's position-sensitive pooling's margin 0.5. The box is the product of two such ranges.
+template <typename A>
+__device__ __forceinline__ bool in_closed_range(A v, index_t n, A margin) {
+    return v >= -margin && v <= A(n - 1) + margin;
+}
+
 template <typename A>
 __device__ __forceinline__ bool in_closed_box(A h, A w, index_t height, index_t width, A margin) {
-    return h >= -margin && h <= A(height - 1) + margin && w >= -margin && w <= A(width - 1) + margin;
+    return in_closed_range(h, height, margin) && in_closed_range(w, width, margin);
 }
+
+// One coordinate of a clamped sample: its two neighbours (equal at the last row/column), the
+// position between them and whether the clamped position follows the coordinate. A sample's
+// blend is separable: its weight at (y, x) is the row axis's weight(y) times the column's.
+template <typename A>
+struct ClampedAxis {
+    index_t i0, i1;
+    A l;
+    bool moves;
+
+    __device__ __forceinline__ ClampedAxis(A v, index_t n) {
+        moves = v >= A(0) && v < A(n - 1);
+        const A c = v < A(0) ? A(0) : (v > A(n - 1) ? A(n - 1) : v);
+        const A f = floor(c);
+        i0 = (index_t)f;
+        i1 = i0 + 1 < n ? i0 + 1 : i0;
+        l = c - f;
+    }
+
+    __device__ __forceinline__ bool touches(index_t i) const { return i == i0 || i == i1; }
+    __device__ __forceinline__ A weight(index_t i) const {
+        return (i == i0 ? A(1) - l : A(0)) + (i == i1 ? l : A(0));
+    }
+};
 
 template <typename A>
 struct ClampedCorners {
@@ -188,17 +217,9 @@ struct ClampedCorners {
     bool moves_h, moves_w;   // whether the clamped position follows h (w)
 
     __device__ __forceinline__ ClampedCorners(A h, A w, index_t height, index_t width) {
-        moves_h = h >= A(0) && h < A(height - 1);
-        moves_w = w >= A(0) && w < A(width - 1);
-        const A ch = h < A(0) ? A(0) : (h > A(height - 1) ? A(height - 1) : h);
-        const A cw = w < A(0) ? A(0) : (w > A(width - 1) ? A(width - 1) : w);
-        const A fh = floor(ch), fw = floor(cw);
-        y0 = (index_t)fh;
-        x0 = (index_t)fw;
-        y1 = y0 + 1 < height ? y0 + 1 : y0;
-        x1 = x0 + 1 < width ? x0 + 1 : x0;
-        lh = ch - fh;
-        lw = cw - fw;
+        const ClampedAxis<A> row(h, height), col(w, width);
+        y0 = row.i0; y1 = row.i1; lh = row.l; moves_h = row.moves;
+        x0 = col.i0; x1 = col.i1; lw = col.l; moves_w = col.moves;
     }
 
     // The corner values: v01 is (y0, x1), v10 is (y1, x0).

@@ -5,9 +5,11 @@
 // Forward: one thread per output element, as torchvision's roi_align. deform_roi_pool's backward:
 // one kernel whose blocks split the channels of 32 (RoI, bin) items, scattering the input
 // gradient with atomics and, with an offset or a mask, reading the same corners to reduce their
-// gradients (sums over channels) in shared memory. deform_psroi_pool's backward: one warp per
-// (RoI, class, part cell), its lanes splitting the channels (and the cell's bins), scattering
-// the input gradient with atomics and reducing the offset gradient with shuffles. One thread
+// gradients (sums over channels) in shared memory. deform_psroi_pool's backward gathers the
+// input gradient instead (each input channel is read by few bins: a block lists those that
+// touch its tile of pixels, and each pixel sums them), which needs no atomics and is
+// deterministic as it stands; its offset gradient takes one warp per (RoI, class, part cell),
+// its lanes splitting the channels (and the cell's bins), reduced with shuffles. One thread
 // writes each reduced value, so no address sees more than one write.
 //
 // A RoI whose batch index is not in [0, N) pools zeros and gets zero gradients: the kernels
@@ -22,7 +24,7 @@ __device__ __forceinline__ index_t roi_image(A b, index_t batch) {
     return (b >= A(0) && b < A(batch)) ? (index_t)b : index_t(-1);
 }
 
-// Deterministic mode keeps each input-gradient element's finite contributions as a 64-bit
+// deform_roi_pool's deterministic mode keeps each input-gradient element's finite contributions as a 64-bit
 // fixed-point sum (scale from fixed_point_scale) and its non-finite ones as two bits of a
 // `special` word (16 elements a word): +inf seen, -inf seen, both for NaN. Both are sums that
 // do not depend on the order, and roi_pool_fixed_finish turns them into the gradient in one
@@ -297,7 +299,25 @@ struct PSRoIBox {
     // The first sample of bin (p, q), moved by the (already trans_std-scaled) offset.
     __device__ __forceinline__ A first_h(int p, A trans_y) const { return (A(p) * bin_h + start_h) + trans_y * roi_h; }
     __device__ __forceinline__ A first_w(int q, A trans_x) const { return (A(q) * bin_w + start_w) + trans_x * roi_w; }
+
+    // f(ClampedCorners) for every sample of the bin whose first sample is (h0, w0) inside MSRA's
+    // box [-0.5, H - 0.5] x [-0.5, W - 0.5], row by row.
+    template <typename F>
+    __device__ __forceinline__ void for_each_sample(A h0, A w0, int n, index_t height, index_t width, F f) const {
+        for (int ih = 0; ih < n; ++ih) {
+            const A h = h0 + A(ih) * sub_h;
+            for (int iw = 0; iw < n; ++iw) {
+                const A w = w0 + A(iw) * sub_w;
+                if (in_closed_box(h, w, height, width, A(0.5))) f(ClampedCorners<A>(h, w, height, width));
+            }
+        }
+    }
 };
+
+// The input channel that bin (p, q) of output channel ctop reads.
+__device__ __forceinline__ index_t psroi_channel(int ctop, int p, int q, int group_size, int pooled) {
+    return ((index_t)ctop * group_size + p * group_size / pooled) * group_size + q * group_size / pooled;
+}
 
 // The offset of class `cls` at part cell `cell` of RoI r, times trans_std; 0 without offset.
 template <typename T, typename A>
@@ -319,6 +339,13 @@ __device__ __forceinline__ int psroi_count(A h0, A w0, A sub_h, A sub_w, int n, 
     return count;
 }
 
+// The number of bins p (of `pooled`) with floor(p * parts / pooled) == part, and the first of
+// them, ceil(part * pooled / parts): the bins of one row (column) of part or group cells.
+__device__ __forceinline__ int bins_of_part(int part, int parts, int pooled, int& first) {
+    first = (part * pooled + parts - 1) / parts;
+    return max(min(((part + 1) * pooled + parts - 1) / parts, pooled) - first, 0);
+}
+
 template <typename T>
 __global__ void dpsroi_forward(const T* __restrict__ input, const T* __restrict__ rois, const T* __restrict__ offset,
                                int use_offset, DPSROI_GEOMETRY, T* __restrict__ out) {
@@ -337,40 +364,185 @@ __global__ void dpsroi_forward(const T* __restrict__ input, const T* __restrict_
                         (index_t)(p * part_size / pooled) * part_size + q * part_size / pooled, trans_std,
                         trans_x, trans_y);
             const A h0 = box.first_h(p, trans_y), w0 = box.first_w(q, trans_x);
-            const index_t c = ((index_t)ctop * group_size + p * group_size / pooled) * group_size
-                            + q * group_size / pooled;
-            const T* plane = input + (box.image * channels + c) * height * width;
-            for (int ih = 0; ih < sample_per_part; ++ih) {
-                const A h = h0 + A(ih) * box.sub_h;
-                for (int iw = 0; iw < sample_per_part; ++iw) {
-                    const A w = w0 + A(iw) * box.sub_w;
-                    if (!in_closed_box(h, w, height, width, A(0.5))) continue;
-                    const ClampedCorners<A> s(h, w, height, width);
-                    A v00, v01, v10, v11;
-                    s.fetch(plane, width, v00, v01, v10, v11);
-                    sum += s.blend(v00, v01, v10, v11);
-                    ++count;
-                }
-            }
+            const T* plane = input + (box.image * channels + psroi_channel(ctop, p, q, group_size, pooled))
+                                         * height * width;
+            box.for_each_sample(h0, w0, sample_per_part, height, width, [&](const ClampedCorners<A>& s) {
+                A v00, v01, v10, v11;
+                s.fetch(plane, width, v00, v01, v10, v11);
+                sum += s.blend(v00, v01, v10, v11);
+                ++count;
+            });
         }
         out[idx] = from_acc<T>(count ? sum / A(count) : A(0));
     }
 }
 
-// Every gradient of deform_psroi_pool; launch with WARP_SIZE threads per (RoI, class, part
-// cell). The bins of a cell are the (p, q) with floor(p * part_size / pooled) equal to its row
-// (and likewise its column): a range of p starting at ceil(row * pooled / part_size). Every
-// (channel, bin) of a RoI belongs to exactly one item, so the items also partition the scatter.
-// grad_input, fixed and special as for droi_backward.
+// The samples of one axis of a bin, at first + i * step for i < n: the number inside MSRA's
+// range [-0.5, size - 0.5] and the rows (columns) those touch, [lo, hi].
+template <typename A>
+__device__ __forceinline__ int psroi_axis_extent(A first, A step, int n, index_t size, index_t& lo, index_t& hi) {
+    int valid = 0;
+    for (int i = 0; i < n; ++i) {
+        const A v = first + A(i) * step;
+        if (!in_closed_range(v, size, A(0.5))) continue;
+        const ClampedAxis<A> axis(v, size);
+        lo = valid ? min(lo, axis.i0) : axis.i0;
+        hi = valid ? max(hi, axis.i1) : axis.i1;
+        ++valid;
+    }
+    return valid;
+}
+
+// The summed weight of row (column) i over the valid samples of one axis of a bin, or -1 when
+// none of them touches it (a touched row with weight 0 still passes on an infinite gradient,
+// as a scatter would, as NaN).
+template <typename A>
+__device__ __forceinline__ A psroi_axis_weight(A first, A step, int n, index_t size, index_t i) {
+    A weight = A(0);
+    bool touched = false;
+    for (int k = 0; k < n; ++k) {
+        const A v = first + A(k) * step;
+        if (!in_closed_range(v, size, A(0.5))) continue;
+        const ClampedAxis<A> axis(v, size);
+        touched |= axis.touches(i);
+        weight += axis.weight(i);
+    }
+    return touched ? weight : A(-1);
+}
+
+// deform_psroi_pool's input gradient, gathered: the thread of each pixel writes it once, the sum
+// over the bins that sample it in the order of the bins. No atomics and no accumulator to zero
+// or convert, and the same sum in both modes: deterministic by construction.
+// Input channel (ctop * g + gh) * g + gw is read only by the bins (p, q) of group cell (gh, gw)
+// of output channel ctop, whose offsets are those of ctop's class. A block takes one image, one
+// group cell, one class, PS_GATHER_CHANNELS of its output channels and one PS_TILE_H x
+// PS_TILE_W tile of pixels (a warp per row). It lists the image's bins whose samples can touch
+// the tile (the candidates are (RoI, p, q), RoI-major, a block's worth at a time), then, for
+// PS_GATHER_BINS listed bins at a time, stores their weights over the tile's rows and columns
+// (a bin's weight at (y, x) is separable: its valid samples are the valid rows times the valid
+// columns) and their channels' grad_output / count, and every pixel adds its bins' products.
+// Launch with PS_GATHER_BLOCK threads per block, one block per (image, cell, class, channel
+// chunk, tile). Three blocks per SM cap the registers at 80 (uncapped: 107, two blocks); float
+// then spills a few bytes, in the listing, not in the per-pixel sums.
+#define PS_TILE_H 8
+#define PS_TILE_W WARP_SIZE
+#define PS_GATHER_BLOCK (PS_TILE_H * PS_TILE_W)
+#define PS_GATHER_BINS 64
+#define PS_GATHER_CHANNELS 8
 template <typename T>
-__global__ void dpsroi_backward(const T* __restrict__ grad_output, const T* __restrict__ input,
-                                const T* __restrict__ rois, const T* __restrict__ offset, int use_offset,
-                                DPSROI_GEOMETRY, int deterministic, const unsigned int* __restrict__ max_abs_bits,
-                                unsigned long long* __restrict__ fixed, unsigned int* __restrict__ special,
-                                typename acc<T>::type* __restrict__ grad_input, T* __restrict__ grad_offset) {
+__global__ void __launch_bounds__(PS_GATHER_BLOCK, 3) dpsroi_input_grad(
+        const T* __restrict__ grad_output, const T* __restrict__ rois, const T* __restrict__ offset, int use_offset,
+        DPSROI_GEOMETRY, T* __restrict__ grad_input) {
     typedef typename acc<T>::type A;
-    const index_t bins = (index_t)pooled * pooled, cells = (index_t)part_size * part_size, hw = height * width;
-    const double scale = deterministic ? fixed_point_scale(*max_abs_bits, num_rois * bins) : 0.0;
+    struct Bin { A h0, w0, sub_h, sub_w, count; index_t go; };  // go: grad_output index of its ctop 0
+    __shared__ Bin listed[PS_GATHER_BLOCK];
+    __shared__ A row_w[PS_GATHER_BINS][PS_TILE_H], col_w[PS_GATHER_BINS][PS_TILE_W];
+    __shared__ A go_w[PS_GATHER_BINS][PS_GATHER_CHANNELS];
+    __shared__ int warp_kept[PS_GATHER_BLOCK / WARP_SIZE];
+    const int tid = threadIdx.x, lane = tid % WARP_SIZE, warp = tid / WARP_SIZE;
+    const index_t bins = (index_t)pooled * pooled, hw = height * width;
+    const int per_class = output_dim / num_classes;
+    const int chunks = (per_class + PS_GATHER_CHANNELS - 1) / PS_GATHER_CHANNELS;
+    const index_t tiles_w = (width + PS_TILE_W - 1) / PS_TILE_W, tiles = tiles_w * ((height + PS_TILE_H - 1) / PS_TILE_H);
+    const index_t blocks = batch * group_size * group_size * num_classes * chunks * tiles;
+    for (index_t b = blockIdx.x; b < blocks; b += gridDim.x) {
+        const index_t tile = b % tiles, rest = b / tiles;
+        const int chunk = (int)(rest % chunks), cls = (int)(rest / chunks % num_classes);
+        const index_t cell = rest / ((index_t)chunks * num_classes) % (group_size * group_size);
+        const index_t n = rest / ((index_t)chunks * num_classes * group_size * group_size);
+        const int gh = (int)(cell / group_size), gw = (int)(cell % group_size);
+        const index_t y_lo = tile / tiles_w * PS_TILE_H, x_lo = tile % tiles_w * PS_TILE_W;
+        const index_t y = y_lo + warp, x = x_lo + lane;
+        int p_lo, q_lo;
+        const int n_p = bins_of_part(gh, group_size, pooled, p_lo), n_q = bins_of_part(gw, group_size, pooled, q_lo);
+        const int ctop0 = cls * per_class + chunk * PS_GATHER_CHANNELS;
+        const int n_ct = min(PS_GATHER_CHANNELS, per_class - chunk * PS_GATHER_CHANNELS);
+        A sums[PS_GATHER_CHANNELS];
+#pragma unroll
+        for (int j = 0; j < PS_GATHER_CHANNELS; ++j) sums[j] = A(0);
+        const index_t candidates = num_rois * n_p * n_q;
+        for (index_t first = 0; first < candidates; first += PS_GATHER_BLOCK) {
+            // The candidate bins whose samples touch the tile, listed in candidate order.
+            const index_t k = first + tid;
+            Bin bin;
+            bool keep = false;
+            if (k < candidates) {
+                const index_t r = k / (n_p * n_q);
+                const int p = p_lo + (int)(k % (n_p * n_q)) / n_q, q = q_lo + (int)(k % n_q);
+                const PSRoIBox<A> box(rois + r * 5, batch, pooled, sample_per_part, spatial_scale);
+                if (box.image == n) {
+                    A trans_x, trans_y;
+                    psroi_trans(offset, use_offset, r, cls, num_classes, part_size,
+                                (index_t)(p * part_size / pooled) * part_size + q * part_size / pooled, trans_std,
+                                trans_x, trans_y);
+                    bin.h0 = box.first_h(p, trans_y);
+                    bin.w0 = box.first_w(q, trans_x);
+                    bin.sub_h = box.sub_h;
+                    bin.sub_w = box.sub_w;
+                    index_t top = 0, bottom = 0, left = 0, right = 0;
+                    const int rows = psroi_axis_extent(bin.h0, box.sub_h, sample_per_part, height, top, bottom);
+                    const int cols = psroi_axis_extent(bin.w0, box.sub_w, sample_per_part, width, left, right);
+                    bin.count = A(rows * cols);
+                    bin.go = (r * output_dim * pooled + p) * pooled + q;
+                    keep = rows > 0 && cols > 0 && top < y_lo + PS_TILE_H && bottom >= y_lo
+                        && left < x_lo + PS_TILE_W && right >= x_lo;
+                }
+            }
+            const unsigned kept = __ballot_sync(0xffffffffu, keep);
+            if (lane == 0) warp_kept[warp] = __popc(kept);
+            __syncthreads();
+            int slot = 0, n_listed = 0;
+            for (int w = 0; w < PS_GATHER_BLOCK / WARP_SIZE; ++w) {
+                slot += w < warp ? warp_kept[w] : 0;
+                n_listed += warp_kept[w];
+            }
+            if (keep) listed[slot + __popc(kept & ((1u << lane) - 1u))] = bin;
+            __syncthreads();
+            for (int e0 = 0; e0 < n_listed; e0 += PS_GATHER_BINS) {
+                const int n_e = min(PS_GATHER_BINS, n_listed - e0);
+                for (int t = tid; t < n_e * (PS_TILE_H + PS_TILE_W); t += PS_GATHER_BLOCK) {
+                    const int e = t / (PS_TILE_H + PS_TILE_W), i = t % (PS_TILE_H + PS_TILE_W);
+                    const Bin& d = listed[e0 + e];
+                    if (i < PS_TILE_H)
+                        row_w[e][i] = psroi_axis_weight(d.h0, d.sub_h, sample_per_part, height, y_lo + i);
+                    else
+                        col_w[e][i - PS_TILE_H] = psroi_axis_weight(d.w0, d.sub_w, sample_per_part, width,
+                                                                    x_lo + i - PS_TILE_H);
+                }
+                for (int t = tid; t < n_e * PS_GATHER_CHANNELS; t += PS_GATHER_BLOCK) {
+                    const int e = t / PS_GATHER_CHANNELS, j = t % PS_GATHER_CHANNELS;
+                    const Bin& d = listed[e0 + e];
+                    go_w[e][j] = j < n_ct ? to_acc(grad_output[d.go + (ctop0 + j) * bins]) / d.count : A(0);
+                }
+                __syncthreads();
+                for (int e = 0; e < n_e; ++e) {
+                    const A wy = row_w[e][warp], wx = col_w[e][lane];
+                    if (wy < A(0) || wx < A(0)) continue;
+                    const A weight = wy * wx;
+#pragma unroll
+                    for (int j = 0; j < PS_GATHER_CHANNELS; ++j) sums[j] += go_w[e][j] * weight;
+                }
+                __syncthreads();
+            }
+        }
+        if (y < height && x < width) {
+            for (int j = 0; j < n_ct; ++j) {
+                const index_t c = ((index_t)(ctop0 + j) * group_size + gh) * group_size + gw;
+                grad_input[(n * channels + c) * hw + y * width + x] = from_acc<T>(sums[j]);
+            }
+        }
+    }
+}
+
+// deform_psroi_pool's offset gradient; launch with WARP_SIZE threads per (RoI, class, part
+// cell). The lanes split the cell's (channel, bin) pairs (bins_of_part) and a shuffle
+// reduction sums them in a fixed order.
+template <typename T>
+__global__ void dpsroi_offset_grad(const T* __restrict__ grad_output, const T* __restrict__ input,
+                                   const T* __restrict__ rois, const T* __restrict__ offset, DPSROI_GEOMETRY,
+                                   T* __restrict__ grad_offset) {
+    typedef typename acc<T>::type A;
+    const index_t cells = (index_t)part_size * part_size, hw = height * width;
     const int per_class = output_dim / num_classes;
     // The bound is a multiple of WARP_SIZE and so is the stride: a warp's lanes share one item.
     CUDEFORM_LOOP(t, num_rois * num_classes * cells * WARP_SIZE) {
@@ -378,14 +550,11 @@ __global__ void dpsroi_backward(const T* __restrict__ grad_output, const T* __re
         const index_t cls = (item / cells) % num_classes;
         const int lane = (int)(t % WARP_SIZE);
         const int row = (int)(cell / part_size), col = (int)(cell % part_size);
-        const int p_lo = (row * pooled + part_size - 1) / part_size;
-        const int p_hi = min(((row + 1) * pooled + part_size - 1) / part_size, pooled);
-        const int q_lo = (col * pooled + part_size - 1) / part_size;
-        const int q_hi = min(((col + 1) * pooled + part_size - 1) / part_size, pooled);
-        const int n_p = max(p_hi - p_lo, 0), n_q = max(q_hi - q_lo, 0);
+        int p_lo, q_lo;
+        const int n_p = bins_of_part(row, part_size, pooled, p_lo), n_q = bins_of_part(col, part_size, pooled, q_lo);
         const PSRoIBox<A> box(rois + r * 5, batch, pooled, sample_per_part, spatial_scale);
         A trans_x, trans_y;
-        psroi_trans(offset, use_offset, r, cls, num_classes, part_size, cell, trans_std, trans_x, trans_y);
+        psroi_trans(offset, 1, r, cls, num_classes, part_size, cell, trans_std, trans_x, trans_y);
         A sum_h = A(0), sum_w = A(0);
         if (box.image >= 0) {
             for (int j = lane; j < per_class * n_p * n_q; j += WARP_SIZE) {
@@ -395,37 +564,24 @@ __global__ void dpsroi_backward(const T* __restrict__ grad_output, const T* __re
                 const int count = psroi_count(h0, w0, box.sub_h, box.sub_w, sample_per_part, height, width);
                 if (count == 0) continue;
                 const A go = to_acc(grad_output[((r * output_dim + ctop) * pooled + p) * pooled + q]) / A(count);
-                const index_t c = ((index_t)ctop * group_size + p * group_size / pooled) * group_size
-                                + q * group_size / pooled;
-                const index_t plane = (box.image * channels + c) * hw;
+                const T* plane = input + (box.image * channels + psroi_channel(ctop, p, q, group_size, pooled)) * hw;
                 A d_h = A(0), d_w = A(0);
-                for (int ih = 0; ih < sample_per_part; ++ih) {
-                    const A h = h0 + A(ih) * box.sub_h;
-                    for (int iw = 0; iw < sample_per_part; ++iw) {
-                        const A w = w0 + A(iw) * box.sub_w;
-                        if (!in_closed_box(h, w, height, width, A(0.5))) continue;
-                        const ClampedCorners<A> s(h, w, height, width);
-                        scatter_corners(s, plane, width, go, grad_input, fixed, special, deterministic, scale);
-                        if (use_offset) {
-                            A v00, v01, v10, v11;
-                            s.fetch(input + plane, width, v00, v01, v10, v11);
-                            d_h += s.d_h(v00, v01, v10, v11);
-                            d_w += s.d_w(v00, v01, v10, v11);
-                        }
-                    }
-                }
+                box.for_each_sample(h0, w0, sample_per_part, height, width, [&](const ClampedCorners<A>& s) {
+                    A v00, v01, v10, v11;
+                    s.fetch(plane, width, v00, v01, v10, v11);
+                    d_h += s.d_h(v00, v01, v10, v11);
+                    d_w += s.d_w(v00, v01, v10, v11);
+                });
                 sum_h += go * d_h;
                 sum_w += go * d_w;
             }
         }
-        if (use_offset) {
-            sum_h = warp_sum(sum_h);
-            sum_w = warp_sum(sum_w);
-            if (lane == 0) {
-                const index_t base = (r * num_classes + cls) * 2 * cells + cell;
-                grad_offset[base] = from_acc<T>(trans_std * box.roi_w * sum_w);
-                grad_offset[base + cells] = from_acc<T>(trans_std * box.roi_h * sum_h);
-            }
+        sum_h = warp_sum(sum_h);
+        sum_w = warp_sum(sum_w);
+        if (lane == 0) {
+            const index_t base = (r * num_classes + cls) * 2 * cells + cell;
+            grad_offset[base] = from_acc<T>(trans_std * box.roi_w * sum_w);
+            grad_offset[base + cells] = from_acc<T>(trans_std * box.roi_h * sum_h);
         }
     }
 }

@@ -170,3 +170,24 @@ def test_zero_offset_equals_torchvision_roi_align(torch, sampling_ratio, offset)
     expected.backward(grad_out)
     grads = cudeform.deform_roi_pool_backward(grad_out, x, rois, off, **geo)
     assert rel_err(grads.input.cpu().numpy(), x.grad.cpu().numpy()) < 1e-12
+
+
+@pytest.mark.parametrize("offset", [True, False])
+def test_psroi_gather_past_every_chunk(offset):
+    """deform_psroi_pool's gathered input gradient: several 8 x 32 pixel tiles (and partial
+    ones), 20 output channels per class (chunks of 8, the last partial), 700 RoIs (several
+    listing rounds of 256 candidates) crowding the tiles (more than 64 listed bins), against
+    the CPU path."""
+    import cupy
+
+    rng = np.random.default_rng(37)
+    n_rois, h, w = 700, 19, 45
+    geo = dict(output_dim=20, pooled_size=3, group_size=3, part_size=2, sample_per_part=2, spatial_scale=0.5,
+               trans_std=0.2)
+    args = dict(input=rng.standard_normal((2, 20 * 9, h, w)), rois=make_rois(rng, 2, n_rois, h, w, 0.5),
+                offset=rng.uniform(-1, 1, (n_rois, 2, 2, 2)) if offset else None)
+    go = rng.standard_normal((n_rois, 20, 3, 3))
+    want = cudeform.deform_psroi_pool_backward(go, args["input"], args["rois"], args["offset"], **geo)
+    gpu = on(cupy, args)
+    got = cudeform.deform_psroi_pool_backward(cupy.asarray(go), gpu["input"], gpu["rois"], gpu["offset"], **geo)
+    assert_grads_match(got, want)

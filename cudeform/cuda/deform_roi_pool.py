@@ -3,14 +3,16 @@
 Forward: one thread per output element. Backward of deform_roi_pool: one launch whose blocks
 split the channels of 32 (RoI, bin) items, atomics for the input gradient and (with an offset
 or a mask) a shared-memory reduction of their gradients over channels, from the same corner
-reads. Backward of deform_psroi_pool: one launch, a warp per (RoI, class, part cell), atomics
-for the input gradient and warp reductions for the offset gradient.
+reads. Backward of deform_psroi_pool: the input gradient gathered, a block per (image, group
+cell, class, channel chunk, pixel tile), written once in the storage dtype; with an offset, a
+second launch, a warp per (RoI, class, part cell), reduces the offset gradient. Neither uses
+atomics, so the deterministic mode is the default one.
 
-Workspace: for the half types, a float32 input-gradient accumulator; in deterministic mode
-instead a uint64 fixed-point accumulator of the input's size and a word of non-finite flags per
-16 elements, a first pass over grad_output for the fixed-point scale and a last one that writes
-the gradient in the storage dtype. Nothing synchronises the device: RoIs whose batch index is out of range are
-handled by the kernels (zero output, zero gradient).
+deform_roi_pool's workspace: for the half types, a float32 input-gradient accumulator; in
+deterministic mode instead a uint64 fixed-point accumulator of the input's size and a word of
+non-finite flags per 16 elements, a first pass over grad_output for the fixed-point scale and a
+last one that writes the gradient in the storage dtype. Nothing synchronises the device: RoIs
+whose batch index is out of range are handled by the kernels (zero output, zero gradient).
 """
 
 from __future__ import annotations
@@ -24,16 +26,19 @@ from . import _compile
 from ._compile import ACC_DTYPES, BLOCK, CXX_TYPES, STORAGE_DTYPES, launch
 
 SOURCE = "deform_roi_pool.cu"
-_KERNELS = ("droi_forward", "droi_backward", "dpsroi_forward", "dpsroi_backward", "roi_pool_max_abs",
-            "roi_pool_fixed_finish")
+_KERNELS = ("droi_forward", "droi_backward", "dpsroi_forward", "dpsroi_input_grad", "dpsroi_offset_grad",
+            "roi_pool_max_abs", "roi_pool_fixed_finish")
 NAME_EXPRESSIONS = (
     [f"{k}<{t}>" for t in CXX_TYPES.values() for k in _KERNELS]
     + ["cast_from_acc<__half>", "cast_from_acc<__nv_bfloat16>"]
 )
 
 MAX_ABS_THREADS = 1024 * BLOCK  # roi_pool_max_abs: enough to fill the GPU, each reading many elements
-WARP = 32  # threads per deform_psroi_pool backward item, and (RoI, bin) items per droi_backward block (WARP_SIZE)
+WARP = 32  # WARP_SIZE: threads per dpsroi_offset_grad item, (RoI, bin) items per droi_backward block
 ROI_BWD_BLOCK = WARP * 16  # droi_backward's block: ROI_BWD_BLOCK in the kernel
+PS_TILE_H = 8  # dpsroi_input_grad's tile of PS_TILE_H x WARP pixels (PS_TILE_H, PS_TILE_W in the kernel)
+PS_GATHER_BLOCK = PS_TILE_H * WARP
+PS_GATHER_CHANNELS = 8  # output channels per dpsroi_input_grad block (PS_GATHER_CHANNELS)
 
 
 def _kernel(name: str, dtype: str):
@@ -112,19 +117,27 @@ def psroi_forward(input, rois, offset, *, geo, dtype):
 
 
 def psroi_backward(grad_output, input, rois, offset, *, geo, dtype, deterministic):
+    """Both modes are one computation: the input gradient is gathered (each element written once,
+    by one thread, in a fixed order) and the offset gradient reduced in a fixed order, so the
+    result is bitwise repeatable whatever ``deterministic`` says."""
     import cupy
 
     go, x = grad_output, input
     has_offset = offset is not None
-    grad_offset = cupy.empty_like(offset) if has_offset else None
-    bins = geo.pooled_size**2
-    workspace = _input_grad_workspace(x, go, None, bins, dtype, deterministic)
-    items = rois.shape[0] * geo.num_classes * _part_size(geo, has_offset) ** 2
-    launch(_kernel("dpsroi_backward", dtype), items * WARP,
-           (go, x, rois, _or(offset, x), np.int32(has_offset),
-            *_psroi_args(x.shape, rois.shape[0], geo, has_offset, dtype), *workspace,
-            _or(grad_offset, x)))
-    return _input_grad(x, workspace, rois.shape[0] * bins, dtype), grad_offset
+    geo_args = _psroi_args(x.shape, rois.shape[0], geo, has_offset, dtype)
+    grad_input = cupy.empty(x.shape, STORAGE_DTYPES[dtype])
+    n, _, h, w = x.shape
+    per_class = geo.output_dim // geo.num_classes
+    blocks = (n * geo.group_size**2 * geo.num_classes * -(-per_class // PS_GATHER_CHANNELS)
+              * -(-h // PS_TILE_H) * -(-w // WARP))
+    launch(_kernel("dpsroi_input_grad", dtype), blocks * PS_GATHER_BLOCK,
+           (go, rois, _or(offset, x), np.int32(has_offset), *geo_args, grad_input), block=PS_GATHER_BLOCK)
+    if not has_offset:
+        return grad_input, None
+    grad_offset = cupy.empty_like(offset)
+    launch(_kernel("dpsroi_offset_grad", dtype), rois.shape[0] * geo.num_classes * geo.part_size**2 * WARP,
+           (go, x, rois, offset, *geo_args, grad_offset))
+    return grad_input, grad_offset
 
 
 def _input_grad_workspace(x, go, mask, bins, dtype, deterministic):
