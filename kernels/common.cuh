@@ -130,6 +130,21 @@ __device__ __forceinline__ A bilinear_zero(const T* plane, index_t height, index
 __device__ __forceinline__ void atomic_add(float* address, float v) { atomicAdd(address, v); }
 __device__ __forceinline__ void atomic_add(double* address, double v) { atomicAdd(address, v); }
 
+// address[0] += a, address[1] += b, address 8-byte aligned: one vector atomic where the GPU has
+// them (float on sm_90), else two.
+__device__ __forceinline__ void atomic_add_pair(float* address, float a, float b) {
+#if __CUDA_ARCH__ >= 900
+    atomicAdd(reinterpret_cast<float2*>(address), make_float2(a, b));
+#else
+    atomicAdd(address, a);
+    atomicAdd(address + 1, b);
+#endif
+}
+__device__ __forceinline__ void atomic_add_pair(double* address, double a, double b) {
+    atomicAdd(address, a);
+    atomicAdd(address + 1, b);
+}
+
 // Largest finite |v| seen, as the bits of a non-negative float (which order like unsigned ints).
 template <typename A>
 __device__ __forceinline__ void atomic_max_abs(unsigned int* bits, A v) {

@@ -3,14 +3,15 @@
 // Host code: cudeform/cuda/deform_roi_pool.py. CPU twin: cudeform/cpu/deform_roi_pool.py.
 //
 // Forward: one thread per output element, as torchvision's roi_align. deform_roi_pool's backward:
-// one kernel whose blocks split the channels of 32 (RoI, bin) items, scattering the input
-// gradient with atomics and, with an offset or a mask, reading the same corners to reduce their
-// gradients (sums over channels) in shared memory. deform_psroi_pool's backward gathers the
-// input gradient instead (each input channel is read by few bins: a block lists those that
-// touch its tile of pixels, and each pixel sums them), which needs no atomics and is
-// deterministic as it stands; its offset gradient takes one warp per (RoI, class, part cell),
-// its lanes splitting the channels (and the cell's bins), reduced with shuffles. One thread
-// writes each reduced value, so no address sees more than one write.
+// one kernel whose blocks take a 64-channel chunk of 32 (RoI, bin) items, chunk by chunk,
+// scattering the input gradient with atomics (each distinct corner of a bin once) and, with an
+// offset or a mask, reading the same corners to reduce their gradients (sums over the chunk's
+// channels) in shared memory; a small kernel adds the chunks' sums. deform_psroi_pool's
+// backward gathers the input gradient instead (each input channel is read by few bins: a
+// block lists those that touch its tile of pixels, and each pixel sums them), which needs no
+// atomics and is deterministic as it stands; its offset gradient takes one warp per (RoI,
+// class, part cell), its lanes splitting the channels (and the cell's bins), reduced with
+// shuffles. One thread writes each reduced value, so no address sees more than one write.
 //
 // A RoI whose batch index is not in [0, N) pools zeros and gets zero gradients: the kernels
 // never read outside the input, and the host never synchronises to check the indices.
@@ -24,34 +25,41 @@ __device__ __forceinline__ index_t roi_image(A b, index_t batch) {
     return (b >= A(0) && b < A(batch)) ? (index_t)b : index_t(-1);
 }
 
-// deform_roi_pool's deterministic mode keeps each input-gradient element's finite contributions as a 64-bit
-// fixed-point sum (scale from fixed_point_scale) and its non-finite ones as two bits of a
-// `special` word (16 elements a word): +inf seen, -inf seen, both for NaN. Both are sums that
-// do not depend on the order, and roi_pool_fixed_finish turns them into the gradient in one
-// pass, so this mode needs no floating-point accumulator (nor its zeroing and extra passes).
-// One input-gradient contribution: a float atomic, or in deterministic mode a fixed-point one.
+// deform_roi_pool's input gradient: float atomics into an accumulator, or in deterministic mode
+// each element's finite contributions as a 64-bit fixed-point sum (scale from
+// fixed_point_scale) and its non-finite ones as two bits of a `special` word (16 elements a
+// word): +inf seen, -inf seen, both for NaN. Both are sums that do not depend on the order, and
+// roi_pool_fixed_finish turns them into the gradient in one pass, so that mode needs no
+// floating-point accumulator (nor its zeroing and extra passes).
 template <typename A>
-__device__ __forceinline__ void scatter(A* grad, unsigned long long* fixed, unsigned int* special, int deterministic,
-                                        double scale, index_t i, A v) {
-    if (!deterministic) {
-        atomic_add(grad + i, v);
-    } else if (isfinite(v)) {
-        atomicAdd(fixed + i, (unsigned long long)llrint((double)v * scale));
-    } else {
-        atomicOr(special + (i >> 4), (isnan(v) ? 3u : v > A(0) ? 1u : 2u) << ((i & 15) * 2));
-    }
-}
+struct InputGrad {
+    A* grad;
+    unsigned long long* fixed;
+    unsigned int* special;
+    int deterministic;
+    double scale;
 
-// The four corners of a sample, weighted by gv, into the plane starting at `plane`.
-template <typename A>
-__device__ __forceinline__ void scatter_corners(const ClampedCorners<A>& s, index_t plane, index_t width, A gv,
-                                                A* grad, unsigned long long* fixed, unsigned int* special,
-                                                int deterministic, double scale) {
-    scatter(grad, fixed, special, deterministic, scale, plane + s.y0 * width + s.x0, (A(1) - s.lh) * (A(1) - s.lw) * gv);
-    scatter(grad, fixed, special, deterministic, scale, plane + s.y0 * width + s.x1, (A(1) - s.lh) * s.lw * gv);
-    scatter(grad, fixed, special, deterministic, scale, plane + s.y1 * width + s.x0, s.lh * (A(1) - s.lw) * gv);
-    scatter(grad, fixed, special, deterministic, scale, plane + s.y1 * width + s.x1, s.lh * s.lw * gv);
-}
+    __device__ __forceinline__ void add(index_t i, A v) const {
+        if (!deterministic) {
+            atomic_add(grad + i, v);
+        } else if (isfinite(v)) {
+            atomicAdd(fixed + i, (unsigned long long)llrint((double)v * scale));
+        } else {
+            atomicOr(special + (i >> 4), (isnan(v) ? 3u : v > A(0) ? 1u : 2u) << ((i & 15) * 2));
+        }
+    }
+
+    // Elements i (even) and i + 1: one vector atomic where the GPU has them (there are no
+    // 64-bit fixed-point ones).
+    __device__ __forceinline__ void add_pair(index_t i, A a, A b) const {
+        if (!deterministic) {
+            atomic_add_pair(grad + i, a, b);
+        } else {
+            add(i, a);
+            add(i + 1, b);
+        }
+    }
+};
 
 // Deterministic mode, pass 1: the largest finite |grad_output * mask| (R, C, bins). Each bin
 // spreads at most that much over the input (its sample weights sum to at most 1), so with
@@ -102,8 +110,9 @@ __global__ void roi_pool_fixed_finish(const unsigned long long* __restrict__ fix
     int pooled_h, int pooled_w, typename acc<T>::type spatial_scale, int sampling_ratio,       \
     typename acc<T>::type gamma
 
-// The sampling grid of bin l of RoI r, offset included, in mmcv's order of operations. Every
-// deform_roi_pool kernel walks a bin's samples through for_each_sample.
+// The sampling grid of bin l of RoI r, offset included, in mmcv's order of operations: the
+// forward walks a bin's samples through for_each_sample, the backward two rows by two columns
+// (SamplePair), both at sample_h, sample_w.
 template <typename A>
 struct RoIAlignBin {
     index_t image;        // -1: the RoI pools zeros
@@ -138,14 +147,18 @@ struct RoIAlignBin {
         x = (start_w + dx) + A((int)(l % pooled_w)) * bin_w;
     }
 
-    // f(ClampedCorners) for every sample inside RoIAlign's box, row by row. (iy + 0.5 in
-    // A: in double it costs three conversions per coordinate, and the value is the same.)
+    // The row of samples iy and the column of samples ix. (iy + 0.5 in A: in double it costs
+    // three conversions per coordinate, and the value is the same.)
+    __device__ __forceinline__ A sample_h(int iy) const { return y + (A(iy) + A(0.5)) * bin_h / A(grid_h); }
+    __device__ __forceinline__ A sample_w(int ix) const { return x + (A(ix) + A(0.5)) * bin_w / A(grid_w); }
+
+    // f(ClampedCorners) for every sample inside RoIAlign's box, row by row.
     template <typename F>
     __device__ __forceinline__ void for_each_sample(index_t height, index_t width, F f) const {
         for (int iy = 0; iy < grid_h; ++iy) {
-            const A h = y + (A(iy) + A(0.5)) * bin_h / A(grid_h);
+            const A h = sample_h(iy);
             for (int ix = 0; ix < grid_w; ++ix) {
-                const A w = x + (A(ix) + A(0.5)) * bin_w / A(grid_w);
+                const A w = sample_w(ix);
                 if (in_closed_box(h, w, height, width, A(1))) f(ClampedCorners<A>(h, w, height, width));
             }
         }
@@ -178,88 +191,218 @@ __global__ void droi_forward(const T* __restrict__ input, const T* __restrict__ 
     }
 }
 
+// The rows (or the columns) that two neighbouring samples of a bin touch, each once. Slots 0
+// and 1 are the first sample's two neighbours, 2 and 3 the second's; a slot whose row an
+// earlier live slot already holds is folded into it (and is no longer live). w is the slot's
+// summed blend weight, d the summed derivative of that weight with respect to the sample's
+// position (-1 low, +1 high, where the clamped position moves). A bin's samples form a grid and
+// a sample is in the box when each coordinate is in its range, so the bin's weight at (y, x) is
+// the rows' w(y) times the columns' w(x) (and its derivatives are d(y) w(x), w(y) d(x)): each
+// (row slot, column slot) is one corner, read and scattered once for all the samples that share
+// it. With the samples taken in increasing position, the live slots' rows increase.
+template <typename A>
+struct SamplePair {
+    int idx[4];
+    A w[4], d[4];
+    bool live[4];
+
+    // Positions p and, when `two`, q of one axis of size n; RoIAlign's range has margin 1.
+    __device__ __forceinline__ SamplePair(A p, A q, bool two, index_t n) {
+        if (two && q < p) {
+            const A t = p;
+            p = q;
+            q = t;
+        }
+        const bool in_p = in_closed_range(p, n, A(1)), in_q = two && in_closed_range(q, n, A(1));
+        // Outside the range (NaN included) a position is never used: keep it out of the casts.
+        const ClampedAxis<A> a(in_p ? p : A(0), n), b(in_q ? q : A(0), n);
+        idx[0] = (int)a.i0; idx[1] = (int)a.i1; idx[2] = (int)b.i0; idx[3] = (int)b.i1;
+        w[0] = A(1) - a.l; w[1] = a.l; w[2] = A(1) - b.l; w[3] = b.l;
+        d[0] = a.moves ? A(-1) : A(0); d[1] = -d[0];
+        d[2] = b.moves ? A(-1) : A(0); d[3] = -d[2];
+        live[0] = live[1] = in_p;
+        live[2] = live[3] = in_q;
+#pragma unroll
+        for (int j = 1; j < 4; ++j) {
+#pragma unroll
+            for (int i = 0; i < j; ++i) {
+                if (live[i] && live[j] && idx[i] == idx[j]) {
+                    w[i] += w[j];
+                    d[i] += d[j];
+                    live[j] = false;
+                }
+            }
+        }
+    }
+
+    // Whether slots j and k are live and k holds the row (column) after j's. Between two live
+    // slots only slot 2 can be dead: slot 1 is dead (with 0 live) only when the first sample is
+    // clamped to the last row, and then so is the second, whose slots fold into slot 0.
+    __device__ __forceinline__ bool next_to(int j, int k) const {
+        return live[j] && live[k] && idx[k] == idx[j] + 1;
+    }
+};
+
+// One row of a bin's corners in the input gradient: g times each column slot's weight, at
+// row_start + column. Neighbouring columns starting at an even element go as one pair.
+template <typename A>
+__device__ __forceinline__ void scatter_row(const InputGrad<A>& out, const SamplePair<A>& cols, index_t row_start,
+                                            A g) {
+    // Live slot j, with slot k (j's next live slot, or -1) when that is the next column and j's
+    // element is even (the pair 8-byte aligned); whether k was taken.
+    const auto put = [&](int j, int k) {
+        const index_t i = row_start + cols.idx[j];
+        if (k >= 0 && cols.next_to(j, k) && (i & 1) == 0) {
+            out.add_pair(i, g * cols.w[j], g * cols.w[k]);
+            return true;
+        }
+        out.add(i, g * cols.w[j]);
+        return false;
+    };
+    bool taken1 = false, taken2 = false, taken3 = false;
+    if (cols.live[0]) taken1 = put(0, 1);
+    if (cols.live[1] && !taken1) {
+        if (cols.live[2]) taken2 = put(1, 2);
+        else taken3 = put(1, 3);
+    }
+    if (cols.live[2] && !taken2) taken3 = put(2, 3);
+    if (cols.live[3] && !taken3) put(3, -1);
+}
+
 // Every gradient of deform_roi_pool. A block takes 32 consecutive (RoI, bin) items, one per
-// lane, and its ROI_BWD_CHUNKS warps split the channels (warp k takes channels k, k + CHUNKS,
-// ...), so a warp instruction touches 32 neighbouring bins of one channel plane: contiguous
-// grad_output, and atomics on nearby pixels, as torchvision's roi_align backward. A thread
-// scatters its samples' input gradient and, with an offset or a mask, reads the same four
-// corners to sum the bin's offset and mask gradients over its channels; the warps' partial
-// sums are added in a fixed order through shared memory and written once, by warp 0.
+// lane, and ROI_BWD_CHANNELS channels of them, which its ROI_BWD_WARPS warps split (warp k
+// takes the chunk's channels k, k + WARPS, ...): a warp instruction touches 32 neighbouring bins
+// of one channel plane, so contiguous grad_output and atomics on nearby pixels, as
+// torchvision's roi_align backward. The blocks go chunk by chunk (the chunk is the slow index),
+// so the input and the accumulator being touched at any moment are a chunk's planes: 64
+// channels of the benchmark's two 100x152 images are 16 MB of float input and uint64
+// accumulator, which the L2 holds, where all 256 channels spill it.
+// A thread walks its bin's samples two rows by two columns at a time (SamplePair), reading each
+// distinct corner once and scattering its input gradient once (neighbouring corners in one
+// vector atomic on sm_90), and, with an offset or a mask, sums the bin's offset and mask
+// gradients over its channels from the same reads; the warps' sums are added in a fixed order
+// through shared memory and written by warp 0 to `partials` (chunks, 3, R * bins), which
+// droi_coord_grads reduces in a fixed order.
 // grad_input (N, C, H, W) is of type acc<T>::type and must start at zero; in deterministic
 // mode `fixed` (same size) and `special` (a word per 16 elements), zeroed, take the
 // contributions instead (then roi_pool_fixed_finish).
-// Launch with ROI_BWD_BLOCK threads per block. 16 warps give the benchmark's 1000 RoIs x 49
-// bins ~6 waves on an H100/H200, 16 of its 256 channels per thread. Two blocks per SM cap the
-// registers at 64: uncapped, the deterministic and offset paths together take ~90 and one
-// block would fit; capped, the half types and float fit without spilling (double spills).
-#define ROI_BWD_CHUNKS 16
-#define ROI_BWD_BLOCK (WARP_SIZE * ROI_BWD_CHUNKS)
+// Launch with ROI_BWD_BLOCK threads per block, one block per (chunk, 32 items). Three blocks
+// per SM cap the registers at 80, which the half types and float fit without spilling (double
+// spills) as long as the loop over row slots is not unrolled (its slots then sit in local
+// memory, in the L1); unrolled, it takes ~106 and one block fewer.
+#define ROI_BWD_WARPS 8
+#define ROI_BWD_BLOCK (WARP_SIZE * ROI_BWD_WARPS)
+#define ROI_BWD_CHANNELS 64
 template <typename T>
-__global__ void __launch_bounds__(ROI_BWD_BLOCK, 2) droi_backward(
+__global__ void __launch_bounds__(ROI_BWD_BLOCK, 3) droi_backward(
         const T* __restrict__ grad_output, const T* __restrict__ input, const T* __restrict__ rois,
         const T* __restrict__ offset, const T* __restrict__ mask, int use_offset, int use_mask, DROI_GEOMETRY,
         int deterministic, const unsigned int* __restrict__ max_abs_bits, unsigned long long* __restrict__ fixed,
-        unsigned int* __restrict__ special, typename acc<T>::type* __restrict__ grad_input, T* __restrict__ grad_offset,
-        T* __restrict__ grad_mask) {
+        unsigned int* __restrict__ special, typename acc<T>::type* __restrict__ grad_input,
+        typename acc<T>::type* __restrict__ partials) {
     typedef typename acc<T>::type A;
-    __shared__ A partial[3][ROI_BWD_CHUNKS][WARP_SIZE];
+    __shared__ A partial[3][ROI_BWD_WARPS][WARP_SIZE];
     const index_t bins = (index_t)pooled_h * pooled_w, hw = height * width, items = num_rois * bins;
-    const double scale = deterministic ? fixed_point_scale(*max_abs_bits, items) : 0.0;
+    const index_t groups = (items + WARP_SIZE - 1) / WARP_SIZE;
+    const index_t units = groups * ((channels + ROI_BWD_CHANNELS - 1) / ROI_BWD_CHANNELS);
+    const InputGrad<A> out{grad_input, fixed, special, deterministic,
+                           deterministic ? fixed_point_scale(*max_abs_bits, items) : 0.0};
     const bool coords = use_offset || use_mask;
-    const int lane = threadIdx.x % WARP_SIZE, chunk = threadIdx.x / WARP_SIZE;
-    for (index_t first = (index_t)blockIdx.x * WARP_SIZE; first < items; first += (index_t)gridDim.x * WARP_SIZE) {
-        const index_t item = first + lane;
+    const int lane = threadIdx.x % WARP_SIZE, warp = threadIdx.x / WARP_SIZE;
+    for (index_t unit = blockIdx.x; unit < units; unit += gridDim.x) {
+        const index_t chunk = unit / groups, item = (unit - chunk * groups) * WARP_SIZE + lane;
+        const index_t c_end = min(channels, (chunk + 1) * ROI_BWD_CHANNELS);
         A sum_h = A(0), sum_w = A(0), sum_v = A(0);
         if (item < items) {
             const index_t r = fast_div(item, bins), l = item - r * bins;
             const RoIAlignBin<A> bin(rois, offset, use_offset, r, l, batch, pooled_h, pooled_w, spatial_scale,
                                      sampling_ratio, gamma);
             const A m = use_mask ? to_acc(mask[item]) : A(1);
-            const index_t planes = bin.image >= 0 ? channels : 0;  // a RoI outside the batch has none
-            for (index_t c = chunk; c < planes; c += ROI_BWD_CHUNKS) {
-                const A go = to_acc(grad_output[(r * channels + c) * bins + l]);
-                A gv = go / bin.count;
-                if (use_mask) gv *= m;
-                const index_t plane = (bin.image * channels + c) * hw;
-                A d_h = A(0), d_w = A(0), v = A(0);
-                bin.for_each_sample(height, width, [&](const ClampedCorners<A>& s) {
-                    A v00, v01, v10, v11;
-                    // The loads go out before the atomics, which do not wait for them.
-                    if (coords) s.fetch(input + plane, width, v00, v01, v10, v11);
-                    scatter_corners(s, plane, width, gv, grad_input, fixed, special, deterministic, scale);
-                    if (coords) {
-                        d_h += s.d_h(v00, v01, v10, v11);
-                        d_w += s.d_w(v00, v01, v10, v11);
-                        v += s.blend(v00, v01, v10, v11);
+            // A RoI outside the batch has no planes.
+            const index_t c_first = bin.image >= 0 ? chunk * ROI_BWD_CHANNELS + warp : c_end;
+            for (int iy = 0; iy < bin.grid_h; iy += 2) {
+                const SamplePair<A> rows(bin.sample_h(iy), bin.sample_h(iy + 1), iy + 1 < bin.grid_h, height);
+                for (int ix = 0; ix < bin.grid_w; ix += 2) {
+                    const SamplePair<A> cols(bin.sample_w(ix), bin.sample_w(ix + 1), ix + 1 < bin.grid_w, width);
+                    for (index_t c = c_first; c < c_end; c += ROI_BWD_WARPS) {
+                        const A go = to_acc(grad_output[(r * channels + c) * bins + l]);
+                        A gv = go / bin.count;
+                        if (use_mask) gv *= m;
+                        const index_t plane = (bin.image * channels + c) * hw;
+                        A d_h = A(0), d_w = A(0), v = A(0);
+                        // Row slots one at a time (not unrolled: see the launch bounds).
+#pragma unroll 1
+                        for (int i = 0; i < 4; ++i) {
+                            if (!rows.live[i]) continue;
+                            const index_t row_start = plane + rows.idx[i] * width;
+                            // The row's corners times the columns' w and d. The loads go out
+                            // before the atomics, which do not wait for them.
+                            A row_w = A(0), row_d = A(0);
+                            if (coords) {
+#pragma unroll
+                                for (int j = 0; j < 4; ++j) {
+                                    if (!cols.live[j]) continue;
+                                    const A x = to_acc(input[row_start + cols.idx[j]]);
+                                    row_w += cols.w[j] * x;
+                                    row_d += cols.d[j] * x;
+                                }
+                            }
+                            scatter_row(out, cols, row_start, rows.w[i] * gv);
+                            d_h += rows.d[i] * row_w;
+                            d_w += rows.w[i] * row_d;
+                            v += rows.w[i] * row_w;
+                        }
+                        sum_h += go * d_h;
+                        sum_w += go * d_w;
+                        sum_v += go * v;
                     }
-                });
-                sum_h += go * d_h;
-                sum_w += go * d_w;
-                sum_v += go * v;
+                }
             }
         }
         if (!coords) continue;  // uniform over the grid: no thread waits at the barriers below
-        partial[0][chunk][lane] = sum_h;
-        partial[1][chunk][lane] = sum_w;
-        partial[2][chunk][lane] = sum_v;
+        partial[0][warp][lane] = sum_h;
+        partial[1][warp][lane] = sum_w;
+        partial[2][warp][lane] = sum_v;
         __syncthreads();
-        if (chunk == 0 && item < items) {
-            for (int k = 1; k < ROI_BWD_CHUNKS; ++k) {
+        if (warp == 0 && item < items) {
+            for (int k = 1; k < ROI_BWD_WARPS; ++k) {
                 sum_h += partial[0][k][lane];
                 sum_w += partial[1][k][lane];
                 sum_v += partial[2][k][lane];
             }
-            const index_t r = fast_div(item, bins), l = item - r * bins;
-            const RoIAlignBin<A> bin(rois, offset, use_offset, r, l, batch, pooled_h, pooled_w, spatial_scale,
-                                     sampling_ratio, gamma);
-            const A per_sample = (use_mask ? to_acc(mask[item]) : A(1)) / bin.count;
-            if (use_offset) {
-                grad_offset[r * 2 * bins + l] = from_acc<T>(bin.step_w * per_sample * sum_w);
-                grad_offset[(r * 2 + 1) * bins + l] = from_acc<T>(bin.step_h * per_sample * sum_h);
-            }
-            if (use_mask) grad_mask[item] = from_acc<T>(sum_v / bin.count);
+            partials[(chunk * 3) * items + item] = sum_h;
+            partials[(chunk * 3 + 1) * items + item] = sum_w;
+            partials[(chunk * 3 + 2) * items + item] = sum_v;
         }
         __syncthreads();
+    }
+}
+
+// deform_roi_pool's offset and mask gradients from droi_backward's per-chunk sums over
+// channels, added chunk by chunk; one thread per (RoI, bin).
+template <typename T>
+__global__ void droi_coord_grads(const typename acc<T>::type* __restrict__ partials, index_t chunks,
+                                 const T* __restrict__ rois, const T* __restrict__ offset, const T* __restrict__ mask,
+                                 int use_offset, int use_mask, DROI_GEOMETRY, T* __restrict__ grad_offset,
+                                 T* __restrict__ grad_mask) {
+    typedef typename acc<T>::type A;
+    const index_t bins = (index_t)pooled_h * pooled_w, items = num_rois * bins;
+    CUDEFORM_LOOP(item, items) {
+        A sum_h = A(0), sum_w = A(0), sum_v = A(0);
+        for (index_t chunk = 0; chunk < chunks; ++chunk) {
+            sum_h += partials[(chunk * 3) * items + item];
+            sum_w += partials[(chunk * 3 + 1) * items + item];
+            sum_v += partials[(chunk * 3 + 2) * items + item];
+        }
+        const index_t r = fast_div(item, bins), l = item - r * bins;
+        const RoIAlignBin<A> bin(rois, offset, use_offset, r, l, batch, pooled_h, pooled_w, spatial_scale,
+                                 sampling_ratio, gamma);
+        const A per_sample = (use_mask ? to_acc(mask[item]) : A(1)) / bin.count;
+        if (use_offset) {
+            grad_offset[r * 2 * bins + l] = from_acc<T>(bin.step_w * per_sample * sum_w);
+            grad_offset[(r * 2 + 1) * bins + l] = from_acc<T>(bin.step_h * per_sample * sum_h);
+        }
+        if (use_mask) grad_mask[item] = from_acc<T>(sum_v / bin.count);
     }
 }
 

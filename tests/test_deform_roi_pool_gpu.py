@@ -89,9 +89,10 @@ def test_deterministic_backward_is_bitwise(torch, op, dtype):
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 @pytest.mark.parametrize("op", OPS)
 def test_deterministic_backward_keeps_infinities_and_nans(op, dtype):
-    """Deterministic mode sums the non-finite contributions apart from the fixed point: each
-    input-gradient element is +inf, -inf or NaN exactly where the default mode's float sums are,
-    and the finite ones agree."""
+    """Each input-gradient element is +inf, -inf or NaN in deterministic mode exactly where it
+    is in the default mode, and the finite ones agree: deform_roi_pool's deterministic mode sums
+    the non-finite contributions apart from its fixed point; deform_psroi_pool's two modes are
+    one gathered computation, so there this guards that it stays so."""
     import cupy
 
     forward, backward, _, _, call = OPS[op]
@@ -111,12 +112,14 @@ def test_deterministic_backward_keeps_infinities_and_nans(op, dtype):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("channels", [1, 17, 40])
+@pytest.mark.parametrize("channels", [1, 17, 40, 140])
 @pytest.mark.parametrize("offset,mask", [(True, True), (True, False), (False, True), (False, False)])
 def test_backward_channel_split_matches_cpu_path(dtype, channels, offset, mask):
-    """deform_roi_pool's backward splits the channels of 32 bins over 16 warps: fewer channels
-    than warps, a count that is not a multiple of 16, several per warp; 60 RoIs x 6 bins do not
-    fill the last 32. Both modes against the CPU path, and the deterministic one bit for bit."""
+    """deform_roi_pool's backward splits the channels of 32 bins into chunks of 64 over 8 warps:
+    fewer channels than warps, a count that is not a multiple of 8, several per warp, three
+    chunks, the last partly filled (whose offset and mask sums droi_coord_grads adds); 60 RoIs x
+    6 bins do not fill the last 32. Both modes against the CPU path, and the deterministic one
+    bit for bit."""
     import cupy
 
     cfg = dict(ROI_CONFIGS["adaptive"], C=channels, R=60)

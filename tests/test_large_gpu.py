@@ -174,8 +174,9 @@ CASES = {
                                                                          sampling_ratio=0, gamma=0.3)),
                                          {"input": 1}, 1),
 }
-# Deterministic mode has its own accumulation (and, for deform_conv2d, chunk) arithmetic; in
-# deform_kernel_conv2d the two modes are one code path.
+# deform_conv2d's and deform_roi_pool's deterministic modes have their own accumulation (and,
+# for deform_conv2d, chunk) arithmetic. deform_psroi_pool's two modes are one code path (a
+# gathered input gradient), as deform_kernel_conv2d's are; it stays here to guard that.
 DETERMINISTIC = ("deform_conv2d", "deform_roi_pool", "deform_psroi_pool")
 
 

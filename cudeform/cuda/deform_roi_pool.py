@@ -1,12 +1,14 @@
 """Deformable RoI pooling on the GPU: kernels/deform_roi_pool.cu.
 
 Forward: one thread per output element. Backward of deform_roi_pool: one launch whose blocks
-split the channels of 32 (RoI, bin) items, atomics for the input gradient and (with an offset
-or a mask) a shared-memory reduction of their gradients over channels, from the same corner
-reads. Backward of deform_psroi_pool: the input gradient gathered, a block per (image, group
-cell, class, channel chunk, pixel tile), written once in the storage dtype; with an offset, a
-second launch, a warp per (RoI, class, part cell), reduces the offset gradient. Neither uses
-atomics, so the deterministic mode is the default one.
+take a chunk of ROI_BWD_CHANNELS channels of 32 (RoI, bin) items, chunk-major (so that the L2
+holds the chunk's input and accumulator), atomics for the input gradient and (with an offset
+or a mask) a shared-memory reduction of their gradients over the chunk's channels, from the
+same corner reads; then droi_coord_grads adds the chunks' sums in a fixed order. Backward of
+deform_psroi_pool: the input gradient gathered, a block per (image, group cell, class, channel
+chunk, pixel tile), written once in the storage dtype; with an offset, a second launch, a warp
+per (RoI, class, part cell), reduces the offset gradient. Neither uses atomics, so the
+deterministic mode is the default one.
 
 deform_roi_pool's workspace: for the half types, a float32 input-gradient accumulator; in
 deterministic mode instead a uint64 fixed-point accumulator of the input's size and a word of
@@ -26,8 +28,8 @@ from . import _compile
 from ._compile import ACC_DTYPES, BLOCK, CXX_TYPES, STORAGE_DTYPES, launch
 
 SOURCE = "deform_roi_pool.cu"
-_KERNELS = ("droi_forward", "droi_backward", "dpsroi_forward", "dpsroi_input_grad", "dpsroi_offset_grad",
-            "roi_pool_max_abs", "roi_pool_fixed_finish")
+_KERNELS = ("droi_forward", "droi_backward", "droi_coord_grads", "dpsroi_forward", "dpsroi_input_grad",
+            "dpsroi_offset_grad", "roi_pool_max_abs", "roi_pool_fixed_finish")
 NAME_EXPRESSIONS = (
     [f"{k}<{t}>" for t in CXX_TYPES.values() for k in _KERNELS]
     + ["cast_from_acc<__half>", "cast_from_acc<__nv_bfloat16>"]
@@ -35,7 +37,8 @@ NAME_EXPRESSIONS = (
 
 MAX_ABS_THREADS = 1024 * BLOCK  # roi_pool_max_abs: enough to fill the GPU, each reading many elements
 WARP = 32  # WARP_SIZE: threads per dpsroi_offset_grad item, (RoI, bin) items per droi_backward block
-ROI_BWD_BLOCK = WARP * 16  # droi_backward's block: ROI_BWD_BLOCK in the kernel
+ROI_BWD_BLOCK = WARP * 8  # droi_backward's block: ROI_BWD_BLOCK in the kernel
+ROI_BWD_CHANNELS = 64  # channels per droi_backward block (ROI_BWD_CHANNELS)
 PS_TILE_H = 8  # dpsroi_input_grad's tile of PS_TILE_H x WARP pixels (PS_TILE_H, PS_TILE_W in the kernel)
 PS_GATHER_BLOCK = PS_TILE_H * WARP
 PS_GATHER_CHANNELS = 8  # output channels per dpsroi_input_grad block (PS_GATHER_CHANNELS)
@@ -95,13 +98,18 @@ def backward(grad_output, input, rois, offset, mask, *, geo, dtype, deterministi
     grad_offset = cupy.empty_like(offset) if offset is not None else None
     grad_mask = cupy.empty_like(mask) if mask is not None else None
     bins = geo.output_size[0] * geo.output_size[1]
+    items, chunks = rois.shape[0] * bins, -(-x.shape[1] // ROI_BWD_CHANNELS)
     workspace = _input_grad_workspace(x, go, mask, bins, dtype, deterministic)
-    flags = (np.int32(offset is not None), np.int32(mask is not None))
-    geo_args = _droi_args(x.shape, rois.shape[0], geo, dtype)
-    launch(_kernel("droi_backward", dtype), -(-rois.shape[0] * bins // WARP) * ROI_BWD_BLOCK,
-           (go, x, rois, _or(offset, x), _or(mask, x), *flags, *geo_args, *workspace,
-            _or(grad_offset, x), _or(grad_mask, x)), block=ROI_BWD_BLOCK)
-    return _input_grad(x, workspace, rois.shape[0] * bins, dtype), grad_offset, grad_mask
+    # The per-chunk offset and mask sums, each written once by droi_backward.
+    partials = cupy.empty((chunks, 3, items), ACC_DTYPES[dtype]) if offset is not None or mask is not None else None
+    args = (rois, _or(offset, x), _or(mask, x), np.int32(offset is not None), np.int32(mask is not None),
+            *_droi_args(x.shape, rois.shape[0], geo, dtype))
+    launch(_kernel("droi_backward", dtype), -(-items // WARP) * chunks * ROI_BWD_BLOCK,
+           (go, x, *args, *workspace, _or(partials, workspace[-1])), block=ROI_BWD_BLOCK)
+    if partials is not None:
+        launch(_kernel("droi_coord_grads", dtype), items,
+               (partials, np.int64(chunks), *args, _or(grad_offset, x), _or(grad_mask, x)))
+    return _input_grad(x, workspace, items, dtype), grad_offset, grad_mask
 
 
 def psroi_forward(input, rois, offset, *, geo, dtype):
