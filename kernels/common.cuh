@@ -189,6 +189,14 @@ __device__ __forceinline__ double fixed_to_double(unsigned long long q, double s
 // The CPU twin is clamped_corners in cudeform/cpu/_bilinear.py.
 // ---------------------------------------------------------------------------------------------
 
+// a * b + c, rounded after the product and after the sum, as the CPU path computes it: NVRTC
+// would fuse it into one FMA, and a sample position that lands exactly on a box edge could then
+// fall on the other side of it than on the CPU.
+__device__ __forceinline__ float mul_add_unfused(float a, float b, float c) { return __fadd_rn(__fmul_rn(a, b), c); }
+__device__ __forceinline__ double mul_add_unfused(double a, double b, double c) {
+    return __dadd_rn(__dmul_rn(a, b), c);
+}
+
 // Whether v lies in [-margin, n - 1 + margin]; false for NaN. RoIAlign's box has margin 1,
 // MSRA's position-sensitive pooling's margin 0.5. The box is the product of two such ranges.
 template <typename A>

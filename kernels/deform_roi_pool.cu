@@ -427,10 +427,10 @@ struct PSRoIBox {
     __device__ __forceinline__ PSRoIBox(const T* roi, index_t batch, int pooled, int sample_per_part,
                                         A spatial_scale) {
         image = roi_image(to_acc(roi[0]), batch);
-        start_w = round(to_acc(roi[1])) * spatial_scale - A(0.5);
-        start_h = round(to_acc(roi[2])) * spatial_scale - A(0.5);
-        const A end_w = (round(to_acc(roi[3])) + A(1)) * spatial_scale - A(0.5);
-        const A end_h = (round(to_acc(roi[4])) + A(1)) * spatial_scale - A(0.5);
+        start_w = mul_add_unfused(round(to_acc(roi[1])), spatial_scale, A(-0.5));
+        start_h = mul_add_unfused(round(to_acc(roi[2])), spatial_scale, A(-0.5));
+        const A end_w = mul_add_unfused(round(to_acc(roi[3])) + A(1), spatial_scale, A(-0.5));
+        const A end_h = mul_add_unfused(round(to_acc(roi[4])) + A(1), spatial_scale, A(-0.5));
         roi_w = end_w - start_w > A(0.1) ? end_w - start_w : A(0.1);
         roi_h = end_h - start_h > A(0.1) ? end_h - start_h : A(0.1);
         bin_h = roi_h / A(pooled);
@@ -440,17 +440,21 @@ struct PSRoIBox {
     }
 
     // The first sample of bin (p, q), moved by the (already trans_std-scaled) offset.
-    __device__ __forceinline__ A first_h(int p, A trans_y) const { return (A(p) * bin_h + start_h) + trans_y * roi_h; }
-    __device__ __forceinline__ A first_w(int q, A trans_x) const { return (A(q) * bin_w + start_w) + trans_x * roi_w; }
+    __device__ __forceinline__ A first_h(int p, A trans_y) const {
+        return mul_add_unfused(trans_y, roi_h, mul_add_unfused(A(p), bin_h, start_h));
+    }
+    __device__ __forceinline__ A first_w(int q, A trans_x) const {
+        return mul_add_unfused(trans_x, roi_w, mul_add_unfused(A(q), bin_w, start_w));
+    }
 
     // f(ClampedCorners) for every sample of the bin whose first sample is (h0, w0) inside MSRA's
     // box [-0.5, H - 0.5] x [-0.5, W - 0.5], row by row.
     template <typename F>
     __device__ __forceinline__ void for_each_sample(A h0, A w0, int n, index_t height, index_t width, F f) const {
         for (int ih = 0; ih < n; ++ih) {
-            const A h = h0 + A(ih) * sub_h;
+            const A h = mul_add_unfused(A(ih), sub_h, h0);
             for (int iw = 0; iw < n; ++iw) {
-                const A w = w0 + A(iw) * sub_w;
+                const A w = mul_add_unfused(A(iw), sub_w, w0);
                 if (in_closed_box(h, w, height, width, A(0.5))) f(ClampedCorners<A>(h, w, height, width));
             }
         }
@@ -478,7 +482,8 @@ __device__ __forceinline__ int psroi_count(A h0, A w0, A sub_h, A sub_w, int n, 
     int count = 0;
     for (int ih = 0; ih < n; ++ih)
         for (int iw = 0; iw < n; ++iw)
-            count += in_closed_box(h0 + A(ih) * sub_h, w0 + A(iw) * sub_w, height, width, A(0.5));
+            count += in_closed_box(mul_add_unfused(A(ih), sub_h, h0), mul_add_unfused(A(iw), sub_w, w0), height,
+                                   width, A(0.5));
     return count;
 }
 
@@ -526,7 +531,7 @@ template <typename A>
 __device__ __forceinline__ int psroi_axis_extent(A first, A step, int n, index_t size, index_t& lo, index_t& hi) {
     int valid = 0;
     for (int i = 0; i < n; ++i) {
-        const A v = first + A(i) * step;
+        const A v = mul_add_unfused(A(i), step, first);
         if (!in_closed_range(v, size, A(0.5))) continue;
         const ClampedAxis<A> axis(v, size);
         lo = valid ? min(lo, axis.i0) : axis.i0;
@@ -544,7 +549,7 @@ __device__ __forceinline__ A psroi_axis_weight(A first, A step, int n, index_t s
     A weight = A(0);
     bool touched = false;
     for (int k = 0; k < n; ++k) {
-        const A v = first + A(k) * step;
+        const A v = mul_add_unfused(A(k), step, first);
         if (!in_closed_range(v, size, A(0.5))) continue;
         const ClampedAxis<A> axis(v, size);
         touched |= axis.touches(i);
