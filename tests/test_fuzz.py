@@ -450,17 +450,11 @@ def test_gpu_matches_cpu_deform_kernel_conv2d_nonfinite_offsets(dtype, case, fra
     assert_zero_on_both(results, "kernel_offset", hit)
 
 
-# Position-sensitive pooling rounds RoI corners to integers, so with round spatial scales many
-# samples sit exactly on its box edge (-0.5 or H - 0.5) and whether they count depends on the
-# last bit of their position: the CPU path computes positions in float64, the GPU in the
-# storage dtype. The float32 draws scale by this non-dyadic factor, so that no exact tie arises.
-PS_FLOAT32_NUDGE = 1 + 2**-10 / 3
-
-
 def pool_paths(op, args, geo, grad_out, dtype, deterministic):
+    # Position-sensitive pooling rounds RoI corners to integers, so with round spatial scales
+    # many samples sit exactly on its box edge (-0.5 or H - 0.5): the draws keep those ties,
+    # which the two paths must settle alike (they compute positions in the same arithmetic).
     forward, backward, _, _, call = tdr.OPS[op]
-    if op == "psroi" and dtype == "float32":
-        geo = dict(geo, spatial_scale=geo["spatial_scale"] * PS_FLOAT32_NUDGE)
     return both_paths(forward, backward, call, args, geo, grad_out, dtype, deterministic=deterministic)
 
 

@@ -228,14 +228,20 @@ def _round_half_away(v):
 @njit(inline="always")
 def _psroi_box(rois, r, scale, pooled, sample_per_part):
     """RoI r's geometry in MSRA's order of operations:
-    (start_h, start_w, roi_h, roi_w, bin_h, bin_w, sub_h, sub_w)."""
-    start_w = _round_half_away(rois[r, 1]) * scale - 0.5
-    start_h = _round_half_away(rois[r, 2]) * scale - 0.5
-    roi_w = max((_round_half_away(rois[r, 3]) + 1.0) * scale - 0.5 - start_w, 0.1)
-    roi_h = max((_round_half_away(rois[r, 4]) + 1.0) * scale - 0.5 - start_h, 0.1)
-    bin_h = roi_h / pooled
-    bin_w = roi_w / pooled
-    return start_h, start_w, roi_h, roi_w, bin_h, bin_w, bin_h / sample_per_part, bin_w / sample_per_part
+    (start_h, start_w, roi_h, roi_w, bin_h, bin_w, sub_h, sub_w).
+
+    Every position of deform_psroi_pool is computed in the dtype of the arrays, one rounding per
+    operation, exactly as the GPU kernels do: a sample can land exactly on the box edge (integer
+    RoIs with scaled coordinate 0 do), and only the same arithmetic puts it on the same side."""
+    T = rois.dtype.type
+    s, half = T(scale), T(0.5)
+    start_w = T(_round_half_away(rois[r, 1])) * s - half
+    start_h = T(_round_half_away(rois[r, 2])) * s - half
+    roi_w = max((T(_round_half_away(rois[r, 3])) + T(1)) * s - half - start_w, T(0.1))
+    roi_h = max((T(_round_half_away(rois[r, 4])) + T(1)) * s - half - start_h, T(0.1))
+    bin_h = roi_h / T(pooled)
+    bin_w = roi_w / T(pooled)
+    return start_h, start_w, roi_h, roi_w, bin_h, bin_w, bin_h / T(sample_per_part), bin_w / T(sample_per_part)
 
 
 @njit(inline="always")
@@ -243,21 +249,22 @@ def _psroi_first(offset, use_offset, r, cls, p, q, pooled, part_size, trans_std,
                  bin_h, bin_w):
     """The first sample (h0, w0) of bin (p, q), moved by class cls's offset times trans_std,
     and the bin's part cell (part_h, part_w)."""
+    T = offset.dtype.type
     part_h = p * part_size // pooled
     part_w = q * part_size // pooled
-    h0 = p * bin_h + start_h
-    w0 = q * bin_w + start_w
+    h0 = T(p) * bin_h + start_h
+    w0 = T(q) * bin_w + start_w
     if not use_offset:
         return h0, w0, part_h, part_w
-    return (h0 + offset[r, 2 * cls + 1, part_h, part_w] * trans_std * roi_h,
-            w0 + offset[r, 2 * cls, part_h, part_w] * trans_std * roi_w, part_h, part_w)
+    return (h0 + offset[r, 2 * cls + 1, part_h, part_w] * T(trans_std) * roi_h,
+            w0 + offset[r, 2 * cls, part_h, part_w] * T(trans_std) * roi_w, part_h, part_w)
 
 
 @njit(inline="always")
-def _psroi_sample(h0, w0, ih, iw, sub_h, sub_w, height, width):
-    """Sample (ih, iw) of the bin whose first sample is (h0, w0): whether it lies in MSRA's box,
-    and its clamped corners."""
-    return _clamped_sample(h0 + ih * sub_h, w0 + iw * sub_w, height, width, 0.5)
+def _psroi_sample(T, h0, w0, ih, iw, sub_h, sub_w, height, width):
+    """Sample (ih, iw) of the bin whose first sample is (h0, w0), positions of type T: whether
+    it lies in MSRA's box, and its clamped corners."""
+    return _clamped_sample(h0 + T(ih) * sub_h, w0 + T(iw) * sub_w, height, width, 0.5)
 
 
 @njit(inline="always")
@@ -267,12 +274,12 @@ def _psroi_channel(ctop, p, q, group, pooled):
 
 
 @njit(inline="always")
-def _psroi_count(h0, w0, sub_h, sub_w, n, height, width):
+def _psroi_count(T, h0, w0, sub_h, sub_w, n, height, width):
     """The number of a bin's samples inside MSRA's box [-0.5, H - 0.5] x [-0.5, W - 0.5]."""
     count = 0
     for ih in range(n):
         for iw in range(n):
-            if in_closed_box(h0 + ih * sub_h, w0 + iw * sub_w, height, width, 0.5):
+            if in_closed_box(h0 + T(ih) * sub_h, w0 + T(iw) * sub_w, height, width, 0.5):
                 count += 1
     return count
 
@@ -282,6 +289,7 @@ def _psroi_forward(inp, rois, batch, offset, use_offset, group, part_size, n, sc
     n_rois, output_dim, pooled = out.shape[0], out.shape[1], out.shape[2]
     height, width = inp.shape[2], inp.shape[3]
     per_class = output_dim // (offset.shape[1] // 2) if use_offset else output_dim
+    T = rois.dtype.type
     for task in prange(n_rois * output_dim):
         r = task // output_dim
         ctop = task % output_dim
@@ -295,8 +303,8 @@ def _psroi_forward(inp, rois, batch, offset, use_offset, group, part_size, n, sc
                 count = 0
                 for ih in range(n):
                     for iw in range(n):
-                        inside, y0, x0, y1, x1, lh, lw, _, _ = _psroi_sample(h0, w0, ih, iw, sub_h, sub_w, height,
-                                                                             width)
+                        inside, y0, x0, y1, x1, lh, lw, _, _ = _psroi_sample(T, h0, w0, ih, iw, sub_h, sub_w,
+                                                                                height, width)
                         if inside:
                             total += blend(plane[y0, x0], plane[y0, x1], plane[y1, x0], plane[y1, x1], lh, lw)
                             count += 1
@@ -309,6 +317,7 @@ def _psroi_input_grad(go, rois, order, starts, offset, use_offset, group, part_s
     n_images, channels, height, width = grad_input.shape
     output_dim, pooled = go.shape[1], go.shape[2]
     per_class = output_dim // (offset.shape[1] // 2) if use_offset else output_dim
+    T = rois.dtype.type
     for task in prange(n_images * channels):
         b = task // channels
         c = task % channels
@@ -328,14 +337,14 @@ def _psroi_input_grad(go, rois, order, starts, offset, use_offset, group, part_s
                         continue
                     h0, w0, _, _ = _psroi_first(offset, use_offset, r, ctop // per_class, p, q, pooled, part_size,
                                                 trans_std, start_h, start_w, roi_h, roi_w, bin_h, bin_w)
-                    count = _psroi_count(h0, w0, sub_h, sub_w, n, height, width)
+                    count = _psroi_count(T, h0, w0, sub_h, sub_w, n, height, width)
                     if count == 0:
                         continue
                     g = go[r, ctop, p, q] / count
                     for ih in range(n):
                         for iw in range(n):
-                            inside, y0, x0, y1, x1, lh, lw, _, _ = _psroi_sample(h0, w0, ih, iw, sub_h, sub_w, height,
-                                                                                 width)
+                            inside, y0, x0, y1, x1, lh, lw, _, _ = _psroi_sample(T, h0, w0, ih, iw, sub_h, sub_w,
+                                                                                    height, width)
                             if inside:
                                 _scatter(target, y0, x0, y1, x1, lh, lw, g)
 
@@ -345,6 +354,7 @@ def _psroi_offset_grad(go, inp, rois, batch, offset, group, part_size, n, scale,
     n_rois, output_dim, pooled = go.shape[0], go.shape[1], go.shape[2]
     height, width = inp.shape[2], inp.shape[3]
     per_class = output_dim // (offset.shape[1] // 2)
+    T = rois.dtype.type
     for r in prange(n_rois):
         start_h, start_w, roi_h, roi_w, bin_h, bin_w, sub_h, sub_w = _psroi_box(rois, r, scale, pooled, n)
         for ctop in range(output_dim):
@@ -353,7 +363,7 @@ def _psroi_offset_grad(go, inp, rois, batch, offset, group, part_size, n, scale,
                 for q in range(pooled):
                     h0, w0, part_h, part_w = _psroi_first(offset, True, r, cls, p, q, pooled, part_size, trans_std,
                                                           start_h, start_w, roi_h, roi_w, bin_h, bin_w)
-                    count = _psroi_count(h0, w0, sub_h, sub_w, n, height, width)
+                    count = _psroi_count(T, h0, w0, sub_h, sub_w, n, height, width)
                     if count == 0:
                         continue
                     plane = inp[batch[r], _psroi_channel(ctop, p, q, group, pooled)]
@@ -362,7 +372,7 @@ def _psroi_offset_grad(go, inp, rois, batch, offset, group, part_size, n, scale,
                     for ih in range(n):
                         for iw in range(n):
                             inside, y0, x0, y1, x1, lh, lw, moves_h, moves_w = _psroi_sample(
-                                h0, w0, ih, iw, sub_h, sub_w, height, width)
+                                T, h0, w0, ih, iw, sub_h, sub_w, height, width)
                             if inside:
                                 dh, dw = blend_gradient(plane[y0, x0], plane[y0, x1], plane[y1, x0], plane[y1, x1],
                                                         lh, lw, moves_h, moves_w)
