@@ -56,6 +56,7 @@ Limits:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Callable, Sequence
 
@@ -111,11 +112,31 @@ def _device_view(buffer, dtype: str, device_index: int):
     return _arrays.cupy_view(buffer.__cuda_array_interface__["data"][0], buffer.shape, dtype, device_index, buffer)
 
 
-def _call(compute: Callable, results: tuple, dtype: np.dtype, args: tuple) -> tuple:
-    """The arrays that ``results`` (ShapeDtypeStructs) describe, as ``compute(*args)`` gives
-    them: the core on ``args`` (None where not given) and one ``dtype``. On a CUDA backend
-    ``compute`` gets CuPy views of JAX's device buffers and runs on XLA's stream; elsewhere it
-    gets NumPy copies, in a host callback."""
+@dataclasses.dataclass(frozen=True)
+class _Compute:
+    """One core function on the arrays of ``names`` (None where not given) with the static
+    keyword ``params``; a backward (``wanted`` given) returns the gradients of those arguments
+    only. Hashable by value, so that equal calls share one compiled dispatcher."""
+
+    fn: Callable
+    names: tuple[str, ...]
+    params: tuple
+    wanted: tuple[int, ...] | None = None
+
+    def __call__(self, *xs) -> tuple:
+        if self.wanted is None:
+            return (self.fn(**dict(zip(self.names, xs)), **dict(self.params)),)
+        grads = self.fn(xs[0], **dict(zip(self.names, xs[1:])), **dict(self.params))._asdict()
+        return tuple(grads[self.names[i]] for i in self.wanted)
+
+
+@functools.lru_cache(maxsize=256)
+def _dispatcher(compute: _Compute, results: tuple, dtype: np.dtype) -> Callable:
+    """The jitted function giving the arrays that ``results`` (ShapeDtypeStructs) describe, as
+    ``compute(*args)`` gives them in one ``dtype``. On a CUDA backend ``compute`` gets CuPy
+    views of JAX's device buffers and runs on XLA's stream; elsewhere it gets NumPy copies, in
+    a host callback. Cached: evaluated op by op (an un-jitted ``jax.grad``), a fresh jit would
+    trace and compile on every call."""
 
     def on_host(*xs):
         return tuple(np.asarray(r, dtype) for r in compute(*map(_host, xs)))
@@ -133,9 +154,9 @@ def _call(compute: Callable, results: tuple, dtype: np.dtype, args: tuple) -> tu
     if _on_gpu():
         branches["cuda"] = lambda *a: buffer_callback(on_device, results, vmap_method="sequential")(*a)
     # Under jit, so that the branch follows the platform the arguments' computation is lowered
-    # for: evaluated op by op (an un-jitted jax.grad), platform_dependent's index has no operands
-    # and runs on the default device, which picks the CUDA branch for arrays on the CPU.
-    return jax.jit(lambda *a: jax.lax.platform_dependent(*a, **branches))(*args)
+    # for: evaluated op by op, platform_dependent's index has no operands and runs on the
+    # default device, which picks the CUDA branch for arrays on the CPU.
+    return jax.jit(lambda *a: jax.lax.platform_dependent(*a, **branches))
 
 
 def _make_op(op: str, names: tuple[str, ...], no_grad: frozenset, core_forward: Callable,
@@ -148,14 +169,10 @@ def _make_op(op: str, names: tuple[str, ...], no_grad: frozenset, core_forward: 
     """
 
     def forward(params, arrays):
-        kwargs = dict(params)
         dtype = _dtype(op, names, arrays)
-        shape = out_shape(dict(zip(names, arrays)), kwargs)
-
-        def compute(*xs):
-            return (core_forward(**dict(zip(names, xs)), **kwargs),)
-
-        return _call(compute, (jax.ShapeDtypeStruct(shape, dtype),), dtype, arrays)[0]
+        shape = out_shape(dict(zip(names, arrays)), dict(params))
+        dispatch = _dispatcher(_Compute(core_forward, names, params), (jax.ShapeDtypeStruct(shape, dtype),), dtype)
+        return dispatch(*arrays)[0]
 
     @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
     def f(params, arrays):
@@ -165,17 +182,12 @@ def _make_op(op: str, names: tuple[str, ...], no_grad: frozenset, core_forward: 
         return forward(params, arrays), arrays
 
     def f_bwd(params, arrays, grad_output):
-        kwargs = dict(params)
         dtype = np.dtype(arrays[0].dtype)
         # Only the given, differentiable arguments get a gradient computed and returned.
-        wanted = [i for i, (n, a) in enumerate(zip(names, arrays)) if a is not None and n not in no_grad]
+        wanted = tuple(i for i, (n, a) in enumerate(zip(names, arrays)) if a is not None and n not in no_grad)
         results = tuple(jax.ShapeDtypeStruct(arrays[i].shape, dtype) for i in wanted)
-
-        def compute(g, *xs):
-            grads = core_backward(g, **dict(zip(names, xs)), **kwargs)._asdict()
-            return tuple(grads[names[i]] for i in wanted)
-
-        grads = iter(_call(compute, results, dtype, (grad_output.astype(dtype), *arrays)))
+        dispatch = _dispatcher(_Compute(core_backward, names, params, wanted), results, dtype)
+        grads = iter(dispatch(grad_output.astype(dtype), *arrays))
         cotangents = tuple(
             None if a is None else jnp.zeros_like(a) if n in no_grad else next(grads)
             for n, a in zip(names, arrays)

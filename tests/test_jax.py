@@ -201,6 +201,20 @@ def test_grad_equals_core_backward_and_finite_differences(case, device):
             assert abs(fd - analytic) <= 1e-6 * (1 + abs(analytic)), (name, fd, analytic)
 
 
+def test_eager_calls_compile_once(device, caplog):
+    """Op by op (no jit around the op or the gradient), a second call with the same shapes and
+    parameters runs what the first compiled: nothing is traced or compiled again."""
+    rng = np.random.default_rng(2)
+    arrays, params = _conv_v2(rng)
+    arrays = jax.device_put(arrays, device)
+    grad = jax.grad(lambda a: cj.deform_conv2d(**a, **params).sum())
+    jax.block_until_ready(grad(arrays))
+    with jax.log_compiles(True), caplog.at_level("WARNING"):
+        jax.block_until_ready(grad(dict(arrays, input=arrays["input"] + 1)))
+    compiled = [r.getMessage() for r in caplog.records if "deform" in r.getMessage() or "lambda" in r.getMessage()]
+    assert not compiled, compiled
+
+
 def test_float32_forward_and_grad():
     cpu = jax.devices("cpu")[0]
     rng = np.random.default_rng(1)
