@@ -33,10 +33,9 @@ Mixed precision:
   All arguments of one op share one dtype, so RoI coordinates are cast too: in bfloat16 they
   are rounded to 8 significant bits (a step of 4 pixels between 512 and 1024). Where that
   matters, run the RoI ops outside autocast on float32 tensors.
-- Known bug: a model compiled with inductor and run under ``torch.autocast("cuda",
-  dtype=torch.bfloat16)`` was seen (torch 2.11, H200) to return float16 from
-  ``deform_roi_pool`` where eager mode returns bfloat16; float16 autocast and eager bfloat16
-  are right (tests/test_torch.py marks the case as an expected failure).
+- The functions below apply these casts themselves before calling the op, so that a
+  compiled graph records them (see ``_cast_in_wrapper``); ``torch.ops.cudeform.*`` called
+  directly gets the same casts from the dispatcher.
 - Under ``torch.autocast("cpu")`` the ops run in float32, since the CPU path has no
   half-precision types: float16 and bfloat16 arguments (the outputs of other ops under CPU
   autocast) are cast up to float32, and float32 ones are left alone.
@@ -120,6 +119,21 @@ def _autocast(arg, device_type: str, dtype: torch.dtype):
     return arg
 
 
+def _cast_in_wrapper(*args):
+    """The autocast rule applied by the public functions before they call an op, besides the
+    rule registered at the op's Autocast key (which serves direct ``torch.ops.cudeform``
+    calls). Traced by torch.compile, these casts become nodes of the graph, so a graph
+    compiled under float16 autocast differs from one under bfloat16: with the casts left to the
+    dispatcher the two graphs were identical, and inductor's AOTAutograd cache, whose key
+    says whether autocast is on but not its dtype, handed the float16 program to a bfloat16
+    run (torch 2.11)."""
+    device_type = args[0].device.type
+    if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
+        return args
+    dtype = _autocast_dtype(device_type)
+    return tuple(_autocast(a, device_type, dtype) for a in args)
+
+
 def _register_autocast(name: str) -> None:
     """Autocast rules for ``torch.ops.cudeform.<name>`` on CPU and CUDA.
     ``torch.library.register_autocast`` casts to one dtype fixed at registration; these ops
@@ -176,6 +190,7 @@ def deform_conv2d(input: Tensor, offset: Tensor, weight: Tensor, bias: Optional[
     """
     op = "deform_conv2d"
     check.choice(op, "border_grad", border_grad, BORDER_GRADS)
+    input, offset, weight, bias, mask = _cast_in_wrapper(input, offset, weight, bias, mask)
     return _deform_conv2d(input, offset, weight, bias, mask, check.int_pair(op, "stride", stride, minimum=1),
                           check.int_pair(op, "padding", padding, minimum=0),
                           check.int_pair(op, "dilation", dilation, minimum=1), border_grad)
@@ -220,6 +235,7 @@ def deform_roi_pool(input: Tensor, rois: Tensor, offset: Optional[Tensor] = None
     and channel 1 moving y, in units of ``gamma`` times the RoI's size; mask (R, 1, ph, pw);
     output (R, C, ph, pw).
     """
+    input, rois, offset, mask = _cast_in_wrapper(input, rois, offset, mask)
     return _deform_roi_pool(input, rois, offset, mask,
                             check.int_pair("deform_roi_pool", "output_size", output_size, minimum=1),
                             spatial_scale, sampling_ratio, gamma)
@@ -270,6 +286,7 @@ def deform_psroi_pool(input: Tensor, rois: Tensor, offset: Optional[Tensor] = No
     channel ``2 * cls`` moving x and ``2 * cls + 1`` moving y, in units of ``trans_std``
     times the RoI's size; output (R, output_dim, pooled_size, pooled_size).
     """
+    input, rois, offset = _cast_in_wrapper(input, rois, offset)
     return _deform_psroi_pool(input, rois, offset, output_dim, pooled_size, group_size, part_size,
                               sample_per_part, spatial_scale, trans_std)
 
@@ -316,6 +333,7 @@ def deform_kernel_conv2d(input: Tensor, weight: Tensor, kernel_offset: Tensor, b
     output (N, C_out, H_out, W_out).
     """
     op = "deform_kernel_conv2d"
+    input, weight, kernel_offset, bias = _cast_in_wrapper(input, weight, kernel_offset, bias)
     return _deform_kernel_conv2d(input, weight, kernel_offset, bias,
                                  check.int_pair(op, "kernel_size", kernel_size, minimum=1),
                                  check.int_pair(op, "stride", stride, minimum=1),
