@@ -193,9 +193,12 @@ def deform_roi_pool_backward(grad_output, input, rois, offset=None, *, output_si
         grad_output: (R, C, ph, pw), the gradient of the loss with respect to the output.
         input, rois, offset, output_size, spatial_scale, sampling_ratio, gamma, mask: as given
             to the forward.
-        deterministic: make the GPU path bitwise reproducible run after run (the input
-            gradient then goes through 64-bit fixed point: a uint64 buffer of the input's
-            size). The CPU path is deterministic in both modes.
+        deterministic: make the GPU path bitwise reproducible run after run. With
+            ``sampling_ratio > 0`` the input gradient is then gathered: a list of the bins'
+            corners (16 entries per 2x2 samples of a bin, about 28 bytes each in float32),
+            sorted by input pixel, and each element summed in that order; past 2**26 entries,
+            and with ``sampling_ratio == 0``, it goes through 64-bit fixed point instead (a
+            uint64 buffer of the input's size). The CPU path is deterministic in both modes.
 
     Returns:
         DeformRoIPoolGrads(input, offset, mask), each shaped like its argument; ``offset`` and

@@ -6,7 +6,9 @@
 // one kernel whose blocks take a 64-channel chunk of 32 (RoI, bin) items, chunk by chunk,
 // scattering the input gradient with atomics (each distinct corner of a bin once) and, with an
 // offset or a mask, reading the same corners to reduce their gradients (sums over the chunk's
-// channels) in shared memory; a small kernel adds the chunks' sums. deform_psroi_pool's
+// channels) in shared memory; a small kernel adds the chunks' sums. Its deterministic mode,
+// with sampling_ratio > 0, gathers the input gradient instead, from a list of the bins'
+// corners sorted by input pixel (droi_list_corners and after). deform_psroi_pool's
 // backward gathers the input gradient instead (each input channel is read by few bins: a
 // block lists those that touch its tile of pixels, and each pixel sums them), which needs no
 // atomics and is deterministic as it stands; its offset gradient takes one warp per (RoI,
@@ -285,7 +287,9 @@ __device__ __forceinline__ void scatter_row(const InputGrad<A>& out, const Sampl
 // droi_coord_grads reduces in a fixed order.
 // grad_input (N, C, H, W) is of type acc<T>::type and must start at zero; in deterministic
 // mode `fixed` (same size) and `special` (a word per 16 elements), zeroed, take the
-// contributions instead (then roi_pool_fixed_finish).
+// contributions instead (then roi_pool_fixed_finish). With `scatter` 0 the kernel leaves the
+// input gradient alone (droi_gather_input_grad makes it) and only reduces the offset and mask
+// sums.
 // Launch with ROI_BWD_BLOCK threads per block, one block per (chunk, 32 items). Three blocks
 // per SM cap the registers at 80, which the half types and float fit without spilling (double
 // spills) as long as the loop over row slots is not unrolled (its slots then sit in local
@@ -297,7 +301,8 @@ template <typename T>
 __global__ void __launch_bounds__(ROI_BWD_BLOCK, 3) droi_backward(
         const T* __restrict__ grad_output, const T* __restrict__ input, const T* __restrict__ rois,
         const T* __restrict__ offset, const T* __restrict__ mask, int use_offset, int use_mask, DROI_GEOMETRY,
-        int deterministic, const unsigned int* __restrict__ max_abs_bits, unsigned long long* __restrict__ fixed,
+        int scatter, int deterministic, const unsigned int* __restrict__ max_abs_bits,
+        unsigned long long* __restrict__ fixed,
         unsigned int* __restrict__ special, typename acc<T>::type* __restrict__ grad_input,
         typename acc<T>::type* __restrict__ partials) {
     typedef typename acc<T>::type A;
@@ -347,7 +352,7 @@ __global__ void __launch_bounds__(ROI_BWD_BLOCK, 3) droi_backward(
                                     row_d += cols.d[j] * x;
                                 }
                             }
-                            scatter_row(out, cols, row_start, rows.w[i] * gv);
+                            if (scatter) scatter_row(out, cols, row_start, rows.w[i] * gv);
                             d_h += rows.d[i] * row_w;
                             d_w += rows.w[i] * row_d;
                             v += rows.w[i] * row_w;
@@ -403,6 +408,166 @@ __global__ void droi_coord_grads(const typename acc<T>::type* __restrict__ parti
             grad_offset[(r * 2 + 1) * bins + l] = from_acc<T>(bin.step_h * per_sample * sum_h);
         }
         if (use_mask) grad_mask[item] = from_acc<T>(sum_v / bin.count);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// deform_roi_pool's deterministic input gradient, gathered. With sampling_ratio > 0 every bin
+// has the same number of samples, so the host sizes a list of (pixel, RoI bin, coefficient)
+// entries without reading the device: droi_list_corners writes it, the host sorts it by pixel,
+// droi_sorted_entries finds each pixel's run and droi_gather_input_grad sums every run in its
+// sorted order, each element by one thread and written once: no atomics, no fixed point, and
+// the result does not depend on the launch or on the GPU.
+// ---------------------------------------------------------------------------------------------
+
+// Pass 1: one thread per (RoI, bin, pair of sample rows, pair of sample columns) takes
+// droi_backward's SamplePair corners (the same clamping, coincident-corner merging and box
+// rules) and writes a `slots` x `slots` block of entries: slots is 4, or 2 when sampling_ratio
+// is 1 (one sample per axis: slots 2 and 3 are always dead). Entry e of a live (row slot,
+// column slot) corner gets the key (pixel << entry_bits) | e, pixel = (image * H + y) * W + x,
+// and the coefficient row weight * column weight * mask / count: its share of each channel's
+// grad_output[r, c, l]. Dead entries, and every entry of a RoI outside the batch, get pixel
+// N*H*W, which sorts last, and no coefficient. The entry's index in the low bits makes the keys
+// distinct, so any sort puts a pixel's entries in one order, that of their indices.
+template <typename T>
+__global__ void droi_list_corners(const T* __restrict__ rois, const T* __restrict__ offset,
+                                  const T* __restrict__ mask, int use_offset, int use_mask, DROI_GEOMETRY, int slots,
+                                  int entry_bits, unsigned long long* __restrict__ keys,
+                                  typename acc<T>::type* __restrict__ coefs) {
+    typedef typename acc<T>::type A;
+    const index_t bins = (index_t)pooled_h * pooled_w, pixels = batch * height * width;
+    const int pairs = (sampling_ratio + 1) / 2;  // per axis
+    CUDEFORM_LOOP(t, num_rois * bins * pairs * pairs) {
+        const index_t item = fast_div(t, (index_t)pairs * pairs);
+        const int pair = (int)(t - item * pairs * pairs), iy = 2 * (pair / pairs), ix = 2 * (pair % pairs);
+        const index_t r = fast_div(item, bins), l = item - r * bins;
+        const RoIAlignBin<A> bin(rois, offset, use_offset, r, l, batch, pooled_h, pooled_w, spatial_scale,
+                                 sampling_ratio, gamma);
+        const A share = (use_mask ? to_acc(mask[item]) : A(1)) / bin.count;
+        const SamplePair<A> rows(bin.sample_h(iy), bin.sample_h(iy + 1), iy + 1 < bin.grid_h, height);
+        const SamplePair<A> cols(bin.sample_w(ix), bin.sample_w(ix + 1), ix + 1 < bin.grid_w, width);
+        // Unrolled to the most slots, so that the SamplePairs stay in registers.
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                if (i >= slots || j >= slots) continue;
+                const index_t entry = (t * slots + i) * slots + j;
+                const bool live = bin.image >= 0 && rows.live[i] && cols.live[j];
+                const index_t pixel = live ? (bin.image * height + rows.idx[i]) * width + cols.idx[j] : pixels;
+                keys[entry] = ((unsigned long long)pixel << entry_bits) | (unsigned long long)entry;
+                if (live) coefs[entry] = rows.w[i] * cols.w[j] * share;
+            }
+        }
+    }
+}
+
+// Pass 2, on the n sorted keys: starts[p] for p in [0, N*H*W], the first entry of pixel p
+// (of pixel N*H*W: the first dead entry, or n), by binary search; and the live entries' (RoI,
+// bin) items (entry / per_item, per_item entries per bin) and coefficients in sorted order, so
+// that pass 4 reads them contiguously. Launch max(n, N*H*W + 1) threads.
+template <typename T>
+__global__ void droi_sorted_entries(const unsigned long long* __restrict__ keys, index_t n, int entry_bits,
+                                    int per_item, const typename acc<T>::type* __restrict__ coefs, index_t pixels,
+                                    int* __restrict__ starts, int* __restrict__ items,
+                                    typename acc<T>::type* __restrict__ sorted_coefs) {
+    const unsigned long long entry_mask = (1ull << entry_bits) - 1;
+    CUDEFORM_LOOP(i, n > pixels ? n : pixels + 1) {
+        if (i <= pixels) {
+            const unsigned long long first = (unsigned long long)i << entry_bits;
+            index_t lo = 0, hi = n;
+            while (lo < hi) {
+                const index_t mid = (lo + hi) / 2;
+                if (keys[mid] < first) lo = mid + 1;
+                else hi = mid;
+            }
+            starts[i] = (int)lo;
+        }
+        if (i < n && (index_t)(keys[i] >> entry_bits) < pixels) {
+            const index_t entry = (index_t)(keys[i] & entry_mask);
+            items[i] = (int)fast_div(entry, (index_t)per_item);
+            sorted_coefs[i] = coefs[entry];
+        }
+    }
+}
+
+// Pass 3: grad_output (R, C, bins) as grad_output_t (R, bins, C), through 32 x 32 tiles in
+// shared memory so that both the reads and the writes are coalesced. Launch with
+// DROI_GATHER_BLOCK threads per block, one block per tile.
+#define DROI_GATHER_WARPS 8
+#define DROI_GATHER_BLOCK (WARP_SIZE * DROI_GATHER_WARPS)
+template <typename T>
+__global__ void __launch_bounds__(DROI_GATHER_BLOCK) droi_transpose_grad_output(
+        const T* __restrict__ grad_output, index_t num_rois, index_t channels, index_t bins,
+        T* __restrict__ grad_output_t) {
+    typedef typename acc<T>::type A;
+    __shared__ A tile[WARP_SIZE][WARP_SIZE + 1];  // + 1: the column reads hit 32 banks
+    const index_t c_tiles = (channels + WARP_SIZE - 1) / WARP_SIZE, l_tiles = (bins + WARP_SIZE - 1) / WARP_SIZE;
+    const int lane = threadIdx.x % WARP_SIZE, warp = threadIdx.x / WARP_SIZE;
+    for (index_t unit = blockIdx.x; unit < num_rois * c_tiles * l_tiles; unit += gridDim.x) {
+        const index_t r = unit / (c_tiles * l_tiles), rest = unit - r * c_tiles * l_tiles;
+        const index_t c0 = rest / l_tiles * WARP_SIZE, l0 = rest % l_tiles * WARP_SIZE;
+        for (int k = warp; k < WARP_SIZE; k += DROI_GATHER_WARPS) {
+            if (c0 + k < channels && l0 + lane < bins)
+                tile[k][lane] = to_acc(grad_output[(r * channels + c0 + k) * bins + l0 + lane]);
+        }
+        __syncthreads();
+        for (int k = warp; k < WARP_SIZE; k += DROI_GATHER_WARPS) {
+            if (l0 + k < bins && c0 + lane < channels)
+                grad_output_t[(r * bins + l0 + k) * channels + c0 + lane] = from_acc<T>(tile[lane][k]);
+        }
+        __syncthreads();
+    }
+}
+
+// Pass 4: grad_input[n, c, y, x] = the sum over pixel (n, y, x)'s entries e, in sorted order, of
+// coef[e] * grad_output_t[item[e], c], accumulated in acc<T>::type and written once in T. A block
+// takes 32 channels of 32 pixels of one row, the channel tile the slowest index, so that the
+// blocks running at any moment read one 32-channel column of grad_output_t, which the L2 holds.
+// Warp w sums pixels w, w + 8, ..., a lane per channel (coalesced reads of grad_output_t), taking
+// the pixel's entries 32 at a time (a lane each, then broadcast by shuffles); the sums go through
+// shared memory so that the stores, a lane per pixel, are coalesced too. Launch with
+// DROI_GATHER_BLOCK threads per block, one block per (channel tile, image row, 32 pixels).
+template <typename T>
+__global__ void __launch_bounds__(DROI_GATHER_BLOCK) droi_gather_input_grad(
+        const int* __restrict__ starts, const int* __restrict__ items,
+        const typename acc<T>::type* __restrict__ coefs, const T* __restrict__ grad_output_t, index_t batch,
+        index_t channels, index_t height, index_t width, T* __restrict__ grad_input) {
+    typedef typename acc<T>::type A;
+    __shared__ A tile[WARP_SIZE][WARP_SIZE + 1];  // [pixel][channel]; + 1 for the column reads
+    const index_t x_tiles = (width + WARP_SIZE - 1) / WARP_SIZE, rows = batch * height;
+    const index_t units = (channels + WARP_SIZE - 1) / WARP_SIZE * rows * x_tiles;
+    const int lane = threadIdx.x % WARP_SIZE, warp = threadIdx.x / WARP_SIZE;
+    for (index_t unit = blockIdx.x; unit < units; unit += gridDim.x) {
+        const index_t c_tile = unit / (rows * x_tiles), rest = unit - c_tile * rows * x_tiles;
+        const index_t row = rest / x_tiles, x0 = (rest - row * x_tiles) * WARP_SIZE, c0 = c_tile * WARP_SIZE;
+        const index_t c = c0 + lane;
+        for (int j = warp; j < WARP_SIZE; j += DROI_GATHER_WARPS) {
+            A sum = A(0);
+            if (x0 + j < width) {  // the same for the whole warp, as the loops below
+                const index_t pixel = row * width + x0 + j;
+                const int e_end = starts[pixel + 1];
+                for (int e0 = starts[pixel]; e0 < e_end; e0 += WARP_SIZE) {
+                    const int mine = e0 + lane;
+                    const int item = mine < e_end ? items[mine] : 0;
+                    const A coef = mine < e_end ? coefs[mine] : A(0);
+                    const int n_e = min(WARP_SIZE, e_end - e0);
+                    for (int k = 0; k < n_e; ++k) {
+                        const index_t it = __shfl_sync(0xffffffffu, item, k);
+                        const A w = __shfl_sync(0xffffffffu, coef, k);
+                        if (c < channels) sum += w * to_acc(grad_output_t[it * channels + c]);
+                    }
+                }
+            }
+            tile[j][lane] = sum;
+        }
+        __syncthreads();
+        const index_t image = row / height, y = row - image * height;
+        for (int k = warp; k < WARP_SIZE; k += DROI_GATHER_WARPS) {
+            if (c0 + k < channels && x0 + lane < width)
+                grad_input[((image * channels + c0 + k) * height + y) * width + x0 + lane] = from_acc<T>(tile[lane][k]);
+        }
+        __syncthreads();
     }
 }
 

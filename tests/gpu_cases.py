@@ -73,7 +73,11 @@ CASES = {
     "dk_global_direct": _dk(tdk.CONFIGS["depthwise"], "global"),
     "dk_global_gemm": _dk(DK_GEMM, "global"),
     "dk_local": _dk(DK_WIDE_SCOPE, "local"),
+    # deform_roi_pool's deterministic input gradient: in fixed point with sampling_ratio 0
+    # ("adaptive"), gathered with sampling_ratio 2 ("fixed"), there with droi_backward for the
+    # offset and mask sums or without it.
     "deform_roi_pool": _pool("roi", *tdr.roi_case(tdr.ROI_CONFIGS["adaptive"], seed=55)),
+    "deform_roi_pool_sampled": _pool("roi", *tdr.roi_case(tdr.ROI_CONFIGS["fixed"], seed=59)),
     "deform_roi_pool_plain": _pool("roi", *tdr.roi_case(tdr.ROI_CONFIGS["fixed"], seed=56, offset=False, mask=False)),
     "deform_psroi_pool": _pool("psroi", *tdr.ps_case(tdr.PS_CONFIGS["rfcn"], seed=57)),
     "deform_psroi_pool_plain": _pool("psroi", *tdr.ps_case(tdr.PS_CONFIGS["plain"], seed=58, offset=False)),

@@ -4,7 +4,8 @@
                                             # both backward modes, in every dtype; again with
                                             # non-finite offsets; conv and DK again in chunks
     python tests/sanitize_driver.py shared  # racecheck, synccheck: the backwards whose kernels use
-                                            # shared memory or warp shuffles, float32 and float64
+                                            # shared memory or warp shuffles (in the mode that
+                                            # launches them), float32 and float64
 
 CuPy's memory pool is off, so that memcheck sees each array's own bounds (inside a pooled block
 an access past an array's end is invisible). bfloat16 goes through PyTorch tensors, whose
@@ -23,6 +24,9 @@ DTYPES = ("float64", "float32", "float16", "bfloat16")
 # (global DK), dk_local_weight_grad (local DK), droi_backward (with an offset or a mask) and
 # dpsroi_backward (warp shuffles). The accumulator (float or double) sets their shared layouts.
 SHARED = ("deform_conv2d", "dk_global_direct", "dk_global_gemm", "dk_local", "deform_roi_pool", "deform_psroi_pool")
+# The deterministic backwards with shared memory or warp shuffles of their own: deform_roi_pool's
+# gathered input gradient (droi_transpose_grad_output, droi_gather_input_grad).
+SHARED_DETERMINISTIC = ("deform_roi_pool_sampled",)
 SHARED_DTYPES = ("float32", "float64")
 CHUNKED = ("deform_conv2d", "deform_conv2d_v1", "dk_global_gemm")
 
@@ -102,6 +106,8 @@ def main(selection):
         for dtype in SHARED_DTYPES:
             for name in SHARED:
                 calls += exercise(name, CASES[name], dtype, forward=False, modes=(False,))
+            for name in SHARED_DETERMINISTIC:
+                calls += exercise(f"{name} (deterministic)", CASES[name], dtype, forward=False, modes=(True,))
     else:
         raise SystemExit(f"usage: {sys.argv[0]} all|shared (got {selection!r})")
     print(f"sanitize driver: {calls} calls ({selection})", flush=True)

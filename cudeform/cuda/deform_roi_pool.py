@@ -10,17 +10,35 @@ chunk, pixel tile), written once in the storage dtype; with an offset, a second 
 per (RoI, class, part cell), reduces the offset gradient. Neither uses atomics, so the
 deterministic mode is the default one.
 
-deform_roi_pool's workspace: for the half types, a float32 input-gradient accumulator; in
-deterministic mode instead a uint64 fixed-point accumulator of the input's size and a word of
-non-finite flags per 16 elements, a first pass over grad_output for the fixed-point scale and a
-last one that writes the gradient in the storage dtype. Nothing synchronises the device: RoIs
-whose batch index is out of range are handled by the kernels (zero output, zero gradient).
+deform_roi_pool's deterministic mode gathers the input gradient when ``sampling_ratio > 0``
+(every bin then has sampling_ratio**2 samples, so the host knows how many entries to list
+without reading the device) and the list has at most GATHER_MAX_ENTRIES entries:
+droi_list_corners lists every distinct corner of every pair of sample rows by pair of sample
+columns of every bin (16 entries per 2x2 samples; 4 per bin with sampling_ratio 1) as a uint64
+key (input pixel, entry index) and a coefficient (weights * mask / count); CuPy sorts the keys
+(Thrust's radix sort, without synchronising); droi_sorted_entries finds each pixel's run and
+puts the entries' bins and coefficients in sorted order; grad_output is transposed to
+(R * bins, C); and droi_gather_input_grad sums each element's run in that order and writes it
+once in the storage dtype. With an offset or a mask, droi_backward then runs for their sums
+alone (no scatter). Workspace, per entry: the key (8 bytes), the sort's second key buffer
+(8), the coefficient (acc dtype), its sorted copy (acc dtype) and its bin (4): 28 bytes in
+float32, 36 in float64 (1.75 and 2.25 GiB at GATHER_MAX_ENTRIES); plus 4 bytes per input pixel
+(N * H * W + 1 run starts) and the transposed grad_output (grad_output's size).
+
+Otherwise (the default mode; deterministic with ``sampling_ratio == 0`` or over the budget)
+droi_backward scatters the input gradient. Its workspace: for the half types, a float32
+input-gradient accumulator; in deterministic mode instead a uint64 fixed-point accumulator of
+the input's size and a word of non-finite flags per 16 elements, a first pass over grad_output
+for the fixed-point scale and a last one that writes the gradient in the storage dtype. Nothing
+synchronises the device: RoIs whose batch index is out of range are handled by the kernels
+(zero output, zero gradient).
 """
 
 from __future__ import annotations
 
 import functools
 import sys
+from typing import NamedTuple
 
 import numpy as np
 
@@ -28,7 +46,8 @@ from . import _compile
 from ._compile import ACC_DTYPES, BLOCK, CXX_TYPES, STORAGE_DTYPES, launch
 
 SOURCE = "deform_roi_pool.cu"
-_KERNELS = ("droi_forward", "droi_backward", "droi_coord_grads", "dpsroi_forward", "dpsroi_input_grad",
+_KERNELS = ("droi_forward", "droi_backward", "droi_coord_grads", "droi_list_corners", "droi_sorted_entries",
+            "droi_transpose_grad_output", "droi_gather_input_grad", "dpsroi_forward", "dpsroi_input_grad",
             "dpsroi_offset_grad", "roi_pool_max_abs", "roi_pool_fixed_finish")
 NAME_EXPRESSIONS = (
     [f"{k}<{t}>" for t in CXX_TYPES.values() for k in _KERNELS]
@@ -42,6 +61,10 @@ ROI_BWD_CHANNELS = 64  # channels per droi_backward block (ROI_BWD_CHANNELS)
 PS_TILE_H = 8  # dpsroi_input_grad's tile of PS_TILE_H x WARP pixels (PS_TILE_H, PS_TILE_W in the kernel)
 PS_GATHER_BLOCK = PS_TILE_H * WARP
 PS_GATHER_CHANNELS = 8  # output channels per dpsroi_input_grad block (PS_GATHER_CHANNELS)
+GATHER_BLOCK = WARP * 8  # DROI_GATHER_BLOCK: droi_transpose_grad_output's and droi_gather_input_grad's block
+# The most entries of deform_roi_pool's gathered deterministic input gradient (see the
+# docstring); past it, the fixed-point path. Entry indices then fit int32 (and 26 bits of a key).
+GATHER_MAX_ENTRIES = 1 << 26
 
 
 def _kernel(name: str, dtype: str):
@@ -99,17 +122,27 @@ def backward(grad_output, input, rois, offset, mask, *, geo, dtype, deterministi
     grad_mask = cupy.empty_like(mask) if mask is not None else None
     bins = geo.output_size[0] * geo.output_size[1]
     items, chunks = rois.shape[0] * bins, -(-x.shape[1] // ROI_BWD_CHANNELS)
-    workspace = _input_grad_workspace(x, go, mask, bins, dtype, deterministic)
-    # The per-chunk offset and mask sums, each written once by droi_backward.
-    partials = cupy.empty((chunks, 3, items), ACC_DTYPES[dtype]) if offset is not None or mask is not None else None
     args = (rois, _or(offset, x), _or(mask, x), np.int32(offset is not None), np.int32(mask is not None),
             *_droi_args(x.shape, rois.shape[0], geo, dtype))
-    launch(_kernel("droi_backward", dtype), -(-items // WARP) * chunks * ROI_BWD_BLOCK,
-           (go, x, *args, *workspace, _or(partials, workspace[-1])), block=ROI_BWD_BLOCK)
+    layout = _gather_layout(x.shape, items, geo) if deterministic else None
+    # The per-chunk offset and mask sums, each written once by droi_backward.
+    partials = cupy.empty((chunks, 3, items), ACC_DTYPES[dtype]) if offset is not None or mask is not None else None
+    if layout is None:
+        workspace = _input_grad_workspace(x, go, mask, bins, dtype, deterministic)
+        launch(_kernel("droi_backward", dtype), -(-items // WARP) * chunks * ROI_BWD_BLOCK,
+               (go, x, *args, np.int32(1), *workspace, _or(partials, workspace[-1])), block=ROI_BWD_BLOCK)
+        grad_input = _input_grad(x, workspace, items, dtype)
+    else:
+        grad_input = _gathered_input_grad(go, x, args, layout, dtype)
+        if partials is not None:
+            # droi_backward for the offset and mask sums alone: no scatter, so its four
+            # input-gradient pointers are never read (partials stands in for them).
+            launch(_kernel("droi_backward", dtype), -(-items // WARP) * chunks * ROI_BWD_BLOCK,
+                   (go, x, *args, np.int32(0), np.int32(0), *(partials,) * 5), block=ROI_BWD_BLOCK)
     if partials is not None:
         launch(_kernel("droi_coord_grads", dtype), items,
                (partials, np.int64(chunks), *args, _or(grad_offset, x), _or(grad_mask, x)))
-    return _input_grad(x, workspace, items, dtype), grad_offset, grad_mask
+    return grad_input, grad_offset, grad_mask
 
 
 def psroi_forward(input, rois, offset, *, geo, dtype):
@@ -146,6 +179,61 @@ def psroi_backward(grad_output, input, rois, offset, *, geo, dtype, deterministi
     launch(_kernel("dpsroi_offset_grad", dtype), rois.shape[0] * geo.num_classes * geo.part_size**2 * WARP,
            (go, x, rois, offset, *geo_args, grad_offset))
     return grad_input, grad_offset
+
+
+class GatherLayout(NamedTuple):
+    """The entries of deform_roi_pool's gathered input gradient (see droi_list_corners)."""
+
+    slots: int  # entries per bin's pair of sample rows (and columns) along each axis
+    per_item: int  # entries per (RoI, bin)
+    entries: int
+    entry_bits: int  # bits of the entry index in a key
+
+
+def _gather_layout(shape, items, geo):
+    """The GatherLayout of a deterministic deform_roi_pool backward that gathers its input
+    gradient, or None for the fixed-point path: sampling_ratio 0 (the entries' count would be on
+    the device) or more than GATHER_MAX_ENTRIES entries."""
+    sr = geo.sampling_ratio
+    if sr == 0:
+        return None
+    slots = 2 if sr == 1 else 4
+    per_item = ((sr + 1) // 2 * slots) ** 2
+    entries = items * per_item
+    entry_bits = max(entries - 1, 1).bit_length()
+    pixels = shape[0] * shape[2] * shape[3]
+    if entries > GATHER_MAX_ENTRIES or pixels.bit_length() + entry_bits > 64:  # keys are uint64
+        return None
+    return GatherLayout(slots, per_item, entries, entry_bits)
+
+
+def _gathered_input_grad(go, x, args, layout, dtype):
+    """deform_roi_pool's input gradient in the storage dtype, gathered (see the module
+    docstring); ``args`` are droi_backward's (rois, ..., DROI_GEOMETRY) arguments."""
+    import cupy
+
+    n, c, h, w = x.shape
+    n_rois, bins = go.shape[0], go.shape[2] * go.shape[3]
+    pixels, acc = n * h * w, ACC_DTYPES[dtype]
+    keys = cupy.empty(layout.entries, np.uint64)
+    coefs = cupy.empty(layout.entries, acc)
+    launch(_kernel("droi_list_corners", dtype), layout.entries // layout.slots**2,
+           (*args, np.int32(layout.slots), np.int32(layout.entry_bits), keys, coefs))
+    keys.sort()  # Thrust's radix sort (par_nosync in CuPy): on the current stream, no synchronisation
+    starts = cupy.empty(pixels + 1, np.int32)
+    items = cupy.empty(layout.entries, np.int32)
+    sorted_coefs = cupy.empty(layout.entries, acc)
+    launch(_kernel("droi_sorted_entries", dtype), max(layout.entries, pixels + 1),
+           (keys, np.int64(layout.entries), np.int32(layout.entry_bits), np.int32(layout.per_item), coefs,
+            np.int64(pixels), starts, items, sorted_coefs))
+    go_t = cupy.empty((n_rois * bins, c), go.dtype)
+    launch(_kernel("droi_transpose_grad_output", dtype), n_rois * -(-c // WARP) * -(-bins // WARP) * GATHER_BLOCK,
+           (go, np.int64(n_rois), np.int64(c), np.int64(bins), go_t), block=GATHER_BLOCK)
+    grad_input = cupy.empty(x.shape, STORAGE_DTYPES[dtype])
+    launch(_kernel("droi_gather_input_grad", dtype), -(-c // WARP) * n * h * -(-w // WARP) * GATHER_BLOCK,
+           (starts, items, sorted_coefs, go_t, np.int64(n), np.int64(c), np.int64(h), np.int64(w), grad_input),
+           block=GATHER_BLOCK)
+    return grad_input
 
 
 def _input_grad_workspace(x, go, mask, bins, dtype, deterministic):
