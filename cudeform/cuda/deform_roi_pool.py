@@ -25,7 +25,8 @@ alone (no scatter). Workspace, per entry: the key (8 bytes), the sort's second k
 float32, 36 in float64 (1.75 and 2.25 GiB at GATHER_MAX_ENTRIES); plus 4 bytes per input pixel
 (N * H * W + 1 run starts) and the transposed grad_output (grad_output's size).
 
-Otherwise (the default mode; deterministic with ``sampling_ratio == 0`` or over the budget)
+Otherwise (the default mode; deterministic with ``sampling_ratio == 0``, over the budget or
+during a CUDA graph capture, where CuPy's sort cannot run)
 droi_backward scatters the input gradient. Its workspace: for the half types, a float32
 input-gradient accumulator; in deterministic mode instead a uint64 fixed-point accumulator of
 the input's size and a word of non-finite flags per 16 elements, a first pass over grad_output
@@ -124,7 +125,10 @@ def backward(grad_output, input, rois, offset, mask, *, geo, dtype, deterministi
     items, chunks = rois.shape[0] * bins, -(-x.shape[1] // ROI_BWD_CHANNELS)
     args = (rois, _or(offset, x), _or(mask, x), np.int32(offset is not None), np.int32(mask is not None),
             *_droi_args(x.shape, rois.shape[0], geo, dtype))
-    layout = _gather_layout(x.shape, items, geo) if deterministic else None
+    # CuPy's sort makes calls that a stream capture (a CUDA graph) forbids: captured calls
+    # take the fixed-point path.
+    gather = deterministic and not cupy.cuda.get_current_stream().is_capturing()
+    layout = _gather_layout(x.shape, items, geo) if gather else None
     # The per-chunk offset and mask sums, each written once by droi_backward.
     partials = cupy.empty((chunks, 3, items), ACC_DTYPES[dtype]) if offset is not None or mask is not None else None
     if layout is None:
