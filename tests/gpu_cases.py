@@ -83,6 +83,10 @@ CASES = {
     "deform_psroi_pool_plain": _pool("psroi", *tdr.ps_case(tdr.PS_CONFIGS["plain"], seed=58, offset=False)),
 }
 
+# The cases whose deterministic backward gathers deform_roi_pool's input gradient (outside a
+# CUDA graph capture: inside one it goes through fixed point).
+GATHERED_ROI_CASES = ("deform_roi_pool_sampled", "deform_roi_pool_plain")
+
 
 def assert_same_results(got, want, exact, what=""):
     """Lists of results (None or arrays) agree: bitwise when ``exact``, else within 1e-12

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from gpu_cases import CASES, USES_CUBLAS, assert_same_results, capture_and_replay, run_behind_busy_stream
+from gpu_cases import CASES, GATHERED_ROI_CASES, USES_CUBLAS, assert_same_results, capture_and_replay, run_behind_busy_stream
 from helpers import to_numpy
 
 pytestmark = pytest.mark.gpu
@@ -71,7 +71,9 @@ _CUBLAS_CAPTURE = pytest.mark.xfail(strict=True, raises=AssertionError,
 def test_never_synchronises(name, method, deterministic):
     """Forward and backward return while the stream is still busy (run_behind_busy_stream), and
     where they can be captured into a CUDA graph and replayed (capture_and_replay), the replay
-    gives the eager results."""
+    gives the eager results: bitwise in deterministic mode, except where the capture changes
+    the path (deform_roi_pool's gathered input gradient, which CuPy's sort keeps out of graphs,
+    is summed in fixed point there: another rounding of the same sum)."""
     import cupy
 
     case = CASES[name]
@@ -79,4 +81,8 @@ def test_never_synchronises(name, method, deterministic):
     expected = [to_numpy(r) for r in case.run(arrays, grad_output, deterministic)]
     runner = run_behind_busy_stream if method == "busy_stream" else capture_and_replay
     got = runner(lambda: case.run(arrays, grad_output, deterministic), cupy.cuda.Stream(non_blocking=True))
-    assert_same_results(got, expected, exact=deterministic, what=name)
+    exact = deterministic and not (method == "graph_capture" and name in GATHERED_ROI_CASES)
+    assert_same_results(got, expected, exact=exact, what=name)
+    if method == "graph_capture" and deterministic:  # a replay is bitwise repeatable whatever the path
+        assert_same_results(runner(lambda: case.run(arrays, grad_output, deterministic),
+                                   cupy.cuda.Stream(non_blocking=True)), got, exact=True, what=name)
