@@ -269,6 +269,15 @@ struct ClampedCorners {
 
 constexpr int WARP_SIZE = 32;
 
+// atomic_max_abs of the largest of a warp's values, by its lane 0: the atomics all hit one
+// address, where they queue at the L2, so one per warp rather than one per thread. Every lane
+// of the warp must call it (a grid-stride loop's threads all reach it).
+template <typename A>
+__device__ __forceinline__ void warp_atomic_max_abs(unsigned int* bits, A local) {
+    for (int s = WARP_SIZE / 2; s > 0; s >>= 1) local = fmax(local, __shfl_xor_sync(0xffffffffu, local, s));
+    if (threadIdx.x % WARP_SIZE == 0) atomic_max_abs(bits, local);
+}
+
 // The sum over the lanes of a converged warp, in a fixed butterfly order (reproducible);
 // every lane receives it.
 template <typename A>

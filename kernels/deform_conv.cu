@@ -131,7 +131,7 @@ __global__ void dcn_col2im_max_abs(const T* __restrict__ gcols, const T* __restr
                             if (isfinite(gv) && fabs(gv) > local) local = fabs(gv);
                         });
     }
-    atomic_max_abs(max_abs_bits, local);
+    warp_atomic_max_abs(max_abs_bits, local);
 }
 
 // Deterministic mode, pass 2: fixed-point atomics into `fixed` (batch, C, H, W) for the chunk;

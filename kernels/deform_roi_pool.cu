@@ -66,8 +66,7 @@ struct InputGrad {
 // Deterministic mode, pass 1: the largest finite |grad_output * mask| (R, C, bins). Each bin
 // spreads at most that much over the input (its sample weights sum to at most 1), so with
 // R * bins terms it bounds every input pixel's sum for fixed_point_scale. Launch few enough
-// threads that each reads many elements: the atomics all hit one address, where they queue
-// at the L2, so there is one per warp.
+// threads that each reads many elements, and one atomic per warp.
 template <typename T>
 __global__ void roi_pool_max_abs(const T* __restrict__ grad_output, const T* __restrict__ mask, int use_mask,
                                  index_t channels, index_t bins, index_t n, unsigned int* __restrict__ max_abs_bits) {
@@ -81,8 +80,7 @@ __global__ void roi_pool_max_abs(const T* __restrict__ grad_output, const T* __r
         }
         if (isfinite(v) && fabs(v) > local) local = fabs(v);
     }
-    for (int s = WARP_SIZE / 2; s > 0; s >>= 1) local = fmax(local, __shfl_xor_sync(0xffffffffu, local, s));
-    if (threadIdx.x % WARP_SIZE == 0) atomic_max_abs(max_abs_bits, local);
+    warp_atomic_max_abs(max_abs_bits, local);
 }
 
 // Deterministic mode, last pass: the input gradient in the storage type, from the fixed-point
