@@ -110,13 +110,12 @@ def _autocast_dtype(device_type: str) -> torch.dtype:
     return torch.float32 if device_type == "cpu" else torch.get_autocast_dtype(device_type)
 
 
-def _autocast(arg, device_type: str, dtype: torch.dtype):
-    """Autocast's rule for one argument: floating-point tensors of the autocast device, float64
-    excepted, go to ``dtype``."""
-    if isinstance(arg, Tensor) and arg.is_floating_point() and arg.device.type == device_type \
-            and arg.dtype != torch.float64:
-        return arg.to(dtype)
-    return arg
+def _autocast(args: tuple, device_type: str) -> tuple:
+    """Autocast's rule for an op's arguments: floating-point tensors of the autocast device,
+    float64 excepted, go to the autocast dtype."""
+    dtype = _autocast_dtype(device_type)
+    return tuple(a.to(dtype) if isinstance(a, Tensor) and a.is_floating_point() and a.device.type == device_type
+                 and a.dtype != torch.float64 else a for a in args)
 
 
 def _cast_in_wrapper(*args):
@@ -130,8 +129,7 @@ def _cast_in_wrapper(*args):
     device_type = args[0].device.type
     if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
         return args
-    dtype = _autocast_dtype(device_type)
-    return tuple(_autocast(a, device_type, dtype) for a in args)
+    return _autocast(args, device_type)
 
 
 def _register_autocast(name: str) -> None:
@@ -143,9 +141,8 @@ def _register_autocast(name: str) -> None:
     overload = getattr(torch.ops.cudeform, name).default
     for device_type, key in (("cpu", "AutocastCPU"), ("cuda", "AutocastCUDA")):
         def kernel(keyset, *args, device_type=device_type, key=key):
-            dtype = _autocast_dtype(device_type)
             with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))):
-                return overload(*(_autocast(a, device_type, dtype) for a in args))
+                return overload(*_autocast(args, device_type))
 
         _LIB.impl(name, kernel, key, with_keyset=True)
 
