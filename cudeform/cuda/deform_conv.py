@@ -103,7 +103,7 @@ def forward(input, offset, weight, bias, mask, *, geo, dtype):
         b = n1 - n0
         launch(im2col, c_in // run * b * L,
                (x, offset, mask if use_mask else x, use_mask, *_geometry_args(geo, x.shape, b, n0),
-                np.int32(run), np.int64(pitch), cols))
+                np.int32(run), *_int64s(pitch), cols))
         if direct:
             first = out[n0]
             _blas.matmul(weight, cols, first, m=c_out, n=L, k=rows, dtype=dtype, batch=b,
@@ -162,7 +162,7 @@ def backward(grad_output, input, offset, weight, bias, mask, *, geo, dtype, bord
         else:
             go_chunk = go_buffer
             launch(kernels["dcn_gather_grad_output"], b * c_out * L,
-                   (go, np.int64(c_out), np.int64(b), np.int64(L), np.int64(n0), go_chunk))
+                   (go, *_int64s(c_out, b, L, n0), go_chunk))
         # The columns' gradient, W^T @ grad_output, per weight group.
         _blas.matmul(weight, go_chunk, cols, m=rows, n=b * L, k=c_out // g, dtype=dtype, trans_a=True, batch=g,
                      stride_a=(c_out // g) * rows, stride_b=(c_out // g) * b * L, stride_c=rows * b * L)
@@ -173,7 +173,7 @@ def backward(grad_output, input, offset, weight, bias, mask, *, geo, dtype, bord
             launch(kernels["dcn_col2im_max_abs"], sites * b * L, (*sample_args, max_abs_bits))
             launch(kernels["dcn_col2im_fixed"], sites * b * L, (*sample_args, max_abs_bits, fixed, grad_acc))
             launch(_compile.function(sys.modules[__name__], f"fixed_point_add<{CXX_TYPES[np.dtype(acc_dtype).name]}>"),
-                   b * plane, (fixed, max_abs_bits, np.int64(K * L), np.int64(b * plane), grad_acc[n0:n1]))
+                   b * plane, (fixed, max_abs_bits, *_int64s(K * L, b * plane), grad_acc[n0:n1]))
         else:
             launch(kernels["dcn_col2im"], sites * b * L, (*sample_args, grad_acc))
         launch(kernels["dcn_col2im_coord"], geo.offset_groups * K * b * L,
@@ -181,7 +181,7 @@ def backward(grad_output, input, offset, weight, bias, mask, *, geo, dtype, bord
                 grad_offset, grad_mask if use_mask else grad_offset))
         # The columns again, in the same buffer, for the weight gradient.
         launch(kernels["dcn_im2col"], sites * b * L,
-               (x, offset, mask_arg, use_mask, *geo_args, np.int32(run), np.int64(L), cols))
+               (x, offset, mask_arg, use_mask, *geo_args, np.int32(run), *_int64s(L), cols))
         _blas.matmul(go_chunk, cols, grad_weight_acc, m=c_out // g, n=rows, k=b * L, dtype=dtype,
                      c_dtype=np.dtype(acc_dtype).name, trans_b=True, batch=g, beta=1.0,
                      stride_a=(c_out // g) * b * L, stride_b=rows * b * L, stride_c=(c_out // g) * rows)
@@ -192,7 +192,7 @@ def backward(grad_output, input, offset, weight, bias, mask, *, geo, dtype, bord
     if bias is not None:
         grad_bias = cupy.empty(c_out, storage)
         launch(kernels["bias_grad"], c_out * _compile.BLOCK,
-               (go, np.int64(n), np.int64(c_out), np.int64(L), grad_bias))
+               (go, *_int64s(n, c_out, L), grad_bias))
     return grad_input, grad_offset, grad_weight, grad_bias, grad_mask
 
 
@@ -201,5 +201,5 @@ def _cast(acc, dtype):
 
     out = cupy.empty(acc.shape, STORAGE_DTYPES[dtype])
     launch(_compile.function(sys.modules[__name__], f"cast_from_acc<{CXX_TYPES[dtype]}>"), acc.size,
-           (acc, np.int64(acc.size), out))
+           (acc, *_int64s(acc.size), out))
     return out
