@@ -197,8 +197,9 @@ def deform_roi_pool_backward(grad_output, input, rois, offset=None, *, output_si
             ``sampling_ratio > 0`` the input gradient is then gathered: a list of the bins'
             corners (16 entries per 2x2 samples of a bin, about 28 bytes each in float32),
             sorted by input pixel, and each element summed in that order; past 2**26 entries,
-            with ``sampling_ratio == 0`` and inside a CUDA graph capture, it goes through 64-bit fixed point instead (a
-            uint64 buffer of the input's size). The CPU path is deterministic in both modes.
+            with ``sampling_ratio == 0`` and inside a CUDA graph capture, it goes through
+            64-bit fixed point instead (a uint64 buffer of the input's size). The CPU path is
+            deterministic in both modes.
 
     Returns:
         DeformRoIPoolGrads(input, offset, mask), each shaped like its argument; ``offset`` and

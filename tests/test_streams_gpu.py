@@ -6,7 +6,8 @@ import threading
 
 import pytest
 
-from gpu_cases import CASES, GATHERED_ROI_CASES, USES_CUBLAS, assert_same_results, capture_and_replay, run_behind_busy_stream
+from gpu_cases import (CASES, GATHERED_ROI_CASES, USES_CUBLAS, assert_same_results, capture_and_replay,
+                       run_behind_busy_stream)
 from helpers import to_numpy
 
 pytestmark = pytest.mark.gpu
