@@ -24,6 +24,8 @@ from .. import _arrays
 
 BLOCK = 256
 _MAX_BLOCKS = 65535  # grid-stride loops cover the rest
+WARP = 32  # WARP_SIZE in common.cuh
+MAX_ABS_THREADS = 1024 * BLOCK  # the deterministic max-abs passes: enough to fill the GPU, each reading many elements
 _lock = threading.Lock()
 _modules: dict = {}  # (source, device) -> cupy.RawModule
 _functions: dict = {}  # (source, device, name expression) -> cupy.RawKernel

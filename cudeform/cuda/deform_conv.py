@@ -28,7 +28,7 @@ import sys
 import numpy as np
 
 from . import _blas, _compile
-from ._compile import ACC_DTYPES, CXX_TYPES, STORAGE_DTYPES, launch
+from ._compile import ACC_DTYPES, CXX_TYPES, MAX_ABS_THREADS, STORAGE_DTYPES, WARP, launch
 
 SOURCE = "deform_conv.cu"
 _KERNELS = ("dcn_im2col", "dcn_col2im", "dcn_col2im_max_abs", "dcn_col2im_fixed", "dcn_col2im_coord",
@@ -170,7 +170,8 @@ def backward(grad_output, input, offset, weight, bias, mask, *, geo, dtype, bord
         if deterministic:
             max_abs_bits.fill(0)
             fixed[: b * plane].fill(0)
-            launch(kernels["dcn_col2im_max_abs"], sites * b * L, (*sample_args, max_abs_bits))
+            launch(kernels["dcn_col2im_max_abs"], min(c_in * K * b * WARP, MAX_ABS_THREADS),
+                   (cols, mask_arg, use_mask, *_int64s(b, n0, c_in, geo.offset_groups, K, L), max_abs_bits))
             launch(kernels["dcn_col2im_fixed"], sites * b * L, (*sample_args, max_abs_bits, fixed, grad_acc))
             launch(_compile.function(sys.modules[__name__], f"fixed_point_add<{CXX_TYPES[np.dtype(acc_dtype).name]}>"),
                    b * plane, (fixed, max_abs_bits, *_int64s(K * L, b * plane), grad_acc[n0:n1]))

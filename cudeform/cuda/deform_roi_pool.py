@@ -44,7 +44,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import _compile
-from ._compile import ACC_DTYPES, BLOCK, CXX_TYPES, STORAGE_DTYPES, launch
+from ._compile import ACC_DTYPES, CXX_TYPES, MAX_ABS_THREADS, STORAGE_DTYPES, WARP, launch
 
 SOURCE = "deform_roi_pool.cu"
 _KERNELS = ("droi_forward", "droi_backward", "droi_coord_grads", "droi_list_corners", "droi_sorted_entries",
@@ -55,8 +55,6 @@ NAME_EXPRESSIONS = (
     + ["cast_from_acc<__half>", "cast_from_acc<__nv_bfloat16>"]
 )
 
-MAX_ABS_THREADS = 1024 * BLOCK  # roi_pool_max_abs: enough to fill the GPU, each reading many elements
-WARP = 32  # WARP_SIZE: threads per dpsroi_offset_grad item, (RoI, bin) items per droi_backward block
 ROI_BWD_BLOCK = WARP * 8  # droi_backward's block: ROI_BWD_BLOCK in the kernel
 ROI_BWD_CHANNELS = 64  # channels per droi_backward block (ROI_BWD_CHANNELS)
 PS_TILE_H = 8  # dpsroi_input_grad's tile of PS_TILE_H x WARP pixels (PS_TILE_H, PS_TILE_W in the kernel)
