@@ -362,13 +362,19 @@ __global__ void fixed_point_add(const unsigned long long* __restrict__ fixed,
     CUDEFORM_LOOP(i, n) { acc[i] += (A)cudeform::fixed_to_double(fixed[i], scale); }
 }
 
-// out[n, c, l] += bias[c] for an (images, channels, L) block, in place.
+// out[n, c, l] += bias[c] for an (images, channels, L) block, in place. A block per (image,
+// channel) plane at a time: the bias is read once per plane and no thread divides (one thread
+// per element with two divisions each ran at a third of the memory's speed). Launch
+// images * channels blocks (the grid-stride loop takes the rest).
 template <typename T>
 __global__ void add_bias(T* out, const T* __restrict__ bias, cudeform::index_t images, cudeform::index_t channels,
                          cudeform::index_t L) {
-    CUDEFORM_LOOP(i, images * channels * L) {
-        const cudeform::index_t r = cudeform::fast_div(i, L), c = r - cudeform::fast_div(r, channels) * channels;
-        out[i] = cudeform::from_acc<T>(cudeform::to_acc(out[i]) + cudeform::to_acc(bias[c]));
+    for (cudeform::index_t plane = blockIdx.x; plane < images * channels; plane += gridDim.x) {
+        const auto b = cudeform::to_acc(bias[plane - cudeform::fast_div(plane, channels) * channels]);
+        T* row = out + plane * L;
+        for (cudeform::index_t l = threadIdx.x; l < L; l += blockDim.x) {
+            row[l] = cudeform::from_acc<T>(cudeform::to_acc(row[l]) + b);
+        }
     }
 }
 

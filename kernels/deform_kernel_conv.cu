@@ -181,17 +181,18 @@ struct PlaneWalk {
 // ---------------------------------------------------------------------------------------------
 
 // kernels[n, o, c, k]: the scope of (o, c) sampled at kernel point k moved by image n's offsets.
-// One thread per (n, o, c), for its K points.
+// One thread per element, so that a warp writes one contiguous stretch (a thread per (n, o, c)
+// writing its K points took 54 us at N=16, C=256, 3x3: strided stores, a serial loop).
 template <typename T>
 __global__ void dk_resample(const T* __restrict__ weight, const T* __restrict__ offset, DK_GEOMETRY,
                             T* __restrict__ kernels) {
     typedef typename acc<T>::type A;
     DK_GEO;
     const index_t K = geo.K(), occ = c_out * geo.cg(), S = geo.scope();
-    CUDEFORM_LOOP(idx, batch * occ) {
-        const index_t n = fast_div(idx, occ), oc = idx - n * occ;
+    CUDEFORM_LOOP(idx, batch * occ * K) {
+        const index_t r = fast_div(idx, K), k = idx - r * K, n = fast_div(r, occ), oc = r - n * occ;
         const T* off = offset + 2 * (n * offset_groups + fast_div(fast_div(oc, geo.cg()), geo.opg())) * K;
-        for (int k = 0; k < (int)K; ++k) kernels[idx * K + k] = from_acc<T>(geo.resample<A>(weight + oc * S, off, k));
+        kernels[idx] = from_acc<T>(geo.resample<A>(weight + oc * S, off, (int)k));
     }
 }
 
@@ -365,23 +366,34 @@ __global__ void __launch_bounds__(256) dk_global_kernel_grad(const T* __restrict
 }
 
 // Columns of the rigid grid for `batch` images: cols[n, c * K + k, l], zero padding. One thread
-// per (image, channel, position), so a warp writes contiguous stretches of a row.
+// per (image, channel, position), so a warp writes contiguous stretches of a row. A kernel row's
+// points are read in pieces of DK_ROW_TAPS before any is stored: one load after another, each
+// waiting for the store before it, took 116 us at N=16, C=256, 32x32, 3x3 in fp16 and fp32 alike.
 template <typename T>
 __global__ void dk_im2col(const T* __restrict__ input, DK_GEOMETRY, T* __restrict__ cols) {
     typedef typename acc<T>::type A;
     DK_GEO;
     const index_t L = geo.L(), K = geo.K(), hw = geo.hw();
+    const T zero = from_acc<T>(A(0));
     CUDEFORM_LOOP(idx, batch * channels * L) {
         const index_t nc = fast_div(idx, L), l = idx - nc * L;
         const index_t y = fast_div(l, out_w), x = l - y * out_w;
         const T* plane = input + nc * hw;
         T* col = cols + nc * K * L + l;
-        for (int i = 0; i < kh; ++i) {
+        for (int i = 0; i < kh; ++i, col += kw * L) {
             const index_t iy = geo.in_row(y, i);
-            for (int j = 0; j < kw; ++j) {
-                const index_t ix = geo.in_col(x, j);
-                const bool inside = iy >= 0 && iy < height && ix >= 0 && ix < width;
-                col[((index_t)i * kw + j) * L] = inside ? plane[iy * width + ix] : from_acc<T>(A(0));
+            const bool row_inside = iy >= 0 && iy < height;
+            for (int j0 = 0; j0 < kw; j0 += DK_ROW_TAPS) {
+                T v[DK_ROW_TAPS];
+#pragma unroll
+                for (int t = 0; t < DK_ROW_TAPS; ++t) {
+                    const index_t ix = geo.in_col(x, j0 + t);
+                    v[t] = (j0 + t < kw && row_inside && ix >= 0 && ix < width) ? plane[iy * width + ix] : zero;
+                }
+#pragma unroll
+                for (int t = 0; t < DK_ROW_TAPS; ++t) {
+                    if (j0 + t < kw) col[(index_t)(j0 + t) * L] = v[t];
+                }
             }
         }
     }

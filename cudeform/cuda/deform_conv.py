@@ -109,7 +109,7 @@ def forward(input, offset, weight, bias, mask, *, geo, dtype):
             _blas.matmul(weight, cols, first, m=c_out, n=L, k=rows, dtype=dtype, batch=b,
                          stride_b=L, ld_b=b * L, stride_c=c_out * L)
             if bias is not None:
-                launch(_kernel("add_bias", dtype), b * c_out * L, (first, bias, *_int64s(b, c_out, L)))
+                launch(_kernel("add_bias", dtype), b * c_out * _compile.BLOCK, (first, bias, *_int64s(b, c_out, L)))
             continue
         _blas.matmul(weight, cols, buffer, m=c_out // g, n=b * pitch, k=rows, dtype=dtype, batch=g,
                      stride_a=(c_out // g) * rows, stride_b=rows * b * pitch, stride_c=(c_out // g) * b * pitch)

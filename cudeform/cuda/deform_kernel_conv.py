@@ -118,7 +118,7 @@ def _resample(weight, offset, x, geo, s, dtype):
     import cupy
 
     kernels = cupy.empty((s.n, s.c_out, s.rows), STORAGE_DTYPES[dtype])
-    launch(_kernel("dk_resample", dtype), s.n * s.c_out * s.cg,
+    launch(_kernel("dk_resample", dtype), s.n * s.c_out * s.rows,
            (weight, offset, *_geometry_args(geo, x.shape, s.c_out, s.n), kernels))
     return kernels
 
@@ -158,7 +158,8 @@ def forward(input, weight, kernel_offset, bias, *, geo, dtype):
         _blas.matmul(kernels[n0:n1], cols, out[n0:n1], m=s.og, n=s.L, k=s.rows, dtype=dtype, batch=b * geo.groups,
                      stride_a=s.og * s.rows, stride_b=s.rows * s.L, stride_c=s.og * s.L)
     if use_bias:
-        launch(_kernel("add_bias", dtype), out.size, (out, bias, np.int64(s.n), np.int64(s.c_out), np.int64(s.L)))
+        launch(_kernel("add_bias", dtype), s.n * s.c_out * _compile.BLOCK,
+               (out, bias, np.int64(s.n), np.int64(s.c_out), np.int64(s.L)))
     return out
 
 
