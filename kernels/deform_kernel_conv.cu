@@ -8,9 +8,10 @@
 //
 // Global DK: one sampled kernel per image, (N, C_out, Cg, K), K = kh * kw. When Cg * K is small
 // (depthwise) the convolution is direct: dk_global_conv samples the kernel of a plane into
-// shared memory and convolves, and the backward has direct kernels too; otherwise dk_resample
-// stores the kernels and the host multiplies them with dk_im2col's columns (cuBLAS). The
-// backward goes through the resampled kernels' gradient, (N, bands, C_out, Cg, K).
+// shared memory and convolves tiles of input staged there, and the backward has direct kernels
+// too; otherwise dk_resample stores the kernels and the host multiplies them with dk_im2col's
+// columns (cuBLAS). The backward goes through the resampled kernels' gradient,
+// (N, bands, C_out, Cg, K).
 // Local DK: fused kernels that sample the scope at every output position, each thread for a
 // chunk of channels that share the position's scope taps; nothing per position is stored.
 //
@@ -30,10 +31,11 @@ using namespace cudeform;
     const DkGeometry geo{batch, channels, height, width, c_out, groups, offset_groups, kh, kw, sh, \
                          sw, ph, pw, dh, dw, out_h, out_w, scope_h, scope_w}
 
-// Capacity of dk_global_conv's shared kernel, Cg * K values (DIRECT_CAPACITY in the host).
-#define DK_DIRECT_CAPACITY 1024
-// Kernel points of one kernel row that the direct kernels unroll, and kernel rows that a thread
-// of dk_global_kernel_grad sums at once.
+// Outputs of a column, one above the other, that a thread of dk_global_conv computes (SPAN in
+// the host).
+#define DK_SPAN 4
+// Kernel points of one kernel row that the direct gradient kernels unroll, and kernel rows that
+// a thread of dk_global_kernel_grad sums at once.
 #define DK_ROW_TAPS 4
 #define DK_PIECE_ROWS 2
 // Channels that a thread of the local kernels handles at once (CHUNK in the host).
@@ -146,21 +148,24 @@ __device__ __forceinline__ void points_reaching(int in, int pad, int dil, int st
     lo = excess <= 0 ? 0 : min(points, ceil_div(excess, dil));
 }
 
-// The positions of band b (of `bands` that cut a plane of `size` positions) that a thread takes,
-// begin + threadIdx.x, then every blockDim.x, with their row and column in a plane `width`
-// wide: split once, then advanced by additions (a division per position would cost as much as
-// a light kernel's work on it).
+// The positions [begin, end) of a plane `width` wide that a thread takes, begin + threadIdx.x,
+// then every blockDim.x, with their row and column: split once, then advanced by additions (a
+// division per position would cost as much as a light kernel's work on it). band(): band b of
+// `bands` that cut a plane of `size` positions.
 struct PlaneWalk {
     int p, y, x, end, width, step_y, step_x;
 
-    __device__ __forceinline__ PlaneWalk(index_t b, index_t bands, index_t size, index_t width_) : width((int)width_) {
-        const int length = (int)ceil_div(size, bands);
-        p = (int)b * length + (int)threadIdx.x;
-        end = min((int)size, ((int)b + 1) * length);
+    __device__ __forceinline__ PlaneWalk(int begin, int end_, int width_) : end(end_), width(width_) {
+        p = begin + (int)threadIdx.x;
         y = div32(p, width);
         x = p - y * width;
         step_y = div32((int)blockDim.x, width);
         step_x = (int)blockDim.x - step_y * width;
+    }
+
+    __device__ static __forceinline__ PlaneWalk band(index_t b, index_t bands, index_t size, index_t width) {
+        const int length = (int)ceil_div(size, bands);
+        return PlaneWalk((int)b * length, min((int)size, ((int)b + 1) * length), (int)width);
     }
 
     __device__ __forceinline__ bool live() const { return p < end; }
@@ -196,59 +201,154 @@ __global__ void dk_resample(const T* __restrict__ weight, const T* __restrict__ 
     }
 }
 
+// Where dk_global_conv reads one channel's input window of its tile: `at(r, q)` is the element
+// r rows and q columns past the thread's first input. Staged: the window in shared memory with
+// its zero border, read with no checks. Plane: the channel's plane itself, with the bounds
+// checks the border replaces, for windows too large for shared memory (huge dilations).
+template <typename A>
+struct StagedWindow {
+    const A* p;
+    int pitch;
+    __device__ __forceinline__ A at(int r, int q) const { return p[r * pitch + q]; }
+};
+
+template <typename A, typename T>
+struct PlaneWindow {
+    const T* plane;
+    int y, x, height, width;
+    __device__ __forceinline__ A at(int r, int q) const {
+        const int iy = y + r, ix = x + q;
+        const bool inside = (unsigned)iy < (unsigned)height && (unsigned)ix < (unsigned)width;
+        return inside ? to_acc(plane[iy * width + ix]) : A(0);
+    }
+};
+
+// sum[v] += one channel's kernel `kern` (kh x kw) applied at the window's output v, v * sh rows
+// down, kernel points column by column. UNIT (sh = dh = 1): outputs one above the other share
+// all but one of a kernel column's inputs, which slide through registers, DK_SPAN + kh - 1
+// reads per kernel column rather than DK_SPAN * kh (shared-memory reads bound this loop).
+template <bool UNIT, typename A, typename Window>
+__device__ __forceinline__ void span_dot(const Window& win, const A* kern, int kh, int kw, int sh, int dh, int dw,
+                                         A (&sum)[DK_SPAN]) {
+    for (int j = 0; j < kw; ++j) {
+        const int q = j * dw;
+        if (UNIT) {
+            A taps[DK_SPAN];
+#pragma unroll
+            for (int v = 0; v < DK_SPAN; ++v) taps[v] = win.at(v, q);
+            for (int i = 0; i < kh; ++i) {
+                const A k = kern[i * kw + j];
+#pragma unroll
+                for (int v = 0; v < DK_SPAN; ++v) sum[v] += taps[v] * k;
+                if (i + 1 < kh) {
+#pragma unroll
+                    for (int v = 0; v + 1 < DK_SPAN; ++v) taps[v] = taps[v + 1];
+                    taps[DK_SPAN - 1] = win.at(DK_SPAN + i, q);
+                }
+            }
+        } else {
+            for (int i = 0; i < kh; ++i) {
+                const A k = kern[i * kw + j];
+#pragma unroll
+                for (int v = 0; v < DK_SPAN; ++v) sum[v] += win.at(v * sh + i * dh, q) * k;
+            }
+        }
+    }
+}
+
+template <typename A, typename Window>
+__device__ __forceinline__ void span_dot(const Window& win, const A* kern, int kh, int kw, int sh, int dh, int dw,
+                                         A (&sum)[DK_SPAN]) {
+    if (sh == 1 && dh == 1) {
+        span_dot<true>(win, kern, kh, kw, sh, dh, dw, sum);
+    } else {
+        span_dot<false>(win, kern, kh, kw, sh, dh, dw, sum);
+    }
+}
+
 // The direct convolution, for small Cg * K (depthwise), where a GEMM would have a handful of
-// rows: one block per (image, output channel, band of positions) samples the plane's kernel
-// into shared memory, then each thread computes outputs, consecutive threads consecutive
-// positions (coalesced rows).
+// rows. Reading every input tap straight from global memory, with per-position bounds logic,
+// made it latency-bound (as slow in fp16 as in fp32, 2.4x cuDNN's depthwise conv2d), so: one
+// block per tile of tile_h x tile_w outputs of an (image, output channel) plane samples the
+// plane's kernel into shared memory, then, channel by channel, stages the tile's input window
+// there with its zero border (when `staged`), loaded once and coalesced, in the accumulation
+// type. Each thread computes DK_SPAN outputs of one column, one above the other, with no bounds
+// checks: a warp's threads take consecutive columns, so its shared-memory reads hit distinct
+// banks and its stores are coalesced. The window covers the tile's rows rounded up to whole
+// spans (the extra rows are inputs or border, their sums dropped), so no read leaves it. The
+// host sizes the tile (at most blockDim.x columns x spans) and the dynamic shared memory: Cg * K
+// kernel values, then the window.
+// Every output is bias + the sum over (c, j, i) in this order whatever the tiling, the border's
+// zeros included (adding 0 * k to a sum leaves it unchanged, as the CPU's columns do): one
+// writer per output, no atomics, bitwise reproducible.
 template <typename T>
 __global__ void __launch_bounds__(256) dk_global_conv(const T* __restrict__ input, const T* __restrict__ weight,
                                                       const T* __restrict__ offset, const T* __restrict__ bias,
-                                                      int use_bias, index_t bands, DK_GEOMETRY, T* __restrict__ out) {
+                                                      int use_bias, int tile_h, int tile_w, int staged, DK_GEOMETRY,
+                                                      T* __restrict__ out) {
     typedef typename acc<T>::type A;
     DK_GEO;
-    __shared__ A kernel[DK_DIRECT_CAPACITY];
+    extern __shared__ __align__(16) unsigned char dk_shared[];
     const index_t L = geo.L(), K = geo.K(), cg = geo.cg(), hw = geo.hw(), S = geo.scope();
-    const int H = (int)height, W = (int)width;
-    for (index_t unit = blockIdx.x; unit < batch * c_out * bands; unit += gridDim.x) {
-        const index_t no = fast_div(unit, bands), n = fast_div(no, c_out), o = no - n * c_out;
+    A* kernel = reinterpret_cast<A*>(dk_shared);
+    A* window = kernel + cg * K;
+    const int H = (int)height, W = (int)width, OH = (int)out_h, OW = (int)out_w;
+    const int tiles_x = ceil_div(OW, tile_w);
+    const index_t tiles = (index_t)ceil_div(OH, tile_h) * tiles_x;
+    // This thread's outputs in a tile: rows ty .. ty + DK_SPAN - 1 of column tx.
+    const int span = div32(threadIdx.x, tile_w), tx = (int)threadIdx.x - span * tile_w, ty = span * DK_SPAN;
+    for (index_t unit = blockIdx.x; unit < batch * c_out * tiles; unit += gridDim.x) {
+        const index_t no = fast_div(unit, tiles), n = fast_div(no, c_out), o = no - n * c_out;
+        const int t = (int)(unit - no * tiles), by = div32(t, tiles_x);
+        const int y0 = by * tile_h, x0 = (t - by * tiles_x) * tile_w;
+        const int rows = min(tile_h, OH - y0), cols = min(tile_w, OW - x0);
+        const int win_h = (ceil_div(rows, DK_SPAN) * DK_SPAN - 1) * sh + (kh - 1) * dh + 1;
+        const int win_w = (cols - 1) * sw + (kw - 1) * dw + 1;
+        const int iy0 = y0 * sh - ph, ix0 = x0 * sw - pw;
         const T* off = offset + 2 * (n * offset_groups + fast_div(o, geo.opg())) * K;
-        __syncthreads();  // the previous unit's threads are done with `kernel`
+        __syncthreads();  // the previous tile's threads are done with the shared memory
         for (index_t r = threadIdx.x; r < cg * K; r += blockDim.x) {
             const index_t c = fast_div(r, K);
             kernel[r] = geo.resample<A>(weight + (o * cg + c) * S, off, (int)(r - c * K));
         }
-        __syncthreads();
         const T* planes = input + (n * channels + fast_div(o, geo.og()) * cg) * hw;
-        const A b = use_bias ? to_acc(bias[o]) : A(0);
-        for (PlaneWalk q(unit - no * bands, bands, L, out_w); q.live(); q.next()) {
-            const int iy0 = q.y * sh - ph, ix0 = q.x * sw - pw;
-            int i_lo, i_hi, j_lo, j_hi;
-            points_inside(iy0, dh, kh, H, i_lo, i_hi);
-            points_inside(ix0, dw, kw, W, j_lo, j_hi);
-            A sum = b;
-            for (index_t c = 0; c < cg; ++c) {
-                const T* plane = planes + c * hw;
-                const A* taps = kernel + (c * kh + i_lo) * kw;
-                for (int i = i_lo; i < i_hi; ++i, taps += kw) {
-                    const T* row = plane + ((iy0 + i * dh) * W + ix0);
-                    // Pieces of DK_ROW_TAPS unrolled points: a loop over a handful of points
-                    // would spend more on its control than on the products.
-                    for (int j0 = j_lo; j0 < j_hi; j0 += DK_ROW_TAPS) {
+        const bool mine = ty < rows && tx < cols;
+        A sum[DK_SPAN];
 #pragma unroll
-                        for (int t = 0; t < DK_ROW_TAPS; ++t) {
-                            if (j0 + t < j_hi) sum += to_acc(row[(j0 + t) * dw]) * taps[j0 + t];
-                        }
-                    }
+        for (int v = 0; v < DK_SPAN; ++v) sum[v] = use_bias ? to_acc(bias[o]) : A(0);
+        for (index_t c = 0; c < cg; ++c) {
+            const T* plane = planes + c * hw;
+            if (staged) {
+                if (c > 0) __syncthreads();  // the previous channel's window is read
+                for (PlaneWalk q(0, win_h * win_w, win_w); q.live(); q.next()) {
+                    const int iy = iy0 + q.y, ix = ix0 + q.x;
+                    const bool inside = (unsigned)iy < (unsigned)H && (unsigned)ix < (unsigned)W;
+                    window[q.p] = inside ? to_acc(plane[iy * W + ix]) : A(0);
                 }
             }
-            out[no * L + q.p] = from_acc<T>(sum);
+            if (staged || c == 0) __syncthreads();  // the kernel (and the window) are written
+            if (!mine) continue;
+            const A* kern = kernel + c * K;
+            if (staged) {
+                span_dot(StagedWindow<A>{window + ty * sh * win_w + tx * sw, win_w}, kern, kh, kw, sh, dh, dw, sum);
+            } else {
+                span_dot(PlaneWindow<A, T>{plane, iy0 + ty * sh, ix0 + tx * sw, H, W}, kern, kh, kw, sh, dh, dw, sum);
+            }
+        }
+        if (mine) {
+            T* dst = out + no * L + (index_t)(y0 + ty) * OW + x0 + tx;
+#pragma unroll
+            for (int v = 0; v < DK_SPAN; ++v) {
+                if (ty + v < rows) dst[v * OW] = from_acc<T>(sum[v]);
+            }
         }
     }
 }
 
 // sum + the sum over the kernel points j in [j_lo, j_hi) of one kernel row whose output column
-// x = (left - j * dw) / sw is whole, of row[x] * kernel_row[j]. Pieces of unrolled points, as
-// in dk_global_conv; UNIT (sw = 1) has no division.
+// x = (left - j * dw) / sw is whole, of row[x] * kernel_row[j]. Pieces of DK_ROW_TAPS unrolled
+// points: a loop over a handful of points would spend more on its control than on the
+// products. UNIT (sw = 1) has no division.
 template <bool UNIT, typename A, typename T>
 __device__ __forceinline__ A reaching_dot(const T* row, const T* kernel_row, int left, int dw, int sw, int j_lo,
                                           int j_hi, A sum) {
@@ -283,7 +383,7 @@ __global__ void dk_global_input_grad(const T* __restrict__ grad_output, const T*
         const index_t wg = fast_div(c_in, cg), c = c_in - wg * cg;
         const T* go = grad_output + (n * c_out + wg * og) * L;
         const T* kern = kernels + ((n * c_out + wg * og) * cg + c) * K;  // output wg*og + q: + q*Cg*K
-        for (PlaneWalk q(unit - nc * bands, bands, hw, width); q.live(); q.next()) {
+        for (PlaneWalk q = PlaneWalk::band(unit - nc * bands, bands, hw, width); q.live(); q.next()) {
             int i_lo, i_hi, j_lo, j_hi;
             points_reaching(q.y, ph, dh, sh, kh, OH, i_lo, i_hi);
             points_reaching(q.x, pw, dw, sw, kw, OW, j_lo, j_hi);
@@ -339,7 +439,7 @@ __global__ void __launch_bounds__(256) dk_global_kernel_grad(const T* __restrict
             A sums[DK_PIECE_ROWS * DK_ROW_TAPS];
 #pragma unroll
             for (int e = 0; e < DK_PIECE_ROWS * DK_ROW_TAPS; ++e) sums[e] = A(0);
-            for (PlaneWalk q(b, bands, L, out_w); q.live(); q.next()) {
+            for (PlaneWalk q = PlaneWalk::band(b, bands, L, out_w); q.live(); q.next()) {
                 const int iy0 = q.y * sh + dy, ix0 = q.x * sw + dx;
                 int lo, hi;
                 points_inside(ix0, dw, taps, W, lo, hi);

@@ -305,3 +305,46 @@ def test_gpu_direct_path_bounds():
     assert not gpu._direct(shapes(gpu.DIRECT_MAX_REDUCTION + 1, 56, 56), geo)
     assert not gpu._direct(shapes(9, 2**15, 2**15), geo)
     assert not gpu._direct(shapes(9, 1, 2**30 - 1), geo)
+
+
+# (planes, out_size, kernel, stride, dilation, Cg * K, accumulator bytes, shared budget, target blocks)
+TILE_CASES = {
+    "depthwise56": (4096, (56, 56), (3, 3), (1, 1), (1, 1), 9, 4, 48 * 1024, 2048),
+    "few_planes": (4, (56, 56), (3, 3), (1, 1), (1, 1), 9, 8, 48 * 1024, 2048),
+    "wide_row": (1, (3, 1100), (3, 3), (1, 1), (1, 1), 9, 4, 48 * 1024, 2048),
+    "strided": (64, (40, 40), (3, 5), (3, 2), (2, 3), 30, 8, 48 * 1024, 1),
+    "small_budget": (64, (40, 40), (3, 3), (1, 1), (1, 1), 18, 8, 1024, 1),
+    "huge_dilation": (1, (9, 10), (2, 2), (1, 1), (120, 121), 4, 4, 48 * 1024, 1),
+    "tiny": (1, (1, 1), (3, 3), (1, 1), (1, 1), 9, 8, 48 * 1024, 2048),
+}
+
+
+@pytest.mark.parametrize("name", list(TILE_CASES))
+def test_gpu_direct_conv_tiles(name):
+    """dk_global_conv's tiles: a thread per column and span of SPAN rows, in blocks of whole
+    warps covering every plane; a staged window (the tile's rows rounded up to whole spans)
+    within the shared budget with the kernel, whole output rows where a block holds them, a
+    window too large for the budget read from the planes instead, and as many tiles as the
+    rows allow while the planes are too few for the target."""
+    from cudeform.cuda import _compile
+    from cudeform.cuda import deform_kernel_conv as gpu
+
+    planes, (oh, ow), (kh, kw), (sh, sw), (dh, dw), rows, acc, budget, target = TILE_CASES[name]
+    threads, block, shared, (th, tw, staged) = gpu._conv_tiles(*TILE_CASES[name])
+    th, tw, staged = int(th), int(tw), bool(staged)
+    spans = -(-th // gpu.SPAN)
+    assert 1 <= th <= oh and 1 <= tw <= ow and (th == oh or th % gpu.SPAN == 0)
+    assert block % _compile.WARP == 0 and tw * spans <= block <= _compile.BLOCK
+    assert threads == planes * -(-oh // th) * -(-ow // tw) * block
+
+    def window(th, tw):
+        return ((-(-th // gpu.SPAN) * gpu.SPAN - 1) * sh + (kh - 1) * dh + 1) * ((tw - 1) * sw + (kw - 1) * dw + 1)
+
+    assert shared == acc * (rows + (window(th, tw) if staged else 0))
+    assert staged == (acc * (rows + window(1, 1)) <= budget)
+    if staged:
+        assert shared <= budget
+    if ow <= _compile.BLOCK and staged and budget >= 48 * 1024:
+        assert tw == ow
+    if planes * -(-oh // th) * -(-ow // tw) < target:
+        assert th == min(oh, gpu.SPAN)

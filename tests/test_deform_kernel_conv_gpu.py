@@ -51,6 +51,15 @@ EDGES = {
     # padding wider than the input: every output reads some zeros
     "big_pad": dict(N=1, C_in=3, C_out=3, groups=3, G=1, kernel=(3, 3), scope=(5, 4), H=3, W=4,
                     stride=1, padding=3, dilation=2),
+    # output rows longer than a block's spans: dk_global_conv tiles the columns
+    "wide_row": dict(N=1, C_in=2, C_out=2, groups=2, G=1, kernel=(3, 3), scope=(4, 4), H=3, W=1030,
+                     stride=1, padding=1, dilation=1),
+    # a window too large for shared memory: dk_global_conv reads the planes directly
+    "huge_dilation": dict(N=1, C_in=2, C_out=2, groups=2, G=2, kernel=(2, 2), scope=(3, 3), H=125, W=127,
+                          stride=1, padding=2, dilation=(120, 121)),
+    # one pixel, one output
+    "tiny": dict(N=2, C_in=3, C_out=3, groups=3, G=1, kernel=(3, 3), scope=(4, 4), H=1, W=1,
+                 stride=1, padding=1, dilation=1),
 }
 
 
@@ -101,6 +110,23 @@ def test_both_global_paths(torch, monkeypatch, dtype, path, limit, name):
     cfg = {**CONFIGS, **LARGE, **EDGES}[name]
     tensors, exact, geo = rounded_case(torch, cfg, "global", dtype, seed=32)
     check_against_reference(torch, tensors, exact, geo, dtype, seed=33)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float16"])
+@pytest.mark.parametrize("budget,target", [(None, 1), (1024, 1), (0, 2048)], ids=["tall", "narrow", "unstaged"])
+@pytest.mark.parametrize("name", list(CONFIGS) + ["depthwise3x3", "widescope"] + list(EDGES))
+def test_direct_conv_tiles(torch, monkeypatch, dtype, budget, target, name):
+    """dk_global_conv's tilings beyond the default's: the tallest tiles (few blocks), tiles
+    narrowed to a small shared-memory budget, and no window staged at all."""
+    from cudeform.cuda import deform_kernel_conv as gpu
+
+    monkeypatch.setattr(gpu, "TARGET_BLOCKS", target)
+    if budget is not None:
+        monkeypatch.setattr(gpu, "DIRECT_SHARED_BYTES", budget)
+    tensors, exact, geo = rounded_case(torch, {**CONFIGS, **LARGE, **EDGES}[name], "global", dtype, seed=39)
+    out = cudeform.deform_kernel_conv2d(**tensors, **geo)
+    expected = ref.deform_kernel_conv2d(*positional(exact), **geo)
+    assert l2_rel(out.double().cpu().numpy(), expected) < TOLERANCE[dtype]
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])

@@ -93,12 +93,13 @@ def function(op_module, expression: str):
     return kernel
 
 
-def launch(kernel, threads: int, args: tuple, *, block: int = BLOCK) -> None:
-    """Launch a grid-stride kernel over ``threads`` work items on CuPy's current stream."""
+def launch(kernel, threads: int, args: tuple, *, block: int = BLOCK, shared_mem: int = 0) -> None:
+    """Launch a grid-stride kernel over ``threads`` work items on CuPy's current stream, with
+    ``shared_mem`` bytes of dynamic shared memory per block."""
     if threads <= 0:
         return
     grid = min(_MAX_BLOCKS, -(-threads // block))
-    kernel((grid,), (block,), args)
+    kernel((grid,), (block,), args, shared_mem=shared_mem)
     if _debug:
         _synchronize()
 

@@ -3,7 +3,8 @@
 Global DK, with a short reduction (Cg * K <= DIRECT_MAX_REDUCTION, Cg = C_in/groups,
 K = kh*kw: depthwise and the like) and planes small enough for 32-bit in-plane indices: direct
 kernels. The forward ``dk_global_conv`` samples each
-(image, output channel)'s kernel into shared memory and convolves, one launch, nothing stored.
+(image, output channel)'s kernel into shared memory and convolves tiles of the plane, each
+staging its input window there (``_conv_tiles``), one launch, nothing stored.
 The backward stores the resampled kernels (``dk_resample``), gathers the input gradient
 through them (``dk_global_input_grad``) and reduces their gradient per band of positions
 (``dk_global_kernel_grad``). With a long reduction, per chunk of images: the rigid
@@ -40,12 +41,14 @@ COLUMNS_BYTES = 128 * 2**20
 # Global DK convolves directly (no columns, no GEMM) when a GEMM would reduce over at most this
 # many terms: with depthwise weights the GEMMs are 1-row products that waste the tensor cores.
 DIRECT_MAX_REDUCTION = 64
-# dk_global_conv holds a plane's Cg * K kernel values in shared memory of this many elements
-# (DK_DIRECT_CAPACITY in the source): the direct path is never taken beyond it.
-DIRECT_CAPACITY = 1024
-# The direct kernels cut each (image, channel) plane into bands of positions, one block per
-# band, when there are too few planes for this many blocks (each band at least BLOCK positions).
+# The direct kernels cut each (image, channel) plane into bands or tiles of positions, one block
+# each, when there are too few planes for this many blocks (each band at least BLOCK positions,
+# each tile at least SPAN output rows).
 TARGET_BLOCKS = 2048
+# Outputs of a column per thread of dk_global_conv, one above the other (DK_SPAN in the source).
+SPAN = 4
+# dk_global_conv's dynamic shared memory per block: what every block may have without opting in.
+DIRECT_SHARED_BYTES = 48 * 1024
 # Channels per thread of the local kernels (DK_CHUNK in the source).
 CHUNK = 8
 # dk_global_offset_grad has one block per (image, offset group, kernel point), often fewer blocks
@@ -89,7 +92,42 @@ def _direct(s, geo) -> bool:
     memory, and planes whose every coordinate fits their 32-bit in-plane arithmetic."""
     (kh, kw), (ph, pw), (dh, dw) = geo.kernel, geo.padding, geo.dilation
     extent = max(s.hw, s.L, s.h + 2 * ph + (kh - 1) * dh, s.w + 2 * pw + (kw - 1) * dw)
-    return s.rows <= min(DIRECT_MAX_REDUCTION, DIRECT_CAPACITY) and extent < 2**30
+    return s.rows <= DIRECT_MAX_REDUCTION and extent < 2**30
+
+
+@functools.lru_cache(maxsize=1024)
+def _conv_tiles(planes, out_size, kernel, stride, dilation, rows, acc_bytes, budget, target_blocks):
+    """dk_global_conv's launch for `planes` (image, output channel) planes of `out_size` outputs
+    and a reduction of `rows` (Cg * K) values of `acc_bytes` each: (threads, block, shared
+    bytes, its (tile_h, tile_w, staged) arguments). A tile is at most BLOCK columns (whole
+    output rows where they fit) by spans of SPAN rows, a thread per column and span. It stages
+    its input window (which stride and dilation widen) when the window fits `budget` bytes of
+    shared memory, narrowing the tile as needed, else reads the planes directly. Planes too few
+    for `target_blocks` are cut into shorter tiles. Cached: the arguments cost more to build
+    than a small launch."""
+    (oh, ow), (kh, kw), (sh, sw), (dh, dw) = out_size, kernel, stride, dilation
+    spans = -(-oh // SPAN)
+
+    def shared(th, tw, staged):
+        # The window of th rows rounded up to whole spans, after the kernel.
+        window = ((-(-th // SPAN) * SPAN - 1) * sh + (kh - 1) * dh + 1) * ((tw - 1) * sw + (kw - 1) * dw + 1)
+        return acc_bytes * (rows + (window if staged else 0))
+
+    tw = -(-ow // -(-ow // _compile.BLOCK))  # as even as can be
+    narrow = tw
+    while narrow > 1 and shared(1, narrow, True) > budget:
+        narrow = -(-narrow // 2)
+    staged = shared(1, narrow, True) <= budget
+    tw = narrow if staged else tw
+    tiles_x = -(-ow // tw)
+    tile_spans = _compile.BLOCK // tw
+    while staged and tile_spans > 1 and shared(tile_spans * SPAN, tw, staged) > budget:
+        tile_spans -= 1
+    tiles_y = min(spans, max(-(-spans // tile_spans), -(-target_blocks // (planes * tiles_x))))
+    th = min(oh, SPAN * -(-spans // tiles_y))
+    block = -(-tw * -(-th // SPAN) // _compile.WARP) * _compile.WARP
+    threads = planes * -(-oh // th) * tiles_x * block
+    return threads, block, shared(th, tw, staged), (np.int32(th), np.int32(tw), np.int32(staged))
 
 
 def _bands(planes: int, size: int) -> int:
@@ -144,9 +182,12 @@ def forward(input, weight, kernel_offset, bias, *, geo, dtype):
                (x, weight, offset, bias_arg, use_bias, np.int32(span), *geo_args, out))
         return out
     if _direct(s, geo):
-        bands = _bands(s.n * s.c_out, s.L)
-        launch(_kernel("dk_global_conv", dtype), s.n * s.c_out * bands * _compile.BLOCK,
-               (x, weight, offset, bias_arg, use_bias, np.int64(bands), *geo_args, out))
+        if out.size:
+            threads, block, shared, tiles = _conv_tiles(s.n * s.c_out, geo.out_size, geo.kernel, geo.stride,
+                                                        geo.dilation, s.rows, np.dtype(ACC_DTYPES[dtype]).itemsize,
+                                                        DIRECT_SHARED_BYTES, TARGET_BLOCKS)
+            launch(_kernel("dk_global_conv", dtype), threads,
+                   (x, weight, offset, bias_arg, use_bias, *tiles, *geo_args, out), block=block, shared_mem=shared)
         return out
     kernels = _resample(weight, offset, x, geo, s, dtype)
     chunks, cols = _columns(s, x)
