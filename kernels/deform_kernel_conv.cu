@@ -34,7 +34,7 @@ using namespace cudeform;
 // Outputs of a column, one above the other, that a thread of dk_global_conv computes (SPAN in
 // the host).
 #define DK_SPAN 4
-// Kernel points of one kernel row that the direct gradient kernels unroll, and kernel rows that
+// Kernel points of one kernel row that dk_im2col and the direct gradient kernels unroll, and kernel rows that
 // a thread of dk_global_kernel_grad sums at once.
 #define DK_ROW_TAPS 4
 #define DK_PIECE_ROWS 2
