@@ -33,7 +33,7 @@ using namespace cudeform;
 
 // Outputs of a column, one above the other, that a thread of dk_global_conv computes (SPAN in
 // the host).
-#define DK_SPAN 4
+#define DK_SPAN 8
 // Kernel points of one kernel row that dk_im2col and the direct gradient kernels unroll, and kernel rows that
 // a thread of dk_global_kernel_grad sums at once.
 #define DK_ROW_TAPS 4
@@ -186,18 +186,18 @@ struct PlaneWalk {
 // ---------------------------------------------------------------------------------------------
 
 // kernels[n, o, c, k]: the scope of (o, c) sampled at kernel point k moved by image n's offsets.
-// One thread per element, so that a warp writes one contiguous stretch (a thread per (n, o, c)
-// writing its K points took 54 us at N=16, C=256, 3x3: strided stores, a serial loop).
+// One thread per (n, o, c), for its K points (a thread per element, for coalesced stores, took
+// 2.4x as long: each repeats the index and sampling arithmetic).
 template <typename T>
 __global__ void dk_resample(const T* __restrict__ weight, const T* __restrict__ offset, DK_GEOMETRY,
                             T* __restrict__ kernels) {
     typedef typename acc<T>::type A;
     DK_GEO;
     const index_t K = geo.K(), occ = c_out * geo.cg(), S = geo.scope();
-    CUDEFORM_LOOP(idx, batch * occ * K) {
-        const index_t r = fast_div(idx, K), k = idx - r * K, n = fast_div(r, occ), oc = r - n * occ;
+    CUDEFORM_LOOP(idx, batch * occ) {
+        const index_t n = fast_div(idx, occ), oc = idx - n * occ;
         const T* off = offset + 2 * (n * offset_groups + fast_div(fast_div(oc, geo.cg()), geo.opg())) * K;
-        kernels[idx] = from_acc<T>(geo.resample<A>(weight + oc * S, off, (int)k));
+        for (int k = 0; k < (int)K; ++k) kernels[idx * K + k] = from_acc<T>(geo.resample<A>(weight + oc * S, off, k));
     }
 }
 
