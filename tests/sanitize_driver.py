@@ -3,9 +3,10 @@
     python tests/sanitize_driver.py all     # memcheck: every case of gpu_cases.CASES, forward and
                                             # both backward modes, in every dtype; again with
                                             # non-finite offsets; conv and DK again in chunks
-    python tests/sanitize_driver.py shared  # racecheck, synccheck: the backwards whose kernels use
-                                            # shared memory or warp shuffles (in the mode that
-                                            # launches them), float32 and float64
+    python tests/sanitize_driver.py shared  # racecheck, synccheck: the ops whose kernels use
+                                            # shared memory or warp shuffles (forward, and the
+                                            # backward in the mode that launches them), float32
+                                            # and float64
 
 CuPy's memory pool is off, so that memcheck sees each array's own bounds (inside a pooled block
 an access past an array's end is invisible). bfloat16 goes through PyTorch tensors, whose
@@ -20,13 +21,15 @@ import numpy as np
 from gpu_cases import CASES
 
 DTYPES = ("float64", "float32", "float16", "bfloat16")
-# The backwards that launch bias_grad (a bias), dk_global_kernel_grad and dk_global_offset_grad
-# (global DK), dk_local_weight_grad (local DK), droi_backward (with an offset or a mask) and
-# dpsroi_backward (warp shuffles). The accumulator (float or double) sets their shared layouts.
+# The ops that launch dk_global_conv (global DK's direct forward), and whose backwards launch
+# bias_grad (a bias), dk_global_kernel_grad and dk_global_offset_grad (global DK),
+# dk_local_weight_grad (local DK), droi_backward (with an offset or a mask) and dpsroi_backward
+# (warp shuffles). The accumulator (float or double) sets their shared layouts.
 SHARED = ("deform_conv2d", "dk_global_direct", "dk_global_gemm", "dk_local", "deform_roi_pool", "deform_psroi_pool")
-# The deterministic backwards with shared memory or warp shuffles of their own: deform_roi_pool's
-# gathered input gradient (droi_transpose_grad_output, droi_gather_input_grad).
-SHARED_DETERMINISTIC = ("deform_roi_pool_sampled",)
+# The deterministic backwards with shared memory or warp shuffles of their own: deform_conv2d's
+# max-abs pass (dcn_col2im_max_abs) and deform_roi_pool's gathered input gradient
+# (droi_transpose_grad_output, droi_gather_input_grad).
+SHARED_DETERMINISTIC = ("deform_conv2d", "deform_roi_pool_sampled")
 SHARED_DTYPES = ("float32", "float64")
 CHUNKED = ("deform_conv2d", "deform_conv2d_v1", "dk_global_gemm")
 
@@ -105,7 +108,7 @@ def main(selection):
     elif selection == "shared":
         for dtype in SHARED_DTYPES:
             for name in SHARED:
-                calls += exercise(name, CASES[name], dtype, forward=False, modes=(False,))
+                calls += exercise(name, CASES[name], dtype, modes=(False,))
             for name in SHARED_DETERMINISTIC:
                 calls += exercise(f"{name} (deterministic)", CASES[name], dtype, forward=False, modes=(True,))
     else:
