@@ -59,6 +59,19 @@ def shape(op: str, name: str, arr: Any, expected: tuple, layout: str) -> None:
         fail(op, name, f"shape {tuple(expected)} {layout}", tuple(arr.shape))
 
 
+class Dims(tuple):
+    """An array's shape standing in for the array in ndim() and shape(): validation that
+    depends on shapes alone can then be cached on them."""
+
+    @property
+    def ndim(self) -> int:
+        return len(self)
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(self)
+
+
 def choice(op: str, name: str, value: Any, choices: Sequence[str]) -> None:
     """One of the strings ``choices``."""
     if not isinstance(value, str) or value not in choices:
