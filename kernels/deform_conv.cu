@@ -120,8 +120,9 @@ __global__ void dcn_col2im(const T* __restrict__ gcols, const T* __restrict__ of
 // Deterministic mode, pass 1: the largest finite |mask * column gradient| of the chunk, over
 // every kernel point, those whose sample misses the image included: a bound is all the fixed
 // point needs, and without the sampling positions this is a plain read of the columns (a pass
-// that located the samples took 3-8x as long). A warp walks a columns row, channel c's kernel
-// point k of image n, beside its mask row. Launch few enough threads that each reads many rows.
+// that located the samples took 3-4x as long in fp16 on an H200). A warp walks a columns row,
+// channel c's kernel point k of image n, beside its mask row. Launch few enough threads that
+// each reads many rows.
 template <typename T>
 __global__ void dcn_col2im_max_abs(const T* __restrict__ gcols, const T* __restrict__ mask, int use_mask,
                                    index_t batch, index_t n0, index_t channels, index_t offset_groups,
