@@ -34,10 +34,12 @@ using namespace cudeform;
 // Outputs of a column, one above the other, that a thread of dk_global_conv computes (SPAN in
 // the host).
 #define DK_SPAN 8
-// Kernel points of one kernel row that dk_im2col and the direct gradient kernels unroll, and
-// kernel rows that a thread of dk_global_kernel_grad sums at once.
+// Kernel points of one kernel row that the direct gradient kernels unroll, and kernel rows
+// that a thread of dk_global_kernel_grad sums at once.
 #define DK_ROW_TAPS 4
 #define DK_PIECE_ROWS 2
+// Kernel points that a thread of dk_im2col loads before it stores them.
+#define DK_IM2COL_PIECE 9
 // Channels that a thread of the local kernels handles at once (CHUNK in the host).
 #define DK_CHUNK 8
 
@@ -48,6 +50,28 @@ __device__ __forceinline__ int div32(int a, int b) { return (int)((unsigned)a / 
 // a / b rounded up, for positive a, b: 64-bit sizes or 32-bit coordinates.
 __device__ __forceinline__ index_t ceil_div(index_t a, index_t b) { return b == 1 ? a : fast_div(a + b - 1, b); }
 __device__ __forceinline__ int ceil_div(int a, int b) { return b == 1 ? a : div32(a + b - 1, b); }
+
+// One kernel point's bilinear sample of a scope, computed once for all the scopes that share
+// the point's offsets: the scope elements of its four corners in BilinearTaps's order (-1 for a
+// corner outside the scope) and their weights. sample() adds the same terms in the same order
+// as bilinear_zero.
+template <typename A>
+struct ScopeTap {
+    int at[4];
+    A w[4];
+
+    template <typename P>
+    __device__ __forceinline__ A sample(const P* scope) const {
+        A v = A(0);
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+            if (at[c] >= 0) v += w[c] * to_acc(scope[at[c]]);
+        }
+        return v;
+    }
+};
+static_assert(sizeof(ScopeTap<float>) == 4 * (4 + 4) && sizeof(ScopeTap<double>) == 4 * (4 + 8),
+              "dk_resample's shared memory is sized by the host (_resample_launch) at 4 * (4 + sizeof(A)) a tap");
 
 struct DkGeometry {
     index_t batch, channels, height, width, c_out, groups, offset_groups;
@@ -86,6 +110,24 @@ struct DkGeometry {
         A h, w;
         scope_point(k / kw, k % kw, off + 2 * k, 1, h, w);
         return bilinear_zero<A>(plane, scope_h, scope_w, h, w);
+    }
+
+    // Global DK: kernel point k's sampling of every scope of an (image, offset group) whose
+    // offsets are `off`, for ScopeTap::sample.
+    template <typename A, typename T>
+    __device__ __forceinline__ ScopeTap<A> scope_tap(const T* off, int k) const {
+        A h, w;
+        scope_point(k / kw, k % kw, off + 2 * k, 1, h, w);
+        const bool inside = in_open_box(h, w, scope_h, scope_w);
+        const Corners<A> p(inside ? h : A(0), inside ? w : A(0));
+        ScopeTap<A> tap;
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+            const index_t y = p.y0 + (c >> 1), x = p.x0 + (c & 1);
+            tap.at[c] = inside && y >= 0 && y < scope_h && x >= 0 && x < scope_w ? (int)(y * scope_w + x) : -1;
+            tap.w[c] = ((c >> 1) ? p.lh : A(1) - p.lh) * ((c & 1) ? p.lw : A(1) - p.lw);
+        }
+        return tap;
     }
 
     __device__ __forceinline__ index_t in_row(index_t y, int i) const { return y * sh - ph + (index_t)i * dh; }
@@ -186,18 +228,48 @@ struct PlaneWalk {
 // ---------------------------------------------------------------------------------------------
 
 // kernels[n, o, c, k]: the scope of (o, c) sampled at kernel point k moved by image n's offsets.
-// One thread per (n, o, c), for its K points (a thread per element, for coalesced stores, took
-// 2.4x as long: each repeats the index and sampling arithmetic).
+// A block per (image, offset group, tile of blockDim.x of the group's (o, c) pairs, which are
+// contiguous), so the K points' taps are the same for the whole block: computed once into
+// shared memory (`staged` bit 1; else by every thread for each of its elements). When `staged`
+// bit 0 is set, the block also copies the tile's scopes, one after the other in `weight`, into
+// shared memory, coalesced, a scope every `pitch` elements (odd: a warp's reads at the same
+// element of different scopes spread over the banks); else they are read in place. Then the
+// threads take the tile's pairs x K outputs, which are contiguous, one element each, so the
+// stores are coalesced. (A thread per pair sampling its own scope in global memory, 32 scattered
+// sectors per warp load and stores K elements apart, took 54 us at N=16, C=256, 4x4 scope in
+// fp16 on an H200.)
 template <typename T>
-__global__ void dk_resample(const T* __restrict__ weight, const T* __restrict__ offset, DK_GEOMETRY,
-                            T* __restrict__ kernels) {
+__global__ void dk_resample(const T* __restrict__ weight, const T* __restrict__ offset, int staged, int pitch,
+                            DK_GEOMETRY, T* __restrict__ kernels) {
     typedef typename acc<T>::type A;
     DK_GEO;
-    const index_t K = geo.K(), occ = c_out * geo.cg(), S = geo.scope();
-    CUDEFORM_LOOP(idx, batch * occ) {
-        const index_t n = fast_div(idx, occ), oc = idx - n * occ;
-        const T* off = offset + 2 * (n * offset_groups + fast_div(fast_div(oc, geo.cg()), geo.opg())) * K;
-        for (int k = 0; k < (int)K; ++k) kernels[idx * K + k] = from_acc<T>(geo.resample<A>(weight + oc * S, off, k));
+    extern __shared__ __align__(16) unsigned char dk_shared[];
+    const int K = (int)geo.K();
+    const bool staged_taps = staged & 2, staged_scopes = staged & 1;
+    ScopeTap<A>* taps = reinterpret_cast<ScopeTap<A>*>(dk_shared);
+    A* scopes = reinterpret_cast<A*>(dk_shared + (staged_taps ? K * sizeof(ScopeTap<A>) : 0));
+    const index_t S = geo.scope(), terms = geo.opg() * geo.cg(), tiles = ceil_div(terms, (index_t)blockDim.x);
+    for (index_t unit = blockIdx.x; unit < batch * offset_groups * tiles; unit += gridDim.x) {
+        const index_t ng = fast_div(unit, tiles), n = fast_div(ng, offset_groups), g = ng - n * offset_groups;
+        const index_t first = g * terms + (unit - ng * tiles) * blockDim.x;
+        const int count = (int)min((index_t)blockDim.x, (g + 1) * terms - first);
+        const T* off = offset + 2 * ng * K;
+        __syncthreads();  // the previous unit's threads are done with the shared memory
+        if (staged_taps) {
+            for (int k = threadIdx.x; k < K; k += blockDim.x) taps[k] = geo.scope_tap<A>(off, k);
+        }
+        if (staged_scopes) {
+            for (PlaneWalk q(0, count * (int)S, (int)S); q.live(); q.next()) {
+                scopes[q.y * pitch + q.x] = to_acc(weight[first * S + q.p]);
+            }
+        }
+        __syncthreads();
+        T* dst = kernels + (n * c_out * geo.cg() + first) * K;
+        for (PlaneWalk q(0, count * K, K); q.live(); q.next()) {
+            const ScopeTap<A> tap = staged_taps ? taps[q.x] : geo.scope_tap<A>(off, q.x);
+            dst[q.p] = from_acc<T>(staged_scopes ? tap.sample(scopes + q.y * pitch)
+                                                 : tap.sample(weight + (first + q.y) * S));
+        }
     }
 }
 
@@ -465,13 +537,42 @@ __global__ void __launch_bounds__(256) dk_global_kernel_grad(const T* __restrict
     }
 }
 
+// One dk_im2col position: K points of the plane at rows iy0 + i * dh, columns ix0 + j * dw (zero
+// outside), loaded DK_IM2COL_PIECE at a time before any is stored, to col[k * L]. I: the
+// in-plane coordinates' type.
+template <typename I, typename T>
+__device__ __forceinline__ void im2col_position(const T* plane, I iy0, I ix0, const DkGeometry& geo, index_t L,
+                                                T zero, T* col) {
+    const I H = (I)geo.height, W = (I)geo.width;
+    const int K = geo.kh * geo.kw;
+    for (int k0 = 0; k0 < K; k0 += DK_IM2COL_PIECE) {
+        int i = k0 / geo.kw, j = k0 - i * geo.kw;
+        T v[DK_IM2COL_PIECE];
+#pragma unroll
+        for (int t = 0; t < DK_IM2COL_PIECE; ++t) {
+            const I iy = iy0 + (I)i * geo.dh, ix = ix0 + (I)j * geo.dw;
+            const bool inside = k0 + t < K && iy >= 0 && iy < H && ix >= 0 && ix < W;
+            v[t] = inside ? plane[iy * W + ix] : zero;
+            if (++j == geo.kw) {
+                j = 0;
+                ++i;
+            }
+        }
+#pragma unroll
+        for (int t = 0; t < DK_IM2COL_PIECE; ++t, col += L) {
+            if (k0 + t < K) *col = v[t];
+        }
+    }
+}
+
 // Columns of the rigid grid for `batch` images: cols[n, c * K + k, l], zero padding. One thread
-// per (image, channel, position), so a warp writes contiguous stretches of a row. A kernel row's
-// points are read in pieces of DK_ROW_TAPS before any is stored: one load after another, each
-// waiting for the store before it, took 116 us at N=16, C=256, 32x32, 3x3 in fp16 and fp32
-// alike (102 us and 108 us read in pieces, on an H200).
+// per (image, channel, position), so a warp writes contiguous stretches of a row; in-plane
+// coordinates in 32 bits when every one fits (`small`), as 64-bit arithmetic was most of this
+// light kernel's instructions. One load after another, each waiting for the store before it,
+// in 64 bits, took 116 us at N=16, C=256, 32x32, 3x3 in fp16 on an H200; loads by pieces of a
+// kernel row 102 us, and of the whole kernel 105 us.
 template <typename T>
-__global__ void dk_im2col(const T* __restrict__ input, DK_GEOMETRY, T* __restrict__ cols) {
+__global__ void dk_im2col(const T* __restrict__ input, int small, DK_GEOMETRY, T* __restrict__ cols) {
     typedef typename acc<T>::type A;
     DK_GEO;
     const index_t L = geo.L(), K = geo.K(), hw = geo.hw();
@@ -481,21 +582,10 @@ __global__ void dk_im2col(const T* __restrict__ input, DK_GEOMETRY, T* __restric
         const index_t y = fast_div(l, out_w), x = l - y * out_w;
         const T* plane = input + nc * hw;
         T* col = cols + nc * K * L + l;
-        for (int i = 0; i < kh; ++i, col += kw * L) {
-            const index_t iy = geo.in_row(y, i);
-            const bool row_inside = iy >= 0 && iy < height;
-            for (int j0 = 0; j0 < kw; j0 += DK_ROW_TAPS) {
-                T v[DK_ROW_TAPS];
-#pragma unroll
-                for (int t = 0; t < DK_ROW_TAPS; ++t) {
-                    const index_t ix = geo.in_col(x, j0 + t);
-                    v[t] = (j0 + t < kw && row_inside && ix >= 0 && ix < width) ? plane[iy * width + ix] : zero;
-                }
-#pragma unroll
-                for (int t = 0; t < DK_ROW_TAPS; ++t) {
-                    if (j0 + t < kw) col[(index_t)(j0 + t) * L] = v[t];
-                }
-            }
+        if (small) {
+            im2col_position<int>(plane, (int)y * sh - ph, (int)x * sw - pw, geo, L, zero, col);
+        } else {
+            im2col_position<index_t>(plane, geo.in_row(y, 0), geo.in_col(x, 0), geo, L, zero, col);
         }
     }
 }

@@ -57,6 +57,11 @@ EDGES = {
     # a window too large for shared memory: dk_global_conv reads the planes directly
     "huge_dilation": dict(N=1, C_in=2, C_out=2, groups=2, G=2, kernel=(2, 2), scope=(3, 3), H=125, W=127,
                           stride=1, padding=2, dilation=(120, 121)),
+    # the GEMM path (Cg * K = 72) with stride phases (kernel rows 0 and 2 read phase 0, row 1
+    # phase 1), output rows not a whole number of 16-byte units, and offset groups across
+    # weight groups
+    "gemm_phases": dict(N=2, C_in=16, C_out=6, groups=2, G=3, kernel=(3, 3), scope=(4, 4), H=11, W=13,
+                        stride=(2, 1), padding=(2, 1), dilation=(3, 2)),
     # one pixel, one output
     "tiny": dict(N=2, C_in=3, C_out=3, groups=3, G=1, kernel=(3, 3), scope=(4, 4), H=1, W=1,
                  stride=1, padding=1, dilation=1),
@@ -127,6 +132,20 @@ def test_direct_conv_tiles(torch, monkeypatch, dtype, budget, target, name):
     out = cudeform.deform_kernel_conv2d(**tensors, **geo)
     expected = ref.deform_kernel_conv2d(*positional(exact), **geo)
     assert l2_rel(out.double().cpu().numpy(), expected) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float16"])
+@pytest.mark.parametrize("budget", [2400, 0], ids=["narrow", "unstaged"])
+@pytest.mark.parametrize("name", ["dense3x3", "widescope", "multiplier", "gemm_phases"])
+def test_resample_launches(torch, monkeypatch, dtype, budget, name):
+    """dk_resample (the GEMM path's forward, every global backward) with blocks narrowed to a
+    small shared-memory budget, and with the scopes read in place."""
+    from cudeform.cuda import deform_kernel_conv as gpu
+
+    monkeypatch.setattr(gpu, "DIRECT_SHARED_BYTES", budget)
+    monkeypatch.setattr(gpu, "DIRECT_MAX_REDUCTION", 0)
+    tensors, exact, geo = rounded_case(torch, {**LARGE, **EDGES}[name], "global", dtype, seed=40)
+    check_against_reference(torch, tensors, exact, geo, dtype, seed=41)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])

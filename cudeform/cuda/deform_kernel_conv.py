@@ -88,12 +88,16 @@ def _columns(s, x):
     return chunks, cupy.empty(per_image * step if chunks else 0, x.dtype)
 
 
+def _small_planes(s, geo) -> bool:
+    """Whether every in-plane coordinate and index of the convolution fits 32-bit arithmetic."""
+    (kh, kw), (ph, pw), (dh, dw) = geo.kernel, geo.padding, geo.dilation
+    return max(s.hw, s.L, s.h + 2 * ph + (kh - 1) * dh, s.w + 2 * pw + (kw - 1) * dw) < 2**30
+
+
 def _direct(s, geo) -> bool:
     """Whether global DK takes the direct kernels: a short reduction that fits their shared
-    memory, and planes whose every coordinate fits their 32-bit in-plane arithmetic."""
-    (kh, kw), (ph, pw), (dh, dw) = geo.kernel, geo.padding, geo.dilation
-    extent = max(s.hw, s.L, s.h + 2 * ph + (kh - 1) * dh, s.w + 2 * pw + (kw - 1) * dw)
-    return s.rows <= DIRECT_MAX_REDUCTION and extent < 2**30
+    memory, and planes small enough for their 32-bit in-plane arithmetic."""
+    return s.rows <= DIRECT_MAX_REDUCTION and _small_planes(s, geo)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -153,12 +157,32 @@ class _Shapes:
         self.rows = self.cg * self.K  # of one (image, weight group) GEMM operand
 
 
+@functools.lru_cache(maxsize=256)
+def _resample_launch(terms: int, K: int, scope: int, acc_bytes: int, budget: int):
+    """dk_resample's (block, staged, pitch, shared bytes) for offset groups of `terms` (o, c)
+    pairs: a block of at most BLOCK threads, no wider than a group needs. In `budget` bytes of
+    shared memory: first the K taps (staged bit 1), then the block's scopes, `pitch` values
+    apart (odd; staged bit 0) if even a warp's fit."""
+    block, pitch = min(_compile.BLOCK, -(-terms // _compile.WARP) * _compile.WARP), scope | 1
+    taps = K * 4 * (4 + acc_bytes)  # a ScopeTap: four int corners, four weights
+    staged, shared = (2, taps) if taps <= budget else (0, 0)
+    fit = (budget - shared) // (pitch * acc_bytes) // _compile.WARP * _compile.WARP
+    if fit:
+        block = min(block, fit)
+        staged, shared = staged | 1, shared + block * pitch * acc_bytes
+    return block, np.int32(staged), np.int32(pitch), shared
+
+
 def _resample(weight, offset, x, geo, s, dtype):
     import cupy
 
     kernels = cupy.empty((s.n, s.c_out, s.rows), STORAGE_DTYPES[dtype])
-    launch(_kernel("dk_resample", dtype), s.n * s.c_out * s.cg,
-           (weight, offset, *_geometry_args(geo, x.shape, s.c_out, s.n), kernels))
+    terms = s.opg * s.cg
+    block, staged, pitch, shared = _resample_launch(terms, s.K, s.S, np.dtype(ACC_DTYPES[dtype]).itemsize,
+                                                    DIRECT_SHARED_BYTES)
+    launch(_kernel("dk_resample", dtype), s.n * geo.offset_groups * -(-terms // block) * block,
+           (weight, offset, staged, pitch, *_geometry_args(geo, x.shape, s.c_out, s.n), kernels),
+           block=block, shared_mem=shared)
     return kernels
 
 
@@ -192,10 +216,10 @@ def forward(input, weight, kernel_offset, bias, *, geo, dtype):
         return out
     kernels = _resample(weight, offset, x, geo, s, dtype)
     chunks, cols = _columns(s, x)
-    im2col = _kernel("dk_im2col", dtype)
+    im2col, small = _kernel("dk_im2col", dtype), np.int32(_small_planes(s, geo))
     for n0, n1 in chunks:
         b = n1 - n0
-        launch(im2col, b * s.c_in * s.L, (x[n0:n1], *_geometry_args(geo, x.shape, s.c_out, b), cols))
+        launch(im2col, b * s.c_in * s.L, (x[n0:n1], small, *_geometry_args(geo, x.shape, s.c_out, b), cols))
         # One product per (image, weight group): its resampled kernels times its columns.
         _blas.matmul(kernels[n0:n1], cols, out[n0:n1], m=s.og, n=s.L, k=s.rows, dtype=dtype, batch=b * geo.groups,
                      stride_a=s.og * s.rows, stride_b=s.rows * s.L, stride_c=s.og * s.L)
@@ -245,10 +269,11 @@ def _global_backward(go, x, weight, offset, geo, s, dtype, grad_input, grad_offs
         grad_kernels = cupy.empty((s.n, bands, s.c_out, s.rows), acc_dtype)
         chunks, cols = _columns(s, x)
         im2col, col2im = _kernel("dk_im2col", dtype), _kernel("dk_col2im", dtype)
+        small = np.int32(_small_planes(s, geo))
         for n0, n1 in chunks:
             b = n1 - n0
             chunk_args = _geometry_args(geo, x.shape, s.c_out, b)
-            launch(im2col, b * s.c_in * s.L, (x[n0:n1], *chunk_args, cols))
+            launch(im2col, b * s.c_in * s.L, (x[n0:n1], small, *chunk_args, cols))
             _blas.matmul(go[n0:n1], cols, grad_kernels[n0:n1], m=s.og, n=s.rows, k=s.L, dtype=dtype,
                          c_dtype=np.dtype(acc_dtype).name, trans_b=True, batch=b * geo.groups,
                          stride_a=s.og * s.L, stride_b=s.rows * s.L, stride_c=s.og * s.rows)
