@@ -249,6 +249,7 @@ __global__ void dk_resample(const T* __restrict__ weight, const T* __restrict__ 
     ScopeTap<A>* taps = reinterpret_cast<ScopeTap<A>*>(dk_shared);
     A* scopes = reinterpret_cast<A*>(dk_shared + (staged_taps ? K * sizeof(ScopeTap<A>) : 0));
     const index_t S = geo.scope(), terms = geo.opg() * geo.cg(), tiles = ceil_div(terms, (index_t)blockDim.x);
+    const int per = max(1, (int)blockDim.x / K);  // pairs a step of the output loop covers
     for (index_t unit = blockIdx.x; unit < batch * offset_groups * tiles; unit += gridDim.x) {
         const index_t ng = fast_div(unit, tiles), n = fast_div(ng, offset_groups), g = ng - n * offset_groups;
         const index_t first = g * terms + (unit - ng * tiles) * blockDim.x;
@@ -264,11 +265,17 @@ __global__ void dk_resample(const T* __restrict__ weight, const T* __restrict__ 
             }
         }
         __syncthreads();
+        // Slot (r0, k): kernel point k of pairs r0, r0 + per, ...; consecutive threads take
+        // consecutive outputs, and each keeps its one tap in registers (a tap per output, read
+        // from shared memory, made its bank conflicts this kernel's bound).
         T* dst = kernels + (n * c_out * geo.cg() + first) * K;
-        for (PlaneWalk q(0, count * K, K); q.live(); q.next()) {
-            const ScopeTap<A> tap = staged_taps ? taps[q.x] : geo.scope_tap<A>(off, q.x);
-            dst[q.p] = from_acc<T>(staged_scopes ? tap.sample(scopes + q.y * pitch)
-                                                 : tap.sample(weight + (first + q.y) * S));
+        for (int slot = threadIdx.x; slot < per * K; slot += blockDim.x) {
+            const int r0 = div32(slot, K), k = slot - r0 * K;
+            const ScopeTap<A> tap = staged_taps ? taps[k] : geo.scope_tap<A>(off, k);
+            for (int r = r0; r < count; r += per) {
+                dst[r * K + k] = from_acc<T>(staged_scopes ? tap.sample(scopes + r * pitch)
+                                                           : tap.sample(weight + (first + r) * S));
+            }
         }
     }
 }
