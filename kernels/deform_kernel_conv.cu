@@ -237,7 +237,7 @@ struct PlaneWalk {
 // threads take the tile's pairs x K outputs, which are contiguous, one element each, so the
 // stores are coalesced. (A thread per pair sampling its own scope in global memory, 32 scattered
 // sectors per warp load and stores K elements apart, took 54 us at N=16, C=256, 4x4 scope in
-// fp16 on an H200.)
+// fp16 on an H200 and 96 us in fp32; this kernel 48 us in both.)
 template <typename T>
 __global__ void dk_resample(const T* __restrict__ weight, const T* __restrict__ offset, int staged, int pitch,
                             DK_GEOMETRY, T* __restrict__ kernels) {
