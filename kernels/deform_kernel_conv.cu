@@ -230,7 +230,7 @@ struct PlaneWalk {
 // kernels[n, o, c, k]: the scope of (o, c) sampled at kernel point k moved by image n's offsets.
 // A block per (image, offset group, tile of blockDim.x of the group's (o, c) pairs, which are
 // contiguous), so the K points' taps are the same for the whole block: computed once into
-// shared memory (`staged` bit 1; else by every thread for each of its elements). When `staged`
+// shared memory (`staged` bit 1; else by every thread for its own kernel point). When `staged`
 // bit 0 is set, the block also copies the tile's scopes, one after the other in `weight`, into
 // shared memory, coalesced, a scope every `pitch` elements (odd: a warp's reads at the same
 // element of different scopes spread over the banks); else they are read in place. Then the
@@ -577,7 +577,7 @@ __device__ __forceinline__ void im2col_position(const T* plane, I iy0, I ix0, co
 // coordinates in 32 bits when every one fits (`small`), as 64-bit arithmetic was most of this
 // light kernel's instructions. One load after another, each waiting for the store before it,
 // in 64 bits, took 116 us at N=16, C=256, 32x32, 3x3 in fp16 on an H200; loads by pieces of a
-// kernel row 102 us, and of the whole kernel 105 us.
+// kernel row 102 us, and of the whole kernel 105 us; this kernel 82 us (88 us in fp32).
 template <typename T>
 __global__ void dk_im2col(const T* __restrict__ input, int small, DK_GEOMETRY, T* __restrict__ cols) {
     typedef typename acc<T>::type A;

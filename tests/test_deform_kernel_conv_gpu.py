@@ -148,6 +148,18 @@ def test_resample_launches(torch, monkeypatch, dtype, budget, name):
     check_against_reference(torch, tensors, exact, geo, dtype, seed=41)
 
 
+@pytest.mark.parametrize("dtype", ["float64", "float16"])
+@pytest.mark.parametrize("name", ["dense3x3", "gemm_phases", "big_pad", "wide_strided"])
+def test_gemm_path_64bit_coordinates(torch, monkeypatch, dtype, name):
+    """dk_im2col's 64-bit in-plane arithmetic, which only planes past 2**30 positions take,
+    forced on small ones (the GEMM path, forward and backward)."""
+    from cudeform.cuda import deform_kernel_conv as gpu
+
+    monkeypatch.setattr(gpu, "_small_planes", lambda s, geo: False)
+    tensors, exact, geo = rounded_case(torch, {**LARGE, **EDGES}[name], "global", dtype, seed=42)
+    check_against_reference(torch, tensors, exact, geo, dtype, seed=43)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("name", list(CONFIGS) + list(LARGE) + list(EDGES))
