@@ -47,6 +47,10 @@ using namespace cudeform;
 // 64-bit fallback, whose subroutine call makes the compiler spill registers around it.
 __device__ __forceinline__ int div32(int a, int b) { return (int)((unsigned)a / (unsigned)b); }
 
+// a / b for non-negative a, b of either coordinate type.
+__device__ __forceinline__ int quotient(int a, int b) { return div32(a, b); }
+__device__ __forceinline__ index_t quotient(index_t a, index_t b) { return fast_div(a, b); }
+
 // a / b rounded up, for positive a, b: 64-bit sizes or 32-bit coordinates.
 __device__ __forceinline__ index_t ceil_div(index_t a, index_t b) { return b == 1 ? a : fast_div(a + b - 1, b); }
 __device__ __forceinline__ int ceil_div(int a, int b) { return b == 1 ? a : div32(a + b - 1, b); }
@@ -153,17 +157,20 @@ struct DkGeometry {
     }
 
     // The output row whose kernel row i reads input row iy; false when there is none (stride).
-    __device__ __forceinline__ bool out_row(index_t iy, int i, index_t& y) const {
-        const index_t t = iy + ph - (index_t)i * dh;
+    // I: the in-plane coordinates' type (int where every one fits, index_t otherwise).
+    template <typename I>
+    __device__ __forceinline__ bool out_row(I iy, int i, I& y) const {
+        const I t = iy + ph - (I)i * dh;
         if (t < 0) return false;
-        y = sh == 1 ? t : fast_div(t, sh);
-        return y * sh == t && y < out_h;
+        y = sh == 1 ? t : quotient(t, (I)sh);
+        return y * sh == t && y < (I)out_h;
     }
-    __device__ __forceinline__ bool out_col(index_t ix, int j, index_t& x) const {
-        const index_t t = ix + pw - (index_t)j * dw;
+    template <typename I>
+    __device__ __forceinline__ bool out_col(I ix, int j, I& x) const {
+        const I t = ix + pw - (I)j * dw;
         if (t < 0) return false;
-        x = sw == 1 ? t : fast_div(t, sw);
-        return x * sw == t && x < out_w;
+        x = sw == 1 ? t : quotient(t, (I)sw);
+        return x * sw == t && x < (I)out_w;
     }
 };
 
@@ -597,9 +604,28 @@ __global__ void dk_im2col(const T* __restrict__ input, int small, DK_GEOMETRY, T
     }
 }
 
-// The input gradient from the columns' gradient: a gather, one thread per input element.
+// The sum, in a fixed order, of the column gradients that input pixel (iy, ix) of a plane fed,
+// whose columns start at `col`. I: the in-plane coordinates' type.
+template <typename A, typename I, typename T>
+__device__ __forceinline__ A col2im_sum(const T* col, I iy, I ix, const DkGeometry& geo, index_t L) {
+    A sum = A(0);
+    for (int i = 0; i < geo.kh; ++i) {
+        I y;
+        if (!geo.out_row(iy, i, y)) continue;
+        const T* row = col + (index_t)i * geo.kw * L + (index_t)y * geo.out_w;
+        for (int j = 0; j < geo.kw; ++j, row += L) {
+            I x;
+            if (geo.out_col(ix, j, x)) sum += to_acc(row[x]);
+        }
+    }
+    return sum;
+}
+
+// The input gradient from the columns' gradient: a gather, one thread per input element, in
+// 32-bit in-plane arithmetic when every coordinate fits (`small`; at N=16, C=256, 32x32, 3x3 in
+// fp16 on an H200, 133 us, where all in 64 bits took 231 us).
 template <typename T>
-__global__ void dk_col2im(const T* __restrict__ cols, DK_GEOMETRY, T* __restrict__ grad_input) {
+__global__ void dk_col2im(const T* __restrict__ cols, int small, DK_GEOMETRY, T* __restrict__ grad_input) {
     typedef typename acc<T>::type A;
     DK_GEO;
     const index_t L = geo.L(), K = geo.K(), hw = geo.hw();
@@ -607,15 +633,7 @@ __global__ void dk_col2im(const T* __restrict__ cols, DK_GEOMETRY, T* __restrict
         const index_t nc = fast_div(idx, hw), p = idx - nc * hw;
         const index_t iy = fast_div(p, width), ix = p - iy * width;
         const T* col = cols + nc * K * L;
-        A sum = A(0);
-        for (int i = 0; i < kh; ++i) {
-            index_t y;
-            if (!geo.out_row(iy, i, y)) continue;
-            for (int j = 0; j < kw; ++j) {
-                index_t x;
-                if (geo.out_col(ix, j, x)) sum += to_acc(col[((index_t)i * kw + j) * L + y * out_w + x]);
-            }
-        }
+        const A sum = small ? col2im_sum<A>(col, (int)iy, (int)ix, geo, L) : col2im_sum<A>(col, iy, ix, geo, L);
         grad_input[idx] = from_acc<T>(sum);
     }
 }

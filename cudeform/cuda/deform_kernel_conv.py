@@ -280,7 +280,7 @@ def _global_backward(go, x, weight, offset, geo, s, dtype, grad_input, grad_offs
             # The columns' gradient, kernels^T @ grad_output, into the same buffer.
             _blas.matmul(kernels[n0:n1], go[n0:n1], cols, m=s.rows, n=s.L, k=s.og, dtype=dtype, trans_a=True,
                          batch=b * geo.groups, stride_a=s.og * s.rows, stride_b=s.og * s.L, stride_c=s.rows * s.L)
-            launch(col2im, b * s.c_in * s.hw, (cols, *chunk_args, grad_input[n0:n1]))
+            launch(col2im, b * s.c_in * s.hw, (cols, small, *chunk_args, grad_input[n0:n1]))
     taps = cupy.empty((s.n, geo.offset_groups, s.K, s.S), acc_dtype)
     launch(_kernel("dk_global_offset_grad", dtype), s.n * geo.offset_groups * s.K * OFFSET_GRAD_BLOCK,
            (grad_kernels, weight, offset, np.int64(bands), *geo_args, grad_offset, taps), block=OFFSET_GRAD_BLOCK)
