@@ -57,9 +57,8 @@ EDGES = {
     # a window too large for shared memory: dk_global_conv reads the planes directly
     "huge_dilation": dict(N=1, C_in=2, C_out=2, groups=2, G=2, kernel=(2, 2), scope=(3, 3), H=125, W=127,
                           stride=1, padding=2, dilation=(120, 121)),
-    # the GEMM path (Cg * K = 72) with stride phases (kernel rows 0 and 2 read phase 0, row 1
-    # phase 1), output rows not a whole number of 16-byte units, and offset groups across
-    # weight groups
+    # the GEMM path (Cg * K = 72) with a stride, dilations and paddings that differ between the
+    # axes, and offset groups across weight groups
     "gemm_phases": dict(N=2, C_in=16, C_out=6, groups=2, G=3, kernel=(3, 3), scope=(4, 4), H=11, W=13,
                         stride=(2, 1), padding=(2, 1), dilation=(3, 2)),
     # one pixel, one output
@@ -139,7 +138,8 @@ def test_direct_conv_tiles(torch, monkeypatch, dtype, budget, target, name):
 @pytest.mark.parametrize("name", ["dense3x3", "widescope", "multiplier", "gemm_phases"])
 def test_resample_launches(torch, monkeypatch, dtype, budget, name):
     """dk_resample (the GEMM path's forward, every global backward) with blocks narrowed to a
-    small shared-memory budget, and with the scopes read in place."""
+    small shared-memory budget, and with its taps computed by every thread and its scopes read
+    in place."""
     from cudeform.cuda import deform_kernel_conv as gpu
 
     monkeypatch.setattr(gpu, "DIRECT_SHARED_BYTES", budget)
@@ -151,8 +151,8 @@ def test_resample_launches(torch, monkeypatch, dtype, budget, name):
 @pytest.mark.parametrize("dtype", ["float64", "float16"])
 @pytest.mark.parametrize("name", ["dense3x3", "gemm_phases", "big_pad", "wide_strided"])
 def test_gemm_path_64bit_coordinates(torch, monkeypatch, dtype, name):
-    """dk_im2col's 64-bit in-plane arithmetic, which only planes past 2**30 positions take,
-    forced on small ones (the GEMM path, forward and backward)."""
+    """dk_im2col's and dk_col2im's 64-bit in-plane arithmetic, which only planes past 2**30
+    positions take, forced on small ones (the GEMM path, forward and backward)."""
     from cudeform.cuda import deform_kernel_conv as gpu
 
     monkeypatch.setattr(gpu, "_small_planes", lambda s, geo: False)
