@@ -55,28 +55,6 @@ __device__ __forceinline__ index_t quotient(index_t a, index_t b) { return fast_
 __device__ __forceinline__ index_t ceil_div(index_t a, index_t b) { return b == 1 ? a : fast_div(a + b - 1, b); }
 __device__ __forceinline__ int ceil_div(int a, int b) { return b == 1 ? a : div32(a + b - 1, b); }
 
-// One kernel point's bilinear sample of a scope, computed once for all the scopes that share
-// the point's offsets: the scope elements of its four corners in BilinearTaps's order (-1 for a
-// corner outside the scope) and their weights. sample() adds the same terms in the same order
-// as bilinear_zero.
-template <typename A>
-struct ScopeTap {
-    int at[4];
-    A w[4];
-
-    template <typename P>
-    __device__ __forceinline__ A sample(const P* scope) const {
-        A v = A(0);
-#pragma unroll
-        for (int c = 0; c < 4; ++c) {
-            if (at[c] >= 0) v += w[c] * to_acc(scope[at[c]]);
-        }
-        return v;
-    }
-};
-static_assert(sizeof(ScopeTap<float>) == 4 * (4 + 4) && sizeof(ScopeTap<double>) == 4 * (4 + 8),
-              "dk_resample's shared memory is sized by the host (_resample_launch) at 4 * (4 + sizeof(A)) a tap");
-
 struct DkGeometry {
     index_t batch, channels, height, width, c_out, groups, offset_groups;
     int kh, kw, sh, sw, ph, pw, dh, dw;
@@ -114,24 +92,6 @@ struct DkGeometry {
         A h, w;
         scope_point(k / kw, k % kw, off + 2 * k, 1, h, w);
         return bilinear_zero<A>(plane, scope_h, scope_w, h, w);
-    }
-
-    // Global DK: kernel point k's sampling of every scope of an (image, offset group) whose
-    // offsets are `off`, for ScopeTap::sample.
-    template <typename A, typename T>
-    __device__ __forceinline__ ScopeTap<A> scope_tap(const T* off, int k) const {
-        A h, w;
-        scope_point(k / kw, k % kw, off + 2 * k, 1, h, w);
-        const bool inside = in_open_box(h, w, scope_h, scope_w);
-        const Corners<A> p(inside ? h : A(0), inside ? w : A(0));
-        ScopeTap<A> tap;
-#pragma unroll
-        for (int c = 0; c < 4; ++c) {
-            const index_t y = p.y0 + (c >> 1), x = p.x0 + (c & 1);
-            tap.at[c] = inside && y >= 0 && y < scope_h && x >= 0 && x < scope_w ? (int)(y * scope_w + x) : -1;
-            tap.w[c] = ((c >> 1) ? p.lh : A(1) - p.lh) * ((c & 1) ? p.lw : A(1) - p.lw);
-        }
-        return tap;
     }
 
     __device__ __forceinline__ index_t in_row(index_t y, int i) const { return y * sh - ph + (index_t)i * dh; }
@@ -236,52 +196,48 @@ struct PlaneWalk {
 
 // kernels[n, o, c, k]: the scope of (o, c) sampled at kernel point k moved by image n's offsets.
 // A block per (image, offset group, tile of blockDim.x of the group's (o, c) pairs, which are
-// contiguous), so the K points' taps are the same for the whole block: computed once into
-// shared memory (`staged` bit 1; else by every thread for its own kernel point). When `staged`
-// bit 0 is set, the block also copies the tile's scopes, one after the other in `weight`, into
-// shared memory, coalesced, a scope every `pitch` elements (odd: a warp's reads at the same
-// element of different scopes spread over the banks); else they are read in place. Then the
-// threads take the tile's pairs x K outputs, which are contiguous, one element each, so the
-// stores are coalesced. (A thread per pair sampling its own scope in global memory, 32 scattered
-// sectors per warp load and stores K elements apart, took 54 us at N=16, C=256, 4x4 scope in
-// fp16 on an H200 and 96 us in fp32; this kernel 48 us in both.)
+// contiguous), so kernel point k's taps are the same for the whole block. When `staged`, the
+// block first copies the tile's scopes, one after the other in `weight`, into shared memory,
+// coalesced, a scope every `pitch` elements (odd: a warp's reads at the same element of
+// different scopes spread over the banks); else they are read in place. Then a thread per
+// slot (r0, k) takes kernel point k of pairs r0, r0 + per, ...: consecutive threads write
+// consecutive outputs, and each computes its point's taps once. (A thread per pair sampling its
+// own scope in global memory, 32 scattered sectors per warp load and stores K elements apart,
+// took 54 us at N=16, C=256, 4x4 scope in fp16 on an H200 and 96 us in fp32; this kernel 52 us
+// in both. Staging the taps in shared memory too saved 4 us, at the cost of a second copy of
+// BilinearTaps's corner rules.)
 template <typename T>
 __global__ void dk_resample(const T* __restrict__ weight, const T* __restrict__ offset, int staged, int pitch,
                             DK_GEOMETRY, T* __restrict__ kernels) {
     typedef typename acc<T>::type A;
     DK_GEO;
     extern __shared__ __align__(16) unsigned char dk_shared[];
+    A* scopes = reinterpret_cast<A*>(dk_shared);
     const int K = (int)geo.K();
-    const bool staged_taps = staged & 2, staged_scopes = staged & 1;
-    ScopeTap<A>* taps = reinterpret_cast<ScopeTap<A>*>(dk_shared);
-    A* scopes = reinterpret_cast<A*>(dk_shared + (staged_taps ? K * sizeof(ScopeTap<A>) : 0));
     const index_t S = geo.scope(), terms = geo.opg() * geo.cg(), tiles = ceil_div(terms, (index_t)blockDim.x);
     const int per = max(1, (int)blockDim.x / K);  // pairs a step of the output loop covers
     for (index_t unit = blockIdx.x; unit < batch * offset_groups * tiles; unit += gridDim.x) {
         const index_t ng = fast_div(unit, tiles), n = fast_div(ng, offset_groups), g = ng - n * offset_groups;
         const index_t first = g * terms + (unit - ng * tiles) * blockDim.x;
         const int count = (int)min((index_t)blockDim.x, (g + 1) * terms - first);
-        const T* off = offset + 2 * ng * K;
-        __syncthreads();  // the previous unit's threads are done with the shared memory
-        if (staged_taps) {
-            for (int k = threadIdx.x; k < K; k += blockDim.x) taps[k] = geo.scope_tap<A>(off, k);
-        }
-        if (staged_scopes) {
+        if (staged) {
+            __syncthreads();  // the previous unit's threads are done with the shared memory
             for (PlaneWalk q(0, count * (int)S, (int)S); q.live(); q.next()) {
                 scopes[q.y * pitch + q.x] = to_acc(weight[first * S + q.p]);
             }
+            __syncthreads();
         }
-        __syncthreads();
-        // Slot (r0, k): kernel point k of pairs r0, r0 + per, ...; consecutive threads take
-        // consecutive outputs, and each keeps its one tap in registers (a tap per output, read
-        // from shared memory, made its bank conflicts this kernel's bound).
         T* dst = kernels + (n * c_out * geo.cg() + first) * K;
         for (int slot = threadIdx.x; slot < per * K; slot += blockDim.x) {
             const int r0 = div32(slot, K), k = slot - r0 * K;
-            const ScopeTap<A> tap = staged_taps ? taps[k] : geo.scope_tap<A>(off, k);
+            // bilinear_zero in two steps: the taps once, then a sample per scope.
+            A h, w;
+            geo.scope_point(k / kw, k % kw, offset + 2 * (ng * K + k), 1, h, w);
+            const bool inside = in_open_box(h, w, scope_h, scope_w);
+            const BilinearTaps<A> taps(inside ? h : A(0), inside ? w : A(0), scope_h, scope_w);
             for (int r = r0; r < count; r += per) {
-                dst[r * K + k] = from_acc<T>(staged_scopes ? tap.sample(scopes + r * pitch)
-                                                           : tap.sample(weight + (first + r) * S));
+                const A v = staged ? taps.sample(scopes + r * pitch) : taps.sample(weight + (first + r) * S);
+                dst[r * K + k] = from_acc<T>(inside ? v : A(0));
             }
         }
     }

@@ -307,25 +307,23 @@ def test_gpu_direct_path_bounds():
     assert not gpu._direct(shapes(9, 1, 2**30 - 1), geo)
 
 
-@pytest.mark.parametrize("terms,K,scope,acc_bytes,budget", [
-    (65536, 9, 16, 4, 48 * 1024), (1, 9, 16, 8, 48 * 1024), (40, 6, 72, 8, 48 * 1024), (512, 9, 16, 4, 2400),
-    (512, 9, 16, 8, 2400), (512, 9, 49, 4, 0), (512, 2000, 16, 4, 48 * 1024)])
-def test_gpu_resample_launch(terms, K, scope, acc_bytes, budget):
+@pytest.mark.parametrize("terms,scope,acc_bytes,budget", [(65536, 16, 4, 48 * 1024), (1, 16, 8, 48 * 1024),
+                                                         (40, 72, 8, 48 * 1024), (512, 16, 4, 2400),
+                                                         (512, 16, 8, 2400), (512, 49, 4, 0)])
+def test_gpu_resample_launch(terms, scope, acc_bytes, budget):
     """dk_resample's block: whole warps, at most BLOCK and no wider than an offset group needs;
-    the taps, then scopes an odd pitch apart, within the shared-memory budget, else in place."""
+    staged scopes an odd pitch apart within the shared-memory budget, else in place."""
     from cudeform.cuda import _compile
     from cudeform.cuda import deform_kernel_conv as gpu
 
-    block, staged, pitch, shared = gpu._resample_launch(terms, K, scope, acc_bytes, budget)
+    block, staged, pitch, shared = gpu._resample_launch(terms, scope, acc_bytes, budget)
     assert block % _compile.WARP == 0 and 0 < block <= _compile.BLOCK
     assert block <= -(-terms // _compile.WARP) * _compile.WARP
     assert pitch >= scope and pitch % 2 == 1
-    taps = K * 4 * (4 + acc_bytes) if staged & 2 else 0
-    assert bool(staged & 2) == (K * 4 * (4 + acc_bytes) <= budget)
-    if staged & 1:
-        assert shared == taps + block * pitch * acc_bytes <= budget
+    if staged:
+        assert shared == block * pitch * acc_bytes <= budget
     else:
-        assert shared == taps and taps + _compile.WARP * pitch * acc_bytes > budget
+        assert shared == 0 and _compile.WARP * pitch * acc_bytes > budget
 
 
 # (planes, out_size, kernel, stride, dilation, Cg * K, accumulator bytes, shared budget, target blocks)

@@ -138,8 +138,7 @@ def test_direct_conv_tiles(torch, monkeypatch, dtype, budget, target, name):
 @pytest.mark.parametrize("name", ["dense3x3", "widescope", "multiplier", "gemm_phases"])
 def test_resample_launches(torch, monkeypatch, dtype, budget, name):
     """dk_resample (the GEMM path's forward, every global backward) with blocks narrowed to a
-    small shared-memory budget, and with its taps computed by every thread and its scopes read
-    in place."""
+    small shared-memory budget, and with the scopes read in place."""
     from cudeform.cuda import deform_kernel_conv as gpu
 
     monkeypatch.setattr(gpu, "DIRECT_SHARED_BYTES", budget)

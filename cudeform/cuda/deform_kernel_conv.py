@@ -158,19 +158,16 @@ class _Shapes:
 
 
 @functools.lru_cache(maxsize=256)
-def _resample_launch(terms: int, K: int, scope: int, acc_bytes: int, budget: int):
+def _resample_launch(terms: int, scope: int, acc_bytes: int, budget: int):
     """dk_resample's (block, staged, pitch, shared bytes) for offset groups of `terms` (o, c)
-    pairs: a block of at most BLOCK threads, no wider than a group needs. In `budget` bytes of
-    shared memory: first the K taps (staged bit 1), then the block's scopes, `pitch` values
-    apart (odd; staged bit 0) if even a warp's fit."""
+    pairs: a block of at most BLOCK threads, no wider than a group needs, whose scopes (`pitch`
+    values apart, odd) fit `budget` bytes of shared memory; unstaged when not even a warp's do."""
     block, pitch = min(_compile.BLOCK, -(-terms // _compile.WARP) * _compile.WARP), scope | 1
-    taps = K * 4 * (4 + acc_bytes)  # a ScopeTap: four int corners, four weights
-    staged, shared = (2, taps) if taps <= budget else (0, 0)
-    fit = (budget - shared) // (pitch * acc_bytes) // _compile.WARP * _compile.WARP
-    if fit:
-        block = min(block, fit)
-        staged, shared = staged | 1, shared + block * pitch * acc_bytes
-    return block, np.int32(staged), np.int32(pitch), shared
+    fit = budget // (pitch * acc_bytes) // _compile.WARP * _compile.WARP
+    if fit == 0:
+        return block, np.int32(0), np.int32(pitch), 0
+    block = min(block, fit)
+    return block, np.int32(1), np.int32(pitch), block * pitch * acc_bytes
 
 
 def _resample(weight, offset, x, geo, s, dtype):
@@ -178,7 +175,7 @@ def _resample(weight, offset, x, geo, s, dtype):
 
     kernels = cupy.empty((s.n, s.c_out, s.rows), STORAGE_DTYPES[dtype])
     terms = s.opg * s.cg
-    block, staged, pitch, shared = _resample_launch(terms, s.K, s.S, np.dtype(ACC_DTYPES[dtype]).itemsize,
+    block, staged, pitch, shared = _resample_launch(terms, s.S, np.dtype(ACC_DTYPES[dtype]).itemsize,
                                                     DIRECT_SHARED_BYTES)
     launch(_kernel("dk_resample", dtype), s.n * geo.offset_groups * -(-terms // block) * block,
            (weight, offset, staged, pitch, *_geometry_args(geo, x.shape, s.c_out, s.n), kernels),
