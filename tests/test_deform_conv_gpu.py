@@ -118,6 +118,28 @@ def test_debug_mode_synchronises_and_checks(monkeypatch):
     assert rel_err(out, ref.deform_conv2d(*split(args)[0], **split(args)[1], **geo)) < 1e-12
 
 
+def test_kernel_arguments_are_checked():
+    """A kernel's packed parameters take CuPy arrays and NumPy scalars of fixed widths; debug mode
+    checks every launch against the first one's types."""
+    import cupy
+
+    from cudeform.cuda import _compile
+    from cudeform.cuda import deform_conv as gpu
+
+    kernel = gpu._kernel("add_bias", "float32")
+    with pytest.raises(TypeError, match="argument 2 is a float"):
+        kernel._layout((cupy.zeros(1), cupy.zeros(1), 1.0))
+    out, bias = cupy.zeros((2, 3, 4), np.float32), cupy.arange(3, dtype=np.float32)
+    _compile.launch(kernel, 6 * _compile.BLOCK, (out, bias, *map(np.int64, (2, 3, 4))))
+    np.testing.assert_array_equal(out.get(), np.broadcast_to(np.arange(3, dtype=np.float32)[:, None], (2, 3, 4)))
+    _compile.set_debug(True)
+    try:
+        with pytest.raises(TypeError, match="differ from its first launch"):
+            _compile.launch(kernel, 6 * _compile.BLOCK, (out, bias, *map(np.int32, (2, 3, 4))))
+    finally:
+        _compile.set_debug(False)
+
+
 @pytest.mark.parametrize("groups", [1, 2])
 def test_workspace_is_bounded(torch, monkeypatch, groups):
     """Extra memory (beyond inputs and results) stays within the documented workspace: one
