@@ -12,6 +12,7 @@ import contextlib
 import functools
 import importlib
 import math
+import threading
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -64,8 +65,15 @@ def _type_name(obj: Any) -> str:
     return kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
 
 
+_FRAMEWORKS: dict = {}  # type -> the top-level module that defines it
+
+
 def _framework(obj: Any) -> str:
-    return type(obj).__module__.split(".", 1)[0]
+    kind = type(obj)
+    framework = _FRAMEWORKS.get(kind)
+    if framework is None:
+        framework = _FRAMEWORKS[kind] = kind.__module__.split(".", 1)[0]
+    return framework
 
 
 def _locate(op: str, name: str, obj: Any) -> tuple[str, Device]:
@@ -94,6 +102,7 @@ def _locate(op: str, name: str, obj: Any) -> tuple[str, Device]:
 # How each dtype is stored in NumPy/CuPy arrays: bfloat16 has no NumPy or CuPy dtype and
 # travels as its 16 bits, its logical dtype carried beside it.
 STORAGE_DTYPES = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32, "float64": np.float64}
+_ITEMSIZES = {name: np.dtype(storage).itemsize for name, storage in STORAGE_DTYPES.items()}
 
 
 class Storage(NamedTuple):
@@ -108,11 +117,9 @@ class Storage(NamedTuple):
 def cupy_view(ptr: int, shape: tuple, dtype: str, device_index: int, owner: Any):
     """Zero-copy CuPy array of ``dtype``'s storage dtype over the C-contiguous device memory at
     ``ptr`` on CUDA device ``device_index``, which ``owner`` keeps alive."""
-    cupy = cupy_module()
-    storage = STORAGE_DTYPES[dtype]
-    nbytes = math.prod(shape) * np.dtype(storage).itemsize
-    memory = cupy.cuda.UnownedMemory(ptr, nbytes, owner, device_index)
-    return cupy.ndarray(tuple(shape), storage, cupy.cuda.MemoryPointer(memory, 0))
+    cuda = cupy_module().cuda
+    memory = cuda.UnownedMemory(ptr, math.prod(shape) * _ITEMSIZES[dtype], owner, device_index)
+    return cupy_module().ndarray(tuple(shape), STORAGE_DTYPES[dtype], cuda.MemoryPointer(memory, 0))
 
 
 @functools.lru_cache(maxsize=None)
@@ -137,13 +144,12 @@ def _from_torch(t: Any, device: Device) -> tuple[Any, str]:
     dtype = _torch_dtypes().get(t.dtype) or str(t.dtype).replace("torch.", "")
     if dtype not in GPU_DTYPES:
         return None, dtype
-    # Each torch call costs microseconds: skip the ones with nothing to do.
-    if t.requires_grad:
-        t = t.detach()
+    # Each torch call costs microseconds: skip the ones with nothing to do (a view of the
+    # memory needs no detach).
     if not t.is_contiguous():
-        t = t.contiguous()
+        t = t.detach().contiguous()
     if device.kind == "cpu":
-        return (None if dtype == "bfloat16" else t.numpy()), dtype
+        return (None if dtype == "bfloat16" else t.detach().numpy()), dtype
     return cupy_view(t.data_ptr(), tuple(t.shape), dtype, device.index, t), dtype
 
 
@@ -170,9 +176,9 @@ def _cupy_contiguous(arr: Any, device: Device):
 
 class _TorchAllocator:
     """Serves CuPy's allocations from PyTorch's caching allocator during a call on torch CUDA
-    tensors: outputs and workspaces come from the memory pool the caller's framework manages,
-    on its current stream, and an output goes back as a view of the torch tensor that holds its
-    memory, without a DLPack round trip."""
+    tensors: workspaces come from the memory pool the caller's framework manages, on its
+    current stream, and an output that a backend did not make with :func:`empty` goes back as a
+    view of the torch tensor that holds its memory, without a DLPack round trip."""
 
     def __init__(self):
         self.live: dict = {}  # device pointer -> the torch uint8 tensor that owns it
@@ -182,9 +188,10 @@ class _TorchAllocator:
             return 0
         import torch
 
-        block = torch.empty(size, dtype=torch.uint8, device=torch.device("cuda", device_id))
-        self.live[block.data_ptr()] = block
-        return block.data_ptr()
+        block = torch.empty(size, dtype=torch.uint8, device=_torch_device(device_id))
+        ptr = block.data_ptr()
+        self.live[ptr] = block
+        return ptr
 
     def free(self, ptr: int, device_id: int) -> None:
         self.live.pop(ptr, None)
@@ -212,6 +219,7 @@ class Prepared(NamedTuple):
     dtype: str
     framework: str
     stream_ptr: Any  # the caller's CUDA stream (torch's current stream) or None for CuPy's
+    tensors: Any = None  # torch CUDA callers: device pointer -> the tensor that empty() made there
 
     def backend(self, op_module: str):
         """The module that runs ``op_module`` where these arrays live: ``cudeform.cpu.<op>``
@@ -221,7 +229,7 @@ class Prepared(NamedTuple):
     def context(self):
         """Context manager that makes this call's device and stream current (a no-op on the CPU),
         and for torch callers, torch's memory pool CuPy's allocator."""
-        return _DeviceContext(self.device, self.stream_ptr, self.framework == "torch")
+        return _DeviceContext(self.device, self.stream_ptr, self.framework == "torch", self.tensors)
 
     def wrap(self, result):
         """Return ``result`` (NumPy/CuPy, or None) in the caller's framework."""
@@ -232,10 +240,13 @@ class Prepared(NamedTuple):
 
             if self.device.kind == "cpu":
                 return torch.from_numpy(result)
+            tensor = self.tensors.get(result.data.ptr)
+            if tensor is not None and tensor.shape == result.shape:
+                return tensor
             tensor = _torch_allocator.tensor(result, self.dtype)
             if tensor is None:  # an empty result, which needed no memory
                 tensor = torch.empty(result.shape, dtype=_torch_dtype(self.dtype),
-                                     device=torch.device("cuda", self.device.index))
+                                     device=_torch_device(self.device.index))
             return tensor
         if self.framework in ("jax", "jaxlib"):
             import jax.dlpack
@@ -286,32 +297,70 @@ def _cupy_stream(ptr: int):
     return cupy_module().cuda.Stream.from_external(_StreamHandle(ptr))
 
 
+_call = threading.local()  # .tensors, .device: the torch CUDA call in progress on this thread (see empty)
+
+
 class _DeviceContext:
     """Makes a call's device current, and the caller's stream (where given) and for torch
-    callers torch's memory pool: a plain class rather than an ExitStack, since it runs on every
-    call."""
+    callers torch's memory pool and :func:`empty`'s tensors: a plain class rather than an
+    ExitStack, since it runs on every call. A device or stream that is current already is
+    left as it is (entering it costs microseconds)."""
 
-    def __init__(self, device: Device, stream_ptr, torch_pool: bool):
-        self.device, self.stream_ptr, self.torch_pool = device, stream_ptr, torch_pool
+    def __init__(self, device: Device, stream_ptr, torch_pool: bool, tensors: dict | None = None):
+        self.device, self.stream_ptr, self.torch_pool, self.tensors = device, stream_ptr, torch_pool, tensors
         self.entered: list = []
+        self.previous = None
+
+    def _enter(self, context) -> None:
+        context.__enter__()
+        self.entered.append(context)
 
     def __enter__(self):
         if self.device.kind == "cuda":
-            cupy = cupy_module()
-            self.entered = [cupy.cuda.Device(self.device.index)]
-            if self.stream_ptr is not None:
-                self.entered.append(_cupy_stream(self.stream_ptr))
+            cuda = cupy_module().cuda
+            if cuda.runtime.getDevice() != self.device.index:
+                self._enter(cuda.Device(self.device.index))
+            if self.stream_ptr is not None and cuda.get_current_stream().ptr != self.stream_ptr:
+                self._enter(_cupy_stream(self.stream_ptr))
             if self.torch_pool:
-                self.entered.append(cupy.cuda.using_allocator(_torch_malloc()))
-            for context in self.entered:
-                context.__enter__()
+                self._enter(cuda.using_allocator(_torch_malloc()))
+            if self.tensors is not None:
+                self.previous = getattr(_call, "tensors", None), getattr(_call, "device", None)
+                _call.tensors, _call.device = self.tensors, _torch_device(self.device.index)
         return self
 
     def __exit__(self, *exc):
+        if self.tensors is not None:
+            _call.tensors, _call.device = self.previous
         for context in reversed(self.entered):
             context.__exit__(*exc)
         self.entered = []
         return False
+
+
+@functools.lru_cache(maxsize=None)
+def _torch_device(index: int):
+    import torch
+
+    return torch.device("cuda", index)
+
+
+def empty(shape: tuple | int, dtype: str):
+    """An uninitialised CuPy array of ``dtype`` (a name of GPU_DTYPES, stored as STORAGE_DTYPES
+    says), for a GPU backend's result or workspace. Inside a torch caller's call it views a new
+    torch tensor of that dtype, which :meth:`Prepared.wrap` hands back as it is: cheaper than
+    CuPy's allocation through torch's pool plus a view of the bytes (a small call spends more
+    host time than its kernels take)."""
+    tensors = getattr(_call, "tensors", None)
+    if tensors is None:
+        return cupy_module().empty(shape, STORAGE_DTYPES[dtype])
+    import torch
+
+    shape = (shape,) if type(shape) is int else tuple(shape)
+    t = torch.empty(shape, dtype=_torch_dtype(dtype), device=_call.device)
+    ptr = t.data_ptr()
+    tensors[ptr] = t
+    return cupy_view(ptr, shape, dtype, _call.device.index, t)
 
 
 def on_stream(device_index: int, stream_ptr: int):
@@ -322,6 +371,40 @@ def on_stream(device_index: int, stream_ptr: int):
 
 
 _NO_CONTEXT = contextlib.nullcontext()  # reusable, and cheaper than a new one per call
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_device(index: int) -> Device:
+    return Device("cuda", index)
+
+
+def _torch_cuda_views(optional: tuple, arrays: dict) -> Prepared | None:
+    """:func:`prepare`'s result in one pass for the common case of a torch caller: every given
+    array a C-contiguous CUDA tensor, all of one GPU dtype on one device, CuPy usable (None
+    otherwise, and the general path checks and explains). A small call spends more host time
+    in prepare than its kernels take, and the general path costs twice this one."""
+    views = dict.fromkeys(arrays)
+    key = None
+    for name, t in arrays.items():
+        if t is None:
+            if name not in optional:
+                return None
+            continue
+        if _framework(t) != "torch" or not t.is_cuda or not t.is_contiguous():
+            return None
+        if key is None:
+            key = (t.dtype, t.get_device())
+        elif key != (t.dtype, t.get_device()):
+            return None
+        views[name] = t
+    dtype = _torch_dtypes().get(key[0]) if key else None
+    if dtype is None or _cuda_unavailable():
+        return None
+    device = _cuda_device(key[1])
+    for name, t in views.items():
+        if t is not None:
+            views[name] = cupy_view(t.data_ptr(), tuple(t.shape), dtype, device.index, t)
+    return Prepared(views, device, dtype, "torch", _caller_stream("torch", device), {})
 
 
 def prepare(op: str, optional: tuple = (), **arrays: Any) -> Prepared:
@@ -335,6 +418,9 @@ def prepare(op: str, optional: tuple = (), **arrays: Any) -> Prepared:
     array, unsupported objects or dtypes and mixed dtypes, and ``ValueError`` for arrays on
     different devices or on a CUDA device that CuPy cannot reach.
     """
+    common = _torch_cuda_views(optional, arrays)
+    if common is not None:
+        return common
     for name, obj in arrays.items():
         if obj is None and name not in optional:
             check.fail(op, name, "an array", None, TypeError)
@@ -367,7 +453,8 @@ def prepare(op: str, optional: tuple = (), **arrays: Any) -> Prepared:
     for name, dt in dtypes.items():
         if dt != dtype:
             check.fail(op, name, f"the dtype of {reference} ({dtype})", dt, TypeError)
-    return Prepared(out, device, dtype, framework, stream_ptr)
+    return Prepared(out, device, dtype, framework, stream_ptr,
+                    {} if framework == "torch" and device.kind == "cuda" else None)
 
 
 def array_module(arr: Any, op: str, name: str):

@@ -34,6 +34,8 @@ def real(op: str, name: str, value: Any, *, positive: bool = False, nonnegative:
 
 def int_pair(op: str, name: str, value: Any, *, minimum: int) -> tuple[int, int]:
     """An int or an (h, w) pair of ints, each at least ``minimum``."""
+    if type(value) is int and value >= minimum:  # the common case, in a fraction of the checks' time
+        return value, value
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):
         pair = (int(value), int(value))
     elif (

@@ -72,3 +72,24 @@ class TestTorch:
         out = cudeform.deform_conv2d(x, off, w)
         assert not out.requires_grad
 
+
+
+@pytest.mark.gpu
+def test_torch_cuda_one_pass_matches_the_general_path(torch, monkeypatch):
+    """prepare's one-pass route for contiguous torch CUDA tensors gives what its general path gives."""
+    if not torch.cuda.is_available():
+        pytest.skip("PyTorch has no CUDA device")
+    x = torch.randn(2, 3, 4, 5, device="cuda", dtype=torch.bfloat16)
+    w = torch.nn.Parameter(torch.randn(4, 3, 3, 3, device="cuda", dtype=torch.bfloat16))
+    arrays = {"input": x, "bias": None, "weight": w}
+    assert _arrays._torch_cuda_views(("bias",), arrays) is not None
+    one_pass = _arrays.prepare("op", ("bias",), **arrays)
+    monkeypatch.setattr(_arrays, "_torch_cuda_views", lambda optional, arrays: None)
+    general = _arrays.prepare("op", ("bias",), **arrays)
+    assert one_pass._replace(arrays=None) == general._replace(arrays=None)
+    assert list(one_pass.arrays) == list(general.arrays) == ["input", "bias", "weight"]
+    assert one_pass.arrays["bias"] is None and general.arrays["bias"] is None
+    for name in ("input", "weight"):
+        a, b = one_pass.arrays[name], general.arrays[name]
+        assert (a.data.ptr, a.shape, a.dtype) == (b.data.ptr, b.shape, b.dtype) == (
+            arrays[name].data_ptr(), tuple(arrays[name].shape), np.uint16)

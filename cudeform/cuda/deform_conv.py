@@ -24,9 +24,11 @@ from __future__ import annotations
 import functools
 import math
 import sys
+from typing import NamedTuple
 
 import numpy as np
 
+from .. import _arrays
 from . import _blas, _compile
 from ._compile import ACC_DTYPES, CXX_TYPES, MAX_ABS_THREADS, STORAGE_DTYPES, WARP, launch
 
@@ -76,48 +78,83 @@ def _run(geo, channels, dtype):
     return math.gcd(channels // geo.offset_groups, MAX_RUN[dtype])
 
 
-def forward(input, offset, weight, bias, mask, *, geo, dtype):
-    import cupy
+class _Chunk(NamedTuple):
+    n0: int
+    images: int
+    im2col_threads: int
+    im2col_args: tuple  # dcn_im2col's scalar arguments
+    gemm: _blas.Gemm
+    epilogue_threads: int  # add_bias's or dcn_output_epilogue's
+    epilogue_args: tuple  # their scalar arguments
 
-    x = input
-    n, c_in = x.shape[:2]
-    c_out, g = weight.shape[0], geo.groups
+
+class _ForwardPlan(NamedTuple):
+    """Everything about a forward call that its arrays' shapes fix (cached per shape: working it
+    out costs more host time than a small call's kernels take)."""
+
+    out_shape: tuple
+    workspace: int  # elements: the columns, then the GEMM buffer unless direct
+    columns: int
+    direct: bool
+    chunks: tuple  # of _Chunk
+
+
+@functools.lru_cache(maxsize=1024)
+def _forward_plan(geo, shape, c_out, dtype) -> _ForwardPlan:
+    n, c_in = shape[:2]
+    g = geo.groups
     L = geo.out_size[0] * geo.out_size[1]
     K = geo.kernel[0] * geo.kernel[1]
     rows = (c_in // g) * K
-    storage = STORAGE_DTYPES[dtype]
-    out = cupy.empty((n, c_out, *geo.out_size), storage)
-    if n == 0:
-        return out
     # Direct: one weight group and aligned rows, so each image's GEMM writes its output block.
     direct = g == 1 and L % PITCH == 0
     pitch = -(-L // PITCH) * PITCH
-    step, chunks = _chunk(n, c_in * K * pitch * x.itemsize)
+    step, chunks = _chunk(n, c_in * K * pitch * np.dtype(STORAGE_DTYPES[dtype]).itemsize)
     size = c_in * K * step * pitch  # a multiple of PITCH: the GEMM buffer after it stays aligned
-    # The columns start the workspace, which stands for them as the kernels' and cuBLAS's base
-    # pointer: slicing a CuPy array costs microseconds of host time.
-    cols = cupy.empty(size + (0 if direct else c_out * step * pitch), storage)
-    buffer = None if direct else cols[size:]
-    use_mask = np.int32(mask is not None)
     run = _run(geo, c_in, dtype)
-    im2col = _kernel("dcn_im2col", dtype)
+    plans = []
     for n0, n1 in chunks:
         b = n1 - n0
-        launch(im2col, c_in // run * b * L,
-               (x, offset, mask if use_mask else x, use_mask, *_geometry_args(geo, x.shape, b, n0),
-                np.int32(run), *_int64s(pitch), cols))
+        im2col = (c_in // run * b * L, (*_geometry_args(geo, shape, b, n0), np.int32(run), np.int64(pitch)))
         if direct:
-            first = out if n0 == 0 else out[n0]  # only the base pointer is read
-            _blas.matmul(weight, cols, first, m=c_out, n=L, k=rows, dtype=dtype, batch=b,
-                         stride_b=L, ld_b=b * L, stride_c=c_out * L)
+            gemm = _blas.gemm(m=c_out, n=L, k=rows, dtype=dtype, batch=b, stride_b=L, ld_b=b * L, stride_c=c_out * L)
+            epilogue = (b * c_out * _compile.BLOCK, _int64s(b, c_out, L))
+        else:
+            gemm = _blas.gemm(m=c_out // g, n=b * pitch, k=rows, dtype=dtype, batch=g, stride_a=(c_out // g) * rows,
+                              stride_b=rows * b * pitch, stride_c=(c_out // g) * b * pitch)
+            epilogue = (b * c_out * L, _int64s(c_out, b, L, pitch, n0))
+        plans.append(_Chunk(n0, b, *im2col, gemm, *epilogue))
+    return _ForwardPlan((n, c_out, *geo.out_size), size + (0 if direct else c_out * step * pitch), size, direct,
+                        tuple(plans))
+
+
+_FLAGS = (np.int32(0), np.int32(1))
+
+
+def forward(input, offset, weight, bias, mask, *, geo, dtype):
+    x = input
+    plan = _forward_plan(geo, x.shape, weight.shape[0], dtype)
+    out = _arrays.empty(plan.out_shape, dtype)
+    if x.shape[0] == 0:
+        return out
+    # The columns start the workspace, which stands for them as the kernels' and cuBLAS's base
+    # pointer: slicing a CuPy array costs microseconds of host time.
+    cols = _arrays.empty(plan.workspace, dtype)
+    buffer = None if plan.direct else cols[plan.columns:]
+    use_mask = _FLAGS[mask is not None]
+    im2col = _kernel("dcn_im2col", dtype)
+    epilogue = _kernel("add_bias" if plan.direct else "dcn_output_epilogue", dtype)
+    for c in plan.chunks:
+        launch(im2col, c.im2col_threads, (x, offset, x if mask is None else mask, use_mask, *c.im2col_args, cols))
+        if plan.direct:
+            first = out if c.n0 == 0 else out[c.n0]  # only the base pointer is read
+            c.gemm(weight, cols, first)
             if bias is not None:
-                launch(_kernel("add_bias", dtype), b * c_out * _compile.BLOCK, (first, bias, *_int64s(b, c_out, L)))
-            continue
-        _blas.matmul(weight, cols, buffer, m=c_out // g, n=b * pitch, k=rows, dtype=dtype, batch=g,
-                     stride_a=(c_out // g) * rows, stride_b=rows * b * pitch, stride_c=(c_out // g) * b * pitch)
-        launch(_kernel("dcn_output_epilogue", dtype), b * c_out * L,
-               (buffer, bias if bias is not None else x, np.int32(bias is not None),
-                *_int64s(c_out, b, L, pitch, n0), out))
+                launch(epilogue, c.epilogue_threads, (first, bias, *c.epilogue_args))
+        else:
+            c.gemm(weight, cols, buffer)
+            launch(epilogue, c.epilogue_threads,
+                   (buffer, x if bias is None else bias, _FLAGS[bias is not None], *c.epilogue_args, out))
     return out
 
 
@@ -142,8 +179,8 @@ def backward(grad_output, input, offset, weight, bias, mask, *, geo, dtype, bord
     mask_arg = mask if use_mask else x
 
     grad_acc = cupy.zeros(x.shape, acc_dtype)  # the input gradient itself for float32/float64
-    grad_offset = cupy.empty_like(offset)
-    grad_mask = cupy.empty_like(mask) if use_mask else None
+    grad_offset = _arrays.empty(offset.shape, dtype)
+    grad_mask = _arrays.empty(mask.shape, dtype) if use_mask else None
     grad_weight_acc = cupy.zeros(weight.shape, acc_dtype)
     step, chunks = _chunk(n, c_in * K * L * x.itemsize)
     cols = cupy.empty(c_in * K * step * L, storage) if n else None
@@ -193,16 +230,14 @@ def backward(grad_output, input, offset, weight, bias, mask, *, geo, dtype, bord
     grad_weight = grad_weight_acc if same_acc else _cast(grad_weight_acc, dtype)
     grad_bias = None
     if bias is not None:
-        grad_bias = cupy.empty(c_out, storage)
+        grad_bias = _arrays.empty((c_out,), dtype)
         launch(kernels["bias_grad"], c_out * _compile.BLOCK,
                (go, *_int64s(n, c_out, L), grad_bias))
     return grad_input, grad_offset, grad_weight, grad_bias, grad_mask
 
 
 def _cast(acc, dtype):
-    import cupy
-
-    out = cupy.empty(acc.shape, STORAGE_DTYPES[dtype])
+    out = _arrays.empty(acc.shape, dtype)
     launch(_compile.function(sys.modules[__name__], f"cast_from_acc<{CXX_TYPES[dtype]}>"), acc.size,
            (acc, *_int64s(acc.size), out))
     return out

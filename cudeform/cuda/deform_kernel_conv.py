@@ -28,6 +28,7 @@ import sys
 
 import numpy as np
 
+from .. import _arrays
 from . import _blas, _compile
 from ._compile import ACC_DTYPES, CXX_TYPES, STORAGE_DTYPES, launch
 
@@ -189,11 +190,9 @@ def _local_blocks(s, positions: int, runs: int, run: int, span: int) -> int:
 
 
 def forward(input, weight, kernel_offset, bias, *, geo, dtype):
-    import cupy
-
     x, offset = input, kernel_offset
     s = _Shapes(x, weight, geo)
-    out = cupy.empty((s.n, s.c_out, *geo.out_size), STORAGE_DTYPES[dtype])
+    out = _arrays.empty((s.n, s.c_out, *geo.out_size), dtype)
     use_bias = np.int32(bias is not None)
     bias_arg = bias if use_bias else x
     geo_args = _geometry_args(geo, x.shape, s.c_out, s.n)
@@ -227,21 +226,18 @@ def forward(input, weight, kernel_offset, bias, *, geo, dtype):
 
 
 def backward(grad_output, input, weight, kernel_offset, bias, *, geo, dtype, deterministic):
-    import cupy
-
     go, x, offset = grad_output, input, kernel_offset
     s = _Shapes(x, weight, geo)
-    storage = STORAGE_DTYPES[dtype]
-    grad_input = cupy.empty(x.shape, storage)
-    grad_offset = cupy.empty(offset.shape, storage)
-    grad_weight = cupy.empty(weight.shape, storage)
+    grad_input = _arrays.empty(x.shape, dtype)
+    grad_offset = _arrays.empty(offset.shape, dtype)
+    grad_weight = _arrays.empty(weight.shape, dtype)
     if geo.local:
         _local_backward(go, x, weight, offset, geo, s, dtype, grad_input, grad_offset, grad_weight)
     else:
         _global_backward(go, x, weight, offset, geo, s, dtype, grad_input, grad_offset, grad_weight)
     grad_bias = None
     if bias is not None:
-        grad_bias = cupy.empty(s.c_out, storage)
+        grad_bias = _arrays.empty((s.c_out,), dtype)
         launch(_kernel("bias_grad", dtype), s.c_out * _compile.BLOCK,
                (go, np.int64(s.n), np.int64(s.c_out), np.int64(s.L), grad_bias))
     return grad_input, grad_weight, grad_offset, grad_bias

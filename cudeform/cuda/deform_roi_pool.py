@@ -43,6 +43,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .. import _arrays
 from . import _compile
 from ._compile import ACC_DTYPES, CXX_TYPES, MAX_ABS_THREADS, STORAGE_DTYPES, WARP, launch
 
@@ -103,10 +104,8 @@ def _psroi_args(shape, n_rois, geo, has_offset, dtype):
 
 
 def forward(input, rois, offset, mask, *, geo, dtype):
-    import cupy
-
     x = input
-    out = cupy.empty((rois.shape[0], x.shape[1], *geo.output_size), STORAGE_DTYPES[dtype])
+    out = _arrays.empty((rois.shape[0], x.shape[1], *geo.output_size), dtype)
     launch(_kernel("droi_forward", dtype), out.size,
            (x, rois, _or(offset, x), _or(mask, x), np.int32(offset is not None), np.int32(mask is not None),
             *_droi_args(x.shape, rois.shape[0], geo, dtype), out))
@@ -117,8 +116,8 @@ def backward(grad_output, input, rois, offset, mask, *, geo, dtype, deterministi
     import cupy
 
     go, x = grad_output, input
-    grad_offset = cupy.empty_like(offset) if offset is not None else None
-    grad_mask = cupy.empty_like(mask) if mask is not None else None
+    grad_offset = _arrays.empty(offset.shape, dtype) if offset is not None else None
+    grad_mask = _arrays.empty(mask.shape, dtype) if mask is not None else None
     bins = geo.output_size[0] * geo.output_size[1]
     items, chunks = rois.shape[0] * bins, -(-x.shape[1] // ROI_BWD_CHANNELS)
     args = (rois, _or(offset, x), _or(mask, x), np.int32(offset is not None), np.int32(mask is not None),
@@ -148,10 +147,8 @@ def backward(grad_output, input, rois, offset, mask, *, geo, dtype, deterministi
 
 
 def psroi_forward(input, rois, offset, *, geo, dtype):
-    import cupy
-
     x = input
-    out = cupy.empty((rois.shape[0], geo.output_dim, geo.pooled_size, geo.pooled_size), STORAGE_DTYPES[dtype])
+    out = _arrays.empty((rois.shape[0], geo.output_dim, geo.pooled_size, geo.pooled_size), dtype)
     has_offset = offset is not None
     launch(_kernel("dpsroi_forward", dtype), out.size,
            (x, rois, _or(offset, x), np.int32(has_offset),
@@ -163,12 +160,10 @@ def psroi_backward(grad_output, input, rois, offset, *, geo, dtype, deterministi
     """Both modes are one computation: the input gradient is gathered (each element written once,
     by one thread, in a fixed order) and the offset gradient reduced in a fixed order, so the
     result is bitwise repeatable whatever ``deterministic`` says."""
-    import cupy
-
     go, x = grad_output, input
     has_offset = offset is not None
     geo_args = _psroi_args(x.shape, rois.shape[0], geo, has_offset, dtype)
-    grad_input = cupy.empty(x.shape, STORAGE_DTYPES[dtype])
+    grad_input = _arrays.empty(x.shape, dtype)
     n, _, h, w = x.shape
     per_class = geo.output_dim // geo.num_classes
     blocks = (n * geo.group_size**2 * geo.num_classes * -(-per_class // PS_GATHER_CHANNELS)
@@ -177,7 +172,7 @@ def psroi_backward(grad_output, input, rois, offset, *, geo, dtype, deterministi
            (go, rois, _or(offset, x), np.int32(has_offset), *geo_args, grad_input), block=PS_GATHER_BLOCK)
     if not has_offset:
         return grad_input, None
-    grad_offset = cupy.empty_like(offset)
+    grad_offset = _arrays.empty(offset.shape, dtype)
     launch(_kernel("dpsroi_offset_grad", dtype), rois.shape[0] * geo.num_classes * geo.part_size**2 * WARP,
            (go, x, rois, offset, *geo_args, grad_offset))
     return grad_input, grad_offset
@@ -231,7 +226,7 @@ def _gathered_input_grad(go, x, args, layout, dtype):
     go_t = cupy.empty((n_rois * bins, c), go.dtype)
     launch(_kernel("droi_transpose_grad_output", dtype), n_rois * -(-c // WARP) * -(-bins // WARP) * GATHER_BLOCK,
            (go, np.int64(n_rois), np.int64(c), np.int64(bins), go_t), block=GATHER_BLOCK)
-    grad_input = cupy.empty(x.shape, STORAGE_DTYPES[dtype])
+    grad_input = _arrays.empty(x.shape, dtype)
     launch(_kernel("droi_gather_input_grad", dtype), -(-c // WARP) * n * h * -(-w // WARP) * GATHER_BLOCK,
            (starts, items, sorted_coefs, go_t, np.int64(n), np.int64(c), np.int64(h), np.int64(w), grad_input),
            block=GATHER_BLOCK)
@@ -259,12 +254,10 @@ def _input_grad_workspace(x, go, mask, bins, dtype, deterministic):
 
 def _input_grad(x, workspace, terms, dtype):
     """The input gradient in the storage dtype, from _input_grad_workspace's arrays."""
-    import cupy
-
     deterministic, max_abs_bits, fixed, special, grad_acc = workspace
     if not deterministic and np.dtype(STORAGE_DTYPES[dtype]) == grad_acc.dtype:
         return grad_acc
-    out = cupy.empty(x.shape, STORAGE_DTYPES[dtype])
+    out = _arrays.empty(x.shape, dtype)
     if deterministic:
         launch(_kernel("roi_pool_fixed_finish", dtype), out.size,
                (fixed, special, max_abs_bits, np.int64(terms), np.int64(out.size), out))
