@@ -211,6 +211,11 @@ class _TorchAllocator:
 _torch_allocator = _TorchAllocator()
 
 
+@functools.lru_cache(maxsize=None)
+def _backend(kind: str, op_module: str):
+    return importlib.import_module(f"cudeform.{kind}.{op_module}")
+
+
 class Prepared(NamedTuple):
     """The arrays of one call, as NumPy (CPU) or CuPy (GPU) arrays, and how to hand results back."""
 
@@ -224,7 +229,7 @@ class Prepared(NamedTuple):
     def backend(self, op_module: str):
         """The module that runs ``op_module`` where these arrays live: ``cudeform.cpu.<op>``
         (Numba) or ``cudeform.cuda.<op>`` (CUDA kernels)."""
-        return importlib.import_module(f"cudeform.{self.device.kind}.{op_module}")
+        return _backend(self.device.kind, op_module)
 
     def context(self):
         """Context manager that makes this call's device and stream current (a no-op on the CPU),
@@ -323,7 +328,7 @@ class _DeviceContext:
             if self.stream_ptr is not None and cuda.get_current_stream().ptr != self.stream_ptr:
                 self._enter(_cupy_stream(self.stream_ptr))
             if self.torch_pool:
-                self._enter(cuda.using_allocator(_torch_malloc()))
+                self._enter(_TorchPool())
             if self.tensors is not None:
                 self.previous = getattr(_call, "tensors", None), getattr(_call, "device", None)
                 _call.tensors, _call.device = self.tensors, _torch_device(self.device.index)
@@ -335,6 +340,27 @@ class _DeviceContext:
         for context in reversed(self.entered):
             context.__exit__(*exc)
         self.entered = []
+        return False
+
+
+class _TorchPool:
+    """``cupy.cuda.using_allocator(torch's pool)`` through the thread-local allocator functions
+    it wraps: its generator-based context costs ~2 us a call. CuPy versions without those
+    functions get using_allocator itself."""
+
+    def __enter__(self):
+        memory = cupy_module().cuda.memory
+        if not hasattr(memory, "_set_thread_local_allocator"):
+            self.context = cupy_module().cuda.using_allocator(_torch_malloc())
+            return self.context.__enter__()
+        self.context = None
+        self.previous = memory._get_thread_local_allocator()
+        memory._set_thread_local_allocator(_torch_malloc())
+
+    def __exit__(self, *exc):
+        if self.context is not None:
+            return self.context.__exit__(*exc)
+        cupy_module().cuda.memory._set_thread_local_allocator(self.previous)
         return False
 
 

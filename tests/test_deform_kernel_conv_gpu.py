@@ -159,6 +159,18 @@ def test_gemm_path_64bit_coordinates(torch, monkeypatch, dtype, name):
     check_against_reference(torch, tensors, exact, geo, dtype, seed=43)
 
 
+@pytest.mark.parametrize("dtype", ["float64", "float16"])
+@pytest.mark.parametrize("name", ["depthwise3x3", "wide_strided", "huge_dilation", "big_pad"])
+def test_direct_path_64bit_units(torch, monkeypatch, dtype, name):
+    """dk_global_conv's 64-bit unit indices, which only launches past 2**31 tiles take, forced on
+    small ones (staged and unstaged windows)."""
+    from cudeform.cuda import deform_kernel_conv as gpu
+
+    monkeypatch.setattr(gpu, "_small_units", lambda units: False)
+    tensors, exact, geo = rounded_case(torch, {**LARGE, **EDGES}[name], "global", dtype, seed=44)
+    check_against_reference(torch, tensors, exact, geo, dtype, seed=45)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("name", list(CONFIGS) + list(LARGE) + list(EDGES))

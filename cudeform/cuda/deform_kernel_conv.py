@@ -95,6 +95,12 @@ def _small_planes(s, geo) -> bool:
     return max(s.hw, s.L, s.h + 2 * ph + (kh - 1) * dh, s.w + 2 * pw + (kw - 1) * dw) < 2**30
 
 
+def _small_units(units: int) -> bool:
+    """Whether dk_global_conv's unit indices fit 32-bit arithmetic, with room for the grid
+    stride past the last one."""
+    return units < 2**31 - 2**16
+
+
 def _direct(s, geo) -> bool:
     """Whether global DK takes the direct kernels: a short reduction that fits their shared
     memory, and planes small enough for their 32-bit in-plane arithmetic."""
@@ -208,7 +214,8 @@ def forward(input, weight, kernel_offset, bias, *, geo, dtype):
                                                         geo.dilation, s.rows, np.dtype(ACC_DTYPES[dtype]).itemsize,
                                                         DIRECT_SHARED_BYTES, TARGET_BLOCKS)
             launch(_kernel("dk_global_conv", dtype), threads,
-                   (x, weight, offset, bias_arg, use_bias, *tiles, *geo_args, out), block=block, shared_mem=shared)
+                   (x, weight, offset, bias_arg, use_bias, *tiles, np.int32(_small_units(threads // block)), *geo_args,
+                    out), block=block, shared_mem=shared)
         return out
     kernels = _resample(weight, offset, x, geo, s, dtype)
     chunks, cols = _columns(s, x)
