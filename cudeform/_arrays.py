@@ -407,8 +407,9 @@ def _cuda_device(index: int) -> Device:
 def _torch_cuda_views(optional: tuple, arrays: dict) -> Prepared | None:
     """:func:`prepare`'s result in one pass for the common case of a torch caller: every given
     array a C-contiguous CUDA tensor, all of one GPU dtype on one device, CuPy usable (None
-    otherwise, and the general path checks and explains). A small call spends more host time
-    in prepare than its kernels take, and the general path costs twice this one."""
+    otherwise, and the general path checks and explains): a small fp16 forward's five tensors
+    take ~16 us here against ~22 us through the general path (H200 host), while its kernels
+    run for less than 60 us."""
     views = dict.fromkeys(arrays)
     key = None
     for name, t in arrays.items():

@@ -80,7 +80,6 @@ def _run(geo, channels, dtype):
 
 class _Chunk(NamedTuple):
     n0: int
-    images: int
     im2col_threads: int
     im2col_args: tuple  # dcn_im2col's scalar arguments
     gemm: _blas.Gemm
@@ -123,7 +122,7 @@ def _forward_plan(geo, shape, c_out, dtype) -> _ForwardPlan:
             gemm = _blas.gemm(m=c_out // g, n=b * pitch, k=rows, dtype=dtype, batch=g, stride_a=(c_out // g) * rows,
                               stride_b=rows * b * pitch, stride_c=(c_out // g) * b * pitch)
             epilogue = (b * c_out * L, _int64s(c_out, b, L, pitch, n0))
-        plans.append(_Chunk(n0, b, *im2col, gemm, *epilogue))
+        plans.append(_Chunk(n0, *im2col, gemm, *epilogue))
     return _ForwardPlan((n, c_out, *geo.out_size), size + (0 if direct else c_out * step * pitch), size, direct,
                         tuple(plans))
 
