@@ -269,6 +269,13 @@ struct ClampedCorners {
 
 constexpr int WARP_SIZE = 32;
 
+// The deterministic passes' bound: local becomes |v| where v is finite and larger in magnitude
+// (a non-finite term bypasses the fixed point, so it needs no room there).
+template <typename A>
+__device__ __forceinline__ void keep_max_abs(A& local, A v) {
+    if (isfinite(v) && fabs(v) > local) local = fabs(v);
+}
+
 // atomic_max_abs of the largest of a warp's values, by its lane 0: the atomics all hit one
 // address, where they queue at the L2, so one per warp rather than one per thread. Every lane
 // of the warp must call it (a grid-stride loop's threads all reach it).

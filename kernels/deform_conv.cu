@@ -139,7 +139,7 @@ __global__ void dcn_col2im_max_abs(const T* __restrict__ gcols, const T* __restr
         for (index_t l = lane; l < L; l += WARP_SIZE) {
             A v = to_acc(g[l]);
             if (use_mask) v *= to_acc(m[l]);
-            if (isfinite(v) && fabs(v) > local) local = fabs(v);
+            keep_max_abs(local, v);
         }
     }
     warp_atomic_max_abs(max_abs_bits, local);

@@ -78,7 +78,7 @@ __global__ void roi_pool_max_abs(const T* __restrict__ grad_output, const T* __r
             const index_t rc = fast_div(i, bins);
             v *= to_acc(mask[fast_div(rc, channels) * bins + (i - rc * bins)]);
         }
-        if (isfinite(v) && fabs(v) > local) local = fabs(v);
+        keep_max_abs(local, v);
     }
     warp_atomic_max_abs(max_abs_bits, local);
 }
