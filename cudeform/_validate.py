@@ -61,6 +61,19 @@ def shape(op: str, name: str, arr: Any, expected: tuple, layout: str) -> None:
         fail(op, name, f"shape {tuple(expected)} {layout}", tuple(arr.shape))
 
 
+def on_shapes(checks, op: str, arrays: dict, names: tuple, *args):
+    """``checks(op, shapes, *args)`` for the shapes of ``arrays[name]`` (None for a missing
+    array), with ``checks`` an ``lru_cache``: validation that depends on shapes alone then
+    costs a lookup (an error is raised again on every call: lru_cache keeps no exceptions).
+    Symbolic sizes (torch.compile's fake tensors) are not hashable and go uncached."""
+    shapes = tuple(None if arrays[k] is None else tuple(arrays[k].shape) for k in names)
+    try:
+        hash(shapes)
+    except TypeError:
+        return checks.__wrapped__(op, shapes, *args)
+    return checks(op, shapes, *args)
+
+
 class Dims(tuple):
     """An array's shape standing in for the array in ndim() and shape(): validation that
     depends on shapes alone can then be cached on them."""

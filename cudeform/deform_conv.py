@@ -41,19 +41,14 @@ def _geometry(op: str, a: dict, stride, padding, dilation) -> ConvGeometry:
     stride = check.int_pair(op, "stride", stride, minimum=1)
     padding = check.int_pair(op, "padding", padding, minimum=0)
     dilation = check.int_pair(op, "dilation", dilation, minimum=1)
-    shapes = tuple(None if a[k] is None else tuple(a[k].shape) for k in ("input", "offset", "weight", "bias", "mask"))
-    try:
-        hash(shapes)
-    except TypeError:  # symbolic sizes (torch.compile's fake tensors) are not hashable
-        return _shape_geometry.__wrapped__(op, shapes, stride, padding, dilation)
-    return _shape_geometry(op, shapes, stride, padding, dilation)
+    return check.on_shapes(_shape_geometry, op, a, ("input", "offset", "weight", "bias", "mask"), stride, padding,
+                           dilation)
 
 
 @functools.lru_cache(maxsize=256)
 def _shape_geometry(op: str, shapes: tuple, stride, padding, dilation) -> ConvGeometry:
     """The checks and sizes that depend on the arrays' shapes alone (cached: they cost 5 us of a
-    small call's ~150 us; an error is raised again on every call, as lru_cache keeps no
-    exceptions)."""
+    small call's ~150 us)."""
     x, offset, weight, bias, mask = (None if s is None else check.Dims(s) for s in shapes)
     check.ndim(op, "input", x, 4, "(N, C_in, H, W)")
     check.ndim(op, "weight", weight, 4, "(C_out, C_in / groups, kh, kw)")

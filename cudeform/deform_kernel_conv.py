@@ -7,6 +7,7 @@ input read on the rigid grid and the kernel resampled from a larger scope.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 from . import _arrays
@@ -42,7 +43,14 @@ def _geometry(op: str, a: dict, kernel_size, stride, padding, dilation, groups) 
     padding = check.int_pair(op, "padding", padding, minimum=0)
     dilation = check.int_pair(op, "dilation", dilation, minimum=1)
     groups = check.integer(op, "groups", groups, minimum=1)
-    x, weight, offset, bias = a["input"], a["weight"], a["kernel_offset"], a["bias"]
+    return check.on_shapes(_shape_geometry, op, a, ("input", "weight", "kernel_offset", "bias"), kernel, stride,
+                           padding, dilation, groups)
+
+
+@functools.lru_cache(maxsize=256)
+def _shape_geometry(op: str, shapes: tuple, kernel, stride, padding, dilation, groups) -> KernelConvGeometry:
+    """The checks and sizes that depend on the arrays' shapes alone (cached, as in deform_conv)."""
+    x, weight, offset, bias = (None if s is None else check.Dims(s) for s in shapes)
     check.ndim(op, "input", x, 4, "(N, C_in, H, W)")
     check.ndim(op, "weight", weight, 4, "(C_out, C_in / groups, S_h, S_w)")
     if offset.ndim not in (2, 4):
@@ -132,7 +140,9 @@ def deform_kernel_conv2d(input, weight, kernel_offset, bias=None, *, kernel_size
       in 32 MiB on the CPU, 128 MiB on the GPU (at least one image). On the GPU, when
       ``(C_in/groups)*kh*kw <= 64`` (depthwise and the like) and the planes have fewer than
       2**30 positions, the convolution is direct and needs nothing: each block samples the
-      kernel of its (image, output channel) into shared memory.
+      kernel of its (image, output channel) into shared memory. Otherwise, in float16 and
+      bfloat16 with ``C_in/groups`` a multiple of 8 on a GPU with tensor cores (sm_80+), no
+      columns: the resampled kernels and a channels-last copy of the input.
     - local DK: nothing; the scope is sampled at every output position on the fly, so no
       per-position kernel of ``N*C_out*(C_in/groups)*kh*kw*H_out*W_out`` elements exists.
     """
