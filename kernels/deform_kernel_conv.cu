@@ -9,7 +9,8 @@
 // Global DK: one sampled kernel per image, (N, C_out, Cg, K), K = kh * kw. When Cg * K is small
 // (depthwise) the convolution is direct: dk_global_conv samples the kernel of a plane into
 // shared memory and convolves tiles of input staged there, and the backward has direct kernels
-// too; otherwise dk_resample stores the kernels and the host multiplies them with dk_im2col's
+// too; otherwise the half types' forward is dk_global_mma, an implicit GEMM on tensor cores, and
+// elsewhere dk_resample stores the kernels and the host multiplies them with dk_im2col's
 // columns (cuBLAS). The backward goes through the resampled kernels' gradient,
 // (N, bands, C_out, Cg, K).
 // Local DK: fused kernels that sample the scope at every output position, each thread for a
@@ -18,6 +19,7 @@
 // Every sum is a gather or a block reduction with a fixed order: the backward is bitwise
 // reproducible and uses no atomics. Templated on the storage type T; sums in acc<T>::type.
 #include "common.cuh"
+#include "tensor_core.cuh"
 
 using namespace cudeform;
 
@@ -238,6 +240,273 @@ __global__ void dk_resample(const T* __restrict__ weight, const T* __restrict__ 
             for (int r = r0; r < count; r += per) {
                 const A v = staged ? taps.sample(scopes + r * pitch) : taps.sample(weight + (first + r) * S);
                 dst[r * K + k] = from_acc<T>(inside ? v : A(0));
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Global DK on tensor cores (the half types on sm_80+, Cg a multiple of 8): per (image, weight
+// group) the GEMM out[o, l] = sum over (k, c) of kernels[o, k, c] * input[c, l moved by k],
+// with no columns buffer (im2col's columns were 2.6x the GEMM's time at N=16, C=256, 32x32).
+// The host makes the input channels-last and the kernels kernel-point-major (dk_resample_cl),
+// so a stage of the reduction, BK channels of one kernel point, is a run of 16-byte vectors in
+// both operands, copied by cp.async straight into shared memory (zeros for the padding and
+// past the last channel) STAGES - 1 stages ahead of the tensor cores.
+// ---------------------------------------------------------------------------------------------
+
+namespace dk_mma {
+constexpr int BM = 128;  // output channels of a block tile
+constexpr int BN = 128;  // output positions of a block tile
+constexpr int BK = 64;   // channels of one kernel point per stage
+constexpr int STAGES = 3;
+// 4 warps, 2 (channels) x 2 (positions), each WM x WN of the tile: 32 independent MMAs per
+// step of 16 channels hide the ldmatrix latency (8 warps of 64 x 32 kept the tensor cores
+// 47% busy, stalled mostly on ldmatrix results).
+constexpr int WARPS_M = 2, WARPS_N = 2, THREADS = 32 * WARPS_M * WARPS_N;
+constexpr int WM = BM / WARPS_M, WN = BN / WARPS_N, MI = WM / 16, NI = WN / 8;
+// Row pitch of the shared tiles in elements: 144 bytes, so the 8 rows one ldmatrix reads fall
+// in 8 distinct 16-byte bank groups.
+constexpr int PITCH = BK + 8;
+constexpr int TILE = BM * PITCH;  // elements of one stage's A (or B) tile
+constexpr int COPIES = BM * BK / 8 / THREADS;  // 16-byte copies of a tile per thread and stage
+constexpr int ROWS_APART = THREADS / (BK / 8);  // between one thread's copies
+// The epilogue stages the block's outputs in the same memory, rows of BN + 8 elements.
+constexpr int OUT_PITCH = BN + 8;
+constexpr int SHARED_BYTES = STAGES * 2 * TILE * 2;  // MMA_SHARED_BYTES in the host
+static_assert(BM == BN && BM * OUT_PITCH <= STAGES * 2 * TILE, "the output tile fits the pipeline's memory");
+static_assert(SHARED_BYTES <= 113 * 1024, "two blocks fit an SM (sm_80 and sm_90: 227 KiB)");
+static_assert(NI % 2 == 0 && BN <= THREADS * 2, "B fragments come in pairs; rigid is filled in two passes");
+}  // namespace dk_mma
+
+// kernels[n, o, k, c], kernel-point-major for dk_global_mma: dk_resample's samples. A block per
+// (output channel o, slice of `slice` of its input channels, pass of `pass` images) copies o's
+// scope for the slice into shared memory as (S, slice), computes the pass's kernel points'
+// taps once (into shared memory too), and samples 8 channels per thread: a tap is one 16-byte
+// read, an output one 16-byte store. (A thread per (n, o, k) computing its own taps
+// spent most of its instructions on them; reading the scope in place, (C_out, Cg, S), makes
+// every load a gather.)
+struct ScopeTap {
+    float weight[4];
+    int at[4];  // scope index of corner q, or -1 where it reads the zero padding
+};
+
+template <typename T>
+__global__ void dk_resample_cl(const T* __restrict__ weight, const T* __restrict__ offset, int slice, int pass,
+                               DK_GEOMETRY, T* __restrict__ kernels) {
+    DK_GEO;
+    extern __shared__ __align__(16) unsigned char dk_shared[];
+    const int K = (int)geo.K(), S = (int)geo.scope();
+    ScopeTap* const taps = reinterpret_cast<ScopeTap*>(dk_shared);  // [pass][K]
+    float* const scope = reinterpret_cast<float*>(taps + pass * K);  // [S][slice], converted once
+    const index_t cg = geo.cg(), slices = (cg + slice - 1) / slice, passes = (batch + pass - 1) / pass;
+    for (index_t unit = blockIdx.x; unit < c_out * slices * passes; unit += gridDim.x) {
+        const index_t os = fast_div(unit, passes), o = fast_div(os, slices);
+        const index_t c0 = (os - o * slices) * slice, n0 = (unit - os * passes) * pass;
+        const int width = (int)min((index_t)slice, cg - c0), chunks = width / 8;
+        const int images = (int)min((index_t)pass, batch - n0);
+        const index_t g = fast_div(o, geo.opg());
+        __syncthreads();  // the previous unit is done with the shared memory
+        // Channel-fastest, so that the shared stores fall in distinct banks; the global loads
+        // revisit the same few sectors, S channels apart, from L1.
+        const T* src = weight + (o * cg + c0) * S;
+        for (int i = threadIdx.x; i < width * S; i += blockDim.x) {
+            const int s = div32(i, width), c = i - s * width;
+            scope[s * slice + c] = to_acc(src[c * S + s]);
+        }
+        for (int j = threadIdx.x; j < images * K; j += blockDim.x) {
+            const int m = div32(j, K), k = j - m * K;
+            float h, w;
+            geo.scope_point(k / kw, k % kw, offset + 2 * (((n0 + m) * offset_groups + g) * K + k), 1, h, w);
+            const bool inside = in_open_box(h, w, scope_h, scope_w);
+            const BilinearTaps<float> b(inside ? h : 0.0f, inside ? w : 0.0f, scope_h, scope_w);
+            const int i = (int)b.i00, sw_ = (int)scope_w;
+            taps[j] = ScopeTap{{b.w00, b.w01, b.w10, b.w11},
+                               {inside && b.ok00 ? i : -1, inside && b.ok01 ? i + 1 : -1,
+                                inside && b.ok10 ? i + sw_ : -1, inside && b.ok11 ? i + sw_ + 1 : -1}};
+        }
+        __syncthreads();
+        for (int j = threadIdx.x; j < images * K * chunks; j += blockDim.x) {
+            const int mk = div32(j, chunks), c = (j - mk * chunks) * 8, m = div32(mk, K), k = mk - m * K;
+            const ScopeTap& t = taps[mk];
+            float v[8];
+#pragma unroll
+            for (int e = 0; e < 8; ++e) v[e] = 0.0f;
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                if (t.at[q] < 0) continue;
+                const float4* at = reinterpret_cast<const float4*>(scope + t.at[q] * slice + c);
+                const float4 lo = at[0], hi = at[1];
+                const float e8[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+#pragma unroll
+                for (int e = 0; e < 8; ++e) v[e] += t.weight[q] * e8[e];
+            }
+            __align__(16) T packed[8];
+#pragma unroll
+            for (int e = 0; e < 8; ++e) packed[e] = from_acc<T>(v[e]);
+            *reinterpret_cast<uint4*>(kernels + (((n0 + m) * c_out + o) * K + k) * cg + c0 + c) =
+                *reinterpret_cast<const uint4*>(packed);
+        }
+    }
+}
+
+// A block per (image, weight group, tile of BM output channels, tile of BN positions),
+// grid-stride. `input` is (N, H, W, C_in), `kernels` (N, C_out, K, Cg); every in-plane
+// coordinate and K * Cg fit 32 bits (the host checks). Output plus bias, rounded once.
+// Each thread copies the same rows of every stage; it keeps their source pointers and moves
+// them by BK channels a stage, recomputing the input's only at a new kernel point (address
+// arithmetic per copy and stage was two thirds of the loop's instructions).
+template <typename T>
+__global__ void __launch_bounds__(dk_mma::THREADS, 2)
+dk_global_mma(const T* __restrict__ input, const T* __restrict__ kernels, const T* __restrict__ bias, int use_bias,
+              DK_GEOMETRY, T* __restrict__ out) {
+    using namespace dk_mma;
+    DK_GEO;
+    extern __shared__ __align__(16) unsigned char dk_shared[];
+    T* const a_base = reinterpret_cast<T*>(dk_shared);  // STAGES tiles [BM][PITCH] of kernels
+    T* const b_base = a_base + STAGES * TILE;           // STAGES tiles [BN][PITCH] of the input
+    // Input row and column of kernel point (0, 0) for each position of the tile; past L, a row
+    // no kernel point brings inside the image (the host bounds (kh - 1) * dh by 2**30).
+    __shared__ int2 rigid[BN];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, warp_m = warp % WARPS_M, warp_n = warp / WARPS_M;
+    const index_t cg = geo.cg(), og = geo.og(), L = geo.L();
+    const int K = kh * kw;
+    const index_t m_tiles = (og + BM - 1) / BM, n_tiles = (L + BN - 1) / BN;
+    const int stages = K * (int)((cg + BK - 1) / BK);
+    // This thread's copies of every stage: rows row + ROWS_APART * t of both tiles, 8 channels
+    // from `chunk`.
+    const int row = tid / (BK / 8), chunk = tid % (BK / 8) * 8;
+    // Where warp lane reads its ldmatrix rows: A (row-major) and B (column-major) fragments.
+    const int a_read = (warp_m * WM + (lane & 15)) * PITCH + (lane >> 4) * 8;
+    const int b_read = (warp_n * WN + (lane & 7) + ((lane >> 4) << 3)) * PITCH + ((lane >> 3) & 1) * 8;
+
+    for (index_t tile = blockIdx.x; tile < batch * groups * m_tiles * n_tiles; tile += gridDim.x) {
+        const index_t ngm = fast_div(tile, n_tiles), ng = fast_div(ngm, m_tiles);
+        const index_t n = fast_div(ng, groups), g = ng - n * groups;
+        const index_t o0 = (ngm - ng * m_tiles) * BM, l0 = (tile - ngm * n_tiles) * BN;
+
+        __syncthreads();  // the previous tile is done with the shared memory
+        for (int p = tid; p < BN; p += THREADS) {
+            const index_t l = l0 + p;
+            const int y = (int)(l / out_w), x = (int)(l - (index_t)y * out_w);
+            rigid[p] = l < L ? make_int2(y * sh - ph, x * sw - pw) : make_int2(-(1 << 30), 0);
+        }
+        __syncthreads();
+
+        const T* const a_src = kernels + ((n * c_out + g * og + o0 + row) * K) * cg + chunk;
+        const index_t a_step = (index_t)ROWS_APART * K * cg;  // between this thread's rows
+        const int a_rows = (int)min((index_t)BM, og - o0);
+        const T* const b_src = input + n * height * width * channels + g * cg + chunk;
+        int b_off[COPIES];  // of this thread's input rows from b_src (an image fits 32 bits)
+        unsigned b_valid = 0;
+        int k = 0, c0 = 0;  // the next stage to load
+        auto point = [&]() {  // b_off and b_valid at kernel point k
+            const int i = k / kw, j = k - i * kw;
+            b_valid = 0;
+#pragma unroll
+            for (int t = 0; t < COPIES; ++t) {
+                const int2 p = rigid[row + ROWS_APART * t];
+                const int iy = p.x + i * dh, ix = p.y + j * dw;
+                const bool ok = iy >= 0 && iy < (int)height && ix >= 0 && ix < (int)width;
+                b_off[t] = ok ? (iy * (int)width + ix) * (int)channels : 0;
+                b_valid |= (unsigned)ok << t;
+            }
+        };
+        point();
+        auto load_next = [&](int buf) {
+            const bool c_ok = c0 + chunk < cg;
+            const int a_off = k * (int)cg + c0;
+            T* const a_dst = a_base + buf * TILE + row * PITCH + chunk;
+            T* const b_dst = b_base + buf * TILE + row * PITCH + chunk;
+#pragma unroll
+            for (int t = 0; t < COPIES; ++t) {
+                const bool a = c_ok && row + ROWS_APART * t < a_rows, b = c_ok && (b_valid >> t & 1);
+                copy_async_16(a_dst + ROWS_APART * t * PITCH, a ? a_src + t * a_step + a_off : kernels, a);
+                copy_async_16(b_dst + ROWS_APART * t * PITCH, b ? b_src + b_off[t] + c0 : input, b);
+            }
+            c0 += BK;
+            if (c0 >= cg) {
+                c0 = 0;
+                if (++k < K) point();
+            }
+        };
+
+#pragma unroll
+        for (int s = 0; s < STAGES - 1; ++s) {
+            if (s < stages) load_next(s);
+            copy_async_commit();
+        }
+        float accum[MI][NI][4];
+#pragma unroll
+        for (int a = 0; a < MI; ++a)
+#pragma unroll
+            for (int b = 0; b < NI; ++b)
+#pragma unroll
+                for (int c = 0; c < 4; ++c) accum[a][b][c] = 0.0f;
+
+        // The fragments of step kk of a stage into set f: the tensor cores multiply one set while
+        // the next is read.
+        unsigned af[2][MI][4], bf[2][NI][2];
+        auto fragments = [&](const T* a_tile, const T* b_tile, int kk, int f) {
+#pragma unroll
+            for (int mi = 0; mi < MI; ++mi) ldmatrix_x4(af[f][mi], a_tile + a_read + mi * 16 * PITCH + kk);
+#pragma unroll
+            for (int nj = 0; nj < NI / 2; ++nj) {
+                unsigned r[4];
+                ldmatrix_x4(r, b_tile + b_read + nj * 16 * PITCH + kk);
+                bf[f][2 * nj][0] = r[0], bf[f][2 * nj][1] = r[1], bf[f][2 * nj + 1][0] = r[2], bf[f][2 * nj + 1][1] = r[3];
+            }
+        };
+
+        for (int s = 0; s < stages; ++s) {
+            copy_async_wait<STAGES - 2>();
+            // Stage s has landed for every thread, and every warp is done with stage s - 1, whose
+            // buffer the next load overwrites.
+            __syncthreads();
+            if (s + STAGES - 1 < stages) load_next((s + STAGES - 1) % STAGES);
+            copy_async_commit();
+            const T* const a_tile = a_base + (s % STAGES) * TILE;
+            const T* const b_tile = b_base + (s % STAGES) * TILE;
+            fragments(a_tile, b_tile, 0, 0);
+#pragma unroll
+            for (int step = 0; step < BK / 16; ++step) {
+                if (step + 1 < BK / 16) fragments(a_tile, b_tile, (step + 1) * 16, (step + 1) & 1);
+#pragma unroll
+                for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+                    for (int ni = 0; ni < NI; ++ni) Mma<T>::run(accum[mi][ni], af[step & 1][mi], bf[step & 1][ni]);
+            }
+        }
+
+        // Epilogue: plus bias, rounded to T into a shared tile, then stored a row of positions
+        // at a time (16-byte vectors where the rows are aligned to them).
+        copy_async_wait<0>();
+        __syncthreads();
+        T* const out_tile = a_base;
+#pragma unroll
+        for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                const int r = warp_m * WM + mi * 16 + (lane >> 2) + half * 8;
+                const float add = use_bias && o0 + r < og ? to_acc(bias[g * og + o0 + r]) : 0.0f;
+#pragma unroll
+                for (int ni = 0; ni < NI; ++ni)
+#pragma unroll
+                    for (int e = 0; e < 2; ++e)
+                        out_tile[r * OUT_PITCH + warp_n * WN + ni * 8 + (lane & 3) * 2 + e] =
+                            from_acc<T>(accum[mi][ni][half * 2 + e] + add);
+            }
+        __syncthreads();
+        const bool vectors = L % 8 == 0;
+        for (int v = tid; v < BM * BN / 8; v += THREADS) {
+            const int r = v / (BN / 8), col = v % (BN / 8) * 8;
+            if (o0 + r >= og || l0 + col >= L) continue;
+            T* const dst = out + (n * c_out + g * og + o0 + r) * L + l0 + col;
+            const T* const src = out_tile + r * OUT_PITCH + col;
+            if (vectors) {
+                *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+            } else {
+                for (int e = 0; e < 8 && l0 + col + e < L; ++e) dst[e] = src[e];
             }
         }
     }

@@ -6,7 +6,8 @@
     python tests/sanitize_driver.py shared  # racecheck, synccheck: the ops whose kernels use
                                             # shared memory or warp shuffles (forward, and the
                                             # backward in the mode that launches them), float32
-                                            # and float64
+                                            # and float64; global DK's tensor-core forward in
+                                            # float16
 
 CuPy's memory pool is off, so that memcheck sees each array's own bounds (inside a pooled block
 an access past an array's end is invisible). bfloat16 goes through PyTorch tensors, whose
@@ -31,6 +32,9 @@ SHARED = ("deform_conv2d", "dk_global_direct", "dk_global_gemm", "dk_local", "de
 # (droi_transpose_grad_output, droi_gather_input_grad).
 SHARED_DETERMINISTIC = ("deform_conv2d", "deform_roi_pool_sampled")
 SHARED_DTYPES = ("float32", "float64")
+# Global DK's tensor-core forward (channels_last, dk_resample_cl, dk_global_mma: shared tiles
+# filled by cp.async), which only the half types take.
+SHARED_HALF = ("dk_global_gemm",)
 CHUNKED = ("deform_conv2d", "deform_conv2d_v1", "dk_global_gemm")
 
 
@@ -111,6 +115,8 @@ def main(selection):
                 calls += exercise(name, CASES[name], dtype, modes=(False,))
             for name in SHARED_DETERMINISTIC:
                 calls += exercise(f"{name} (deterministic)", CASES[name], dtype, forward=False, modes=(True,))
+        for name in SHARED_HALF:
+            calls += exercise(f"{name} (tensor cores)", CASES[name], "float16", modes=(False,))
     else:
         raise SystemExit(f"usage: {sys.argv[0]} all|shared (got {selection!r})")
     print(f"sanitize driver: {calls} calls ({selection})", flush=True)

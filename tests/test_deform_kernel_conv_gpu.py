@@ -67,6 +67,21 @@ EDGES = {
 }
 
 
+# The tensor-core forward (dk_global_mma): channel counts that leave a stage half empty, outputs
+# past one tile of 128 channels and of 128 positions, rows of positions that are not whole
+# 16-byte vectors (L = 117), weight and offset groups, strides, dilations, a kernel of 1 x 2.
+MMA = {
+    "mma_tails": dict(N=2, C_in=24, C_out=20, groups=1, G=2, kernel=(3, 3), scope=(4, 4), H=9, W=13,
+                      stride=1, padding=1, dilation=1),
+    "mma_groups": dict(N=2, C_in=32, C_out=12, groups=2, G=3, kernel=(3, 2), scope=(5, 4), H=10, W=12,
+                       stride=(2, 1), padding=(2, 1), dilation=(1, 2)),
+    "mma_tiles": dict(N=1, C_in=40, C_out=136, groups=1, G=1, kernel=(3, 3), scope=(3, 3), H=12, W=12,
+                      stride=1, padding=1, dilation=1),
+    "mma_stages": dict(N=3, C_in=72, C_out=16, groups=1, G=4, kernel=(1, 2), scope=(2, 3), H=5, W=7,
+                       stride=1, padding=0, dilation=1),
+}
+
+
 def rounded_case(torch, cfg, mode, dtype, seed):
     """Inputs in `dtype` as CUDA tensors, and the same values in float64 NumPy."""
     args, geo = make_case(cfg, mode, seed=seed)
@@ -111,9 +126,31 @@ def test_both_global_paths(torch, monkeypatch, dtype, path, limit, name):
     monkeypatch.setattr(gpu, "DIRECT_MAX_REDUCTION", limit)
     if path == "gemm":
         monkeypatch.setattr(gpu, "COLUMNS_BYTES", 1)  # one image per chunk
+        monkeypatch.setattr(gpu, "TENSOR_CORES", False)
     cfg = {**CONFIGS, **LARGE, **EDGES}[name]
     tensors, exact, geo = rounded_case(torch, cfg, "global", dtype, seed=32)
     check_against_reference(torch, tensors, exact, geo, dtype, seed=33)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("name", list(MMA) + ["dense3x3"])
+def test_tensor_core_forward(torch, monkeypatch, dtype, name):
+    """dk_global_mma against float64 (and the backward, which it does not touch, with it), and
+    against the columns and cuBLAS path of the same rounded inputs."""
+    from cudeform.cuda import deform_kernel_conv as gpu
+
+    calls = []
+    mma_forward = gpu._mma_forward
+    monkeypatch.setattr(gpu, "_mma_forward", lambda *a: calls.append(1) or mma_forward(*a))
+    cfg = {**MMA, **LARGE}[name]
+    tensors, exact, geo = rounded_case(torch, cfg, "global", dtype, seed=46)
+    check_against_reference(torch, tensors, exact, geo, dtype, seed=47)
+    assert calls, "the tensor-core path was not taken"
+    out = cudeform.deform_kernel_conv2d(**tensors, **geo)
+    monkeypatch.setattr(gpu, "TENSOR_CORES", False)
+    columns = cudeform.deform_kernel_conv2d(**tensors, **geo)
+    assert l2_rel(out.double().cpu().numpy(), columns.double().cpu().numpy()) < TOLERANCE[dtype]
+    assert len(calls) == 2
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float16"])

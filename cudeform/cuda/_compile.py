@@ -78,10 +78,12 @@ def template_args(*dtypes: str) -> str:
     return ", ".join(CXX_TYPES[d] for d in dtypes)
 
 
-def function(op_module, expression: str) -> "Kernel":
+def function(op_module, expression: str, *, dynamic_shared: int = 0) -> "Kernel":
     """The compiled kernel ``expression`` (e.g. ``"dcn_im2col<float>"``) of an op module that
     declares ``SOURCE`` and ``NAME_EXPRESSIONS``, on the current device. The first call on a
-    device compiles the whole source (or loads it from CuPy's cache); later calls are a lookup."""
+    device compiles the whole source (or loads it from CuPy's cache); later calls are a lookup.
+    ``dynamic_shared``: the most dynamic shared memory the kernel is launched with, in bytes
+    (above 48 KiB a kernel must opt in, once)."""
     import cupy
 
     key = (op_module.SOURCE, cupy.cuda.runtime.getDevice(), expression)
@@ -95,7 +97,10 @@ def function(op_module, expression: str) -> "Kernel":
                                         name_expressions=tuple(op_module.NAME_EXPRESSIONS))
                 module.compile()
                 _modules[key[:2]] = module
-            kernel = _functions[key] = Kernel(module.get_function(expression), expression)
+            raw = module.get_function(expression)
+            if dynamic_shared > 48 * 1024:
+                raw.max_dynamic_shared_size_bytes = dynamic_shared
+            kernel = _functions[key] = Kernel(raw, expression)
     return kernel
 
 
@@ -104,6 +109,11 @@ def function(op_module, expression: str) -> "Kernel":
 _ARG_CODES = {np.dtype(np.int32): "i", np.dtype(np.int64): "q", np.dtype(np.uint32): "I",
               np.dtype(np.uint64): "Q", np.dtype(np.float32): "f", np.dtype(np.float64): "d"}
 _CU_LAUNCH_PARAM_END, _CU_LAUNCH_PARAM_BUFFER_POINTER, _CU_LAUNCH_PARAM_BUFFER_SIZE = 0, 1, 2
+
+
+class Pointer(int):
+    """A device address passed as a pointer argument: a part of a workspace array, without the
+    CuPy view (slicing an array costs microseconds of host time)."""
 
 
 class Kernel:
@@ -126,13 +136,13 @@ class Kernel:
     def _layout(self, args: tuple) -> str:
         codes = []
         for i, a in enumerate(args):
-            if isinstance(a, self.array_type):
+            if isinstance(a, (self.array_type, Pointer)):
                 codes.append("P")
             elif isinstance(a, np.generic) and a.dtype in _ARG_CODES:
                 codes.append(_ARG_CODES[a.dtype])
             else:
-                raise TypeError(f"{self.expression}: argument {i} is a {type(a).__name__}; expected a CuPy array "
-                                f"or a NumPy scalar of {', '.join(d.name for d in _ARG_CODES)}")
+                raise TypeError(f"{self.expression}: argument {i} is a {type(a).__name__}; expected a CuPy array, "
+                                f"a Pointer or a NumPy scalar of {', '.join(d.name for d in _ARG_CODES)}")
         return "@" + "".join(codes)
 
     def _prepare(self, args: tuple) -> None:
@@ -159,6 +169,20 @@ class Kernel:
             struct.pack_into(self.layout, self.buffer, 0, *values)
             self.launch_kernel(self.ptr, grid, 1, 1, block, 1, 1, shared_mem, self.current_stream().ptr, 0,
                                self.extra_ptr)
+
+
+@functools.lru_cache(maxsize=None)
+def _compute_capability(device: int) -> int:
+    import cupy
+
+    return int(cupy.cuda.Device(device).compute_capability)
+
+
+def has_tensor_cores() -> bool:
+    """Whether the current device runs the mma.sync kernels of tensor_core.cuh (sm_80+)."""
+    import cupy
+
+    return _compute_capability(cupy.cuda.runtime.getDevice()) >= 80
 
 
 def launch(kernel: Kernel, threads: int, args: tuple, *, block: int = BLOCK, shared_mem: int = 0) -> None:

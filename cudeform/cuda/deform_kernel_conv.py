@@ -1,4 +1,4 @@
-"""Deformable Kernels on the GPU: kernels/deform_kernel_conv.cu, with cuBLAS GEMMs for global DK.
+"""Deformable Kernels on the GPU: kernels/deform_kernel_conv.cu, with cuBLAS or tensor-core GEMMs for global DK.
 
 Global DK, with a short reduction (Cg * K <= DIRECT_MAX_REDUCTION, Cg = C_in/groups,
 K = kh*kw: depthwise and the like) and planes small enough for 32-bit in-plane indices: direct
@@ -7,7 +7,10 @@ kernels. The forward ``dk_global_conv`` samples each
 staging its input window there (``_conv_tiles``), one launch, nothing stored.
 The backward stores the resampled kernels (``dk_resample``), gathers the input gradient
 through them (``dk_global_input_grad``) and reduces their gradient per band of positions
-(``dk_global_kernel_grad``). With a long reduction, per chunk of images: the rigid
+(``dk_global_kernel_grad``). With a long reduction, the forward in float16/bfloat16 on sm_80+
+(C_in/groups a multiple of 8): an implicit GEMM on tensor cores, ``dk_global_mma``, over the
+input made channels-last (``channels_last``) and the kernels resampled kernel-point-major
+(``dk_resample_cl``), with no columns. Otherwise, per chunk of images: the rigid
 ``dk_im2col`` and one strided-batched GEMM whose batch runs over (image, weight group), each
 with its own resampled kernels; the backward's two GEMMs and the gather ``dk_col2im``. Both
 then backpropagate through the resampling: ``dk_global_offset_grad`` (one block per (n, offset
@@ -36,7 +39,11 @@ SOURCE = "deform_kernel_conv.cu"
 _KERNELS = ("dk_resample", "dk_global_conv", "dk_global_input_grad", "dk_global_kernel_grad", "dk_im2col",
             "dk_col2im", "dk_global_offset_grad", "dk_global_weight_grad", "dk_local_conv", "dk_local_input_grad",
             "dk_local_offset_grad", "dk_local_weight_grad", "dk_sum_partials", "bias_grad", "add_bias")
-NAME_EXPRESSIONS = [f"{k}<{t}>" for t in CXX_TYPES.values() for k in _KERNELS]
+# The tensor-core path (tensor_core.cuh's mma.sync) exists for the half types only.
+TENSOR_CORE_DTYPES = ("float16", "bfloat16")
+_TENSOR_CORE_KERNELS = ("dk_global_mma", "dk_resample_cl", "channels_last")
+NAME_EXPRESSIONS = ([f"{k}<{t}>" for t in CXX_TYPES.values() for k in _KERNELS]
+                    + [f"{k}<{CXX_TYPES[t]}>" for t in TENSOR_CORE_DTYPES for k in _TENSOR_CORE_KERNELS])
 
 COLUMNS_BYTES = 128 * 2**20
 # Global DK convolves directly (no columns, no GEMM) when a GEMM would reduce over at most this
@@ -63,8 +70,19 @@ WEIGHT_GRAD_BLOCK = 128
 WEIGHT_GRAD_TARGET_BLOCKS = 4096
 
 
-def _kernel(name: str, dtype: str):
-    return _compile.function(sys.modules[__name__], f"{name}<{CXX_TYPES[dtype]}>")
+# Global DK with a long reduction in a half type, Cg a multiple of 8 (whole 16-byte vectors of
+# channels), on sm_80+: dk_global_mma, an implicit GEMM on tensor cores, rather than the
+# columns and cuBLAS. False: the columns everywhere (the tests compare the two).
+TENSOR_CORES = True
+MMA_THREADS = 128  # dk_mma::THREADS
+MMA_TILE = 128  # dk_mma::BM and dk_mma::BN
+MMA_SHARED_BYTES = 3 * 2 * MMA_TILE * (64 + 8) * 2  # dk_mma::SHARED_BYTES
+TAP_BYTES = 32  # sizeof(ScopeTap)
+RESAMPLE_BLOCKS = 1024
+
+
+def _kernel(name: str, dtype: str, dynamic_shared: int = 0):
+    return _compile.function(sys.modules[__name__], f"{name}<{CXX_TYPES[dtype]}>", dynamic_shared=dynamic_shared)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -165,6 +183,63 @@ class _Shapes:
 
 
 @functools.lru_cache(maxsize=256)
+def _tensor_core_path(s, geo, dtype) -> bool:
+    """Whether global DK's forward takes dk_global_mma (see TENSOR_CORES)."""
+    return (TENSOR_CORES and dtype in TENSOR_CORE_DTYPES and s.cg % 8 == 0 and _small_planes(s, geo)
+            and s.hw * s.c_in < 2**31 and s.K * s.cg < 2**31
+            and _resample_cl_launch(s.n, s.c_out, s.cg, s.K, s.S) is not None and _compile.has_tensor_cores())
+
+
+@functools.lru_cache(maxsize=256)
+def _resample_cl_launch(n: int, c_out: int, cg: int, K: int, S: int):
+    """dk_resample_cl's (slice, pass, blocks, shared bytes): passes of `pass` images (all of them
+    where their taps fit a quarter of DIRECT_SHARED_BYTES) and scope slices of `slice`
+    channels (in float32), as wide as the rest allows and narrow enough for RESAMPLE_BLOCKS blocks; None
+    when not even 8 channels of one scope fit. (Slices of all 256 channels at N=16, C=256 gave
+    256 blocks, latency-bound, 17 us; passes of 2 images 2048 blocks that spent their time
+    copying the same scopes, 37 us.)"""
+    pass_ = max(1, min(n, DIRECT_SHARED_BYTES // 4 // (TAP_BYTES * K)))
+    passes = -(-n // pass_)
+    widest = min(cg, (DIRECT_SHARED_BYTES - pass_ * K * TAP_BYTES) // (S * 4) // 8 * 8)
+    if widest < 8:
+        return None
+    even = -(-cg // -(-RESAMPLE_BLOCKS // (c_out * passes)))  # channels per slice for the blocks
+    slice_ = max(8, min(widest, -(-even // 8) * 8))
+    blocks = c_out * -(-cg // slice_) * passes
+    return np.int32(slice_), np.int32(pass_), blocks, pass_ * K * TAP_BYTES + slice_ * S * 4
+
+
+@functools.lru_cache(maxsize=256)
+def _mma_plan(n: int, c_in: int, hw: int, c_out: int, cg: int, og: int, K: int, S: int, L: int, groups: int):
+    """The launches of _mma_forward for one shape, made once (their arguments cost more to
+    build than the launches): the channels-last copy's size and (threads, arguments), the
+    resampling's (threads, arguments but the arrays, shared bytes) and the GEMM's threads."""
+    slice_, pass_, blocks, shared = _resample_cl_launch(n, c_out, cg, K, S)
+    tiles = n * groups * -(-og // MMA_TILE) * -(-L // MMA_TILE)
+    return (n * hw * c_in, n * -(-c_in // 64) * -(-hw // 64) * _compile.BLOCK,  # tiles of 64 x 64
+            (np.int64(n), np.int64(c_in), np.int64(hw)), blocks * _compile.BLOCK, (slice_, pass_), shared,
+            tiles * MMA_THREADS)
+
+
+def _mma_forward(x, weight, offset, bias_arg, use_bias, geo, s, dtype, out):
+    """Global DK's forward: the input made channels-last (channels_last), the kernels resampled
+    kernel-point-major (dk_resample_cl), then dk_global_mma. Workspace: those two, one buffer."""
+    import cupy
+
+    cl_size, cl_threads, cl_args, rs_threads, rs_args, rs_shared, mma_threads = _mma_plan(
+        s.n, s.c_in, s.hw, s.c_out, s.cg, s.og, s.K, s.S, s.L, geo.groups)
+    geo_args = _geometry_args(geo, x.shape, s.c_out, s.n)
+    workspace = cupy.empty(cl_size + s.n * s.c_out * s.K * s.cg, x.dtype)
+    # cl_size is a multiple of 8 elements: both parts are aligned to 16-byte vectors.
+    x_cl = _compile.Pointer(workspace.data.ptr)
+    kernels = _compile.Pointer(x_cl + cl_size * workspace.itemsize)
+    launch(_kernel("channels_last", dtype), cl_threads, (x, *cl_args, x_cl))
+    launch(_kernel("dk_resample_cl", dtype), rs_threads, (weight, offset, *rs_args, *geo_args, kernels),
+           shared_mem=rs_shared)
+    launch(_kernel("dk_global_mma", dtype, MMA_SHARED_BYTES), mma_threads,
+           (x_cl, kernels, bias_arg, use_bias, *geo_args, out), block=MMA_THREADS, shared_mem=MMA_SHARED_BYTES)
+
+
 def _resample_launch(terms: int, scope: int, acc_bytes: int, budget: int):
     """dk_resample's (block, staged, pitch, shared bytes) for offset groups of `terms` (o, c)
     pairs: a block of at most BLOCK threads, no wider than a group needs, whose scopes (`pitch`
@@ -216,6 +291,10 @@ def forward(input, weight, kernel_offset, bias, *, geo, dtype):
             launch(_kernel("dk_global_conv", dtype), threads,
                    (x, weight, offset, bias_arg, use_bias, *tiles, np.int32(_small_units(threads // block)), *geo_args,
                     out), block=block, shared_mem=shared)
+        return out
+    if _tensor_core_path(s, geo, dtype):
+        if out.size:
+            _mma_forward(x, weight, offset, bias_arg, use_bias, geo, s, dtype, out)
         return out
     kernels = _resample(weight, offset, x, geo, s, dtype)
     chunks, cols = _columns(s, x)

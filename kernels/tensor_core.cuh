@@ -1,0 +1,110 @@
+// Building blocks of the implicit-GEMM kernels on tensor cores (sm_80 and newer, the half
+// types): cp.async copies into shared memory, ldmatrix, mma.sync m16n8k16 with float32
+// accumulators, and the channels-last copy their operands are read from.
+// Every helper compiles to nothing below sm_80; the hosts take these paths only on sm_80+.
+#pragma once
+
+#include "common.cuh"
+
+namespace cudeform {
+
+template <typename T> struct is_half_type { static constexpr bool value = false; };
+template <> struct is_half_type<__half> { static constexpr bool value = true; };
+template <> struct is_half_type<__nv_bfloat16> { static constexpr bool value = true; };
+
+// d += a * b for one 16x8x16 tile: a (row-major 16x16) in 4 registers, b (column-major 16x8) in
+// 2, d (16x8 float) in 4, in the register layout of PTX's mma.m16n8k16.
+template <typename T> struct Mma;
+template <> struct Mma<__half> {
+    static __device__ __forceinline__ void run(float* d, const unsigned* a, const unsigned* b) {
+#if __CUDA_ARCH__ >= 800
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                     "{%0,%1,%2,%3};\n"
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
+    }
+};
+template <> struct Mma<__nv_bfloat16> {
+    static __device__ __forceinline__ void run(float* d, const unsigned* a, const unsigned* b) {
+#if __CUDA_ARCH__ >= 800
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                     "{%0,%1,%2,%3};\n"
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
+    }
+};
+
+__device__ __forceinline__ unsigned shared_address(const void* p) {
+    return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+
+// Four 8x8 matrices of 16-bit elements from shared memory: lane i gives the address of row
+// i % 8 of matrix i / 8.
+__device__ __forceinline__ void ldmatrix_x4(unsigned* r, const void* p) {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(shared_address(p)));
+#endif
+}
+
+// 16 bytes global -> shared without passing through registers; 16 zero bytes when !valid
+// (src is then not read, but must still be a global address).
+__device__ __forceinline__ void copy_async_16(void* dst, const void* src, bool valid) {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
+                 :: "r"(shared_address(dst)), "l"(src), "r"(valid ? 16 : 0) : "memory");
+#endif
+}
+
+__device__ __forceinline__ void copy_async_commit() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+
+// Wait until at most `pending` of this thread's committed copy groups are still in flight.
+template <int pending>
+__device__ __forceinline__ void copy_async_wait() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group %0;\n" :: "n"(pending) : "memory");
+#endif
+}
+
+}  // namespace cudeform
+
+// (N, C, P) -> (N, P, C): planes of P positions made channels-last, through 64x64 shared tiles
+// so that both the reads and the writes are coalesced. A block of 256 threads per tile,
+// grid-stride; each warp moves rows warp, warp + 8, ... of the tile. (32x32 tiles, 4 elements
+// per thread, spent most of their instructions on the tile's bookkeeping: 22 us for 8 MiB.)
+template <typename T>
+__global__ void __launch_bounds__(256) channels_last(const T* __restrict__ in, cudeform::index_t images,
+                                                     cudeform::index_t channels, cudeform::index_t positions,
+                                                     T* __restrict__ out) {
+    using cudeform::index_t;
+    constexpr int EDGE = 64;
+    // Rows of 33 words (2-byte T) or 65 (4-byte): a warp's column reads hit 32 banks.
+    __shared__ T tile[EDGE][EDGE + (sizeof(T) == 2 ? 2 : 1)];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const index_t ct = (channels + EDGE - 1) / EDGE, pt = (positions + EDGE - 1) / EDGE;
+    for (index_t t = blockIdx.x; t < images * ct * pt; t += gridDim.x) {
+        const index_t n = cudeform::fast_div(t, ct * pt), rest = t - n * ct * pt;
+        const index_t cq = cudeform::fast_div(rest, pt), c0 = cq * EDGE, p0 = (rest - cq * pt) * EDGE;
+        const int rows = (int)min((index_t)EDGE, channels - c0), cols = (int)min((index_t)EDGE, positions - p0);
+        const T* src = in + (n * channels + c0) * positions + p0;
+        T* dst = out + (n * positions + p0) * channels + c0;
+        __syncthreads();  // the previous tile's reads are done
+#pragma unroll 4
+        for (int r = warp; r < rows; r += 8) {
+            if (lane < cols) tile[r][lane] = src[r * positions + lane];
+            if (lane + 32 < cols) tile[r][lane + 32] = src[r * positions + lane + 32];
+        }
+        __syncthreads();
+#pragma unroll 4
+        for (int q = warp; q < cols; q += 8) {
+            if (lane < rows) dst[q * channels + lane] = tile[lane][q];
+            if (lane + 32 < rows) dst[q * channels + lane + 32] = tile[lane + 32][q];
+        }
+    }
+}
