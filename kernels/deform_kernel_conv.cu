@@ -298,7 +298,7 @@ __global__ void dk_resample_cl(const T* __restrict__ weight, const T* __restrict
     extern __shared__ __align__(16) unsigned char dk_shared[];
     const int K = (int)geo.K(), S = (int)geo.scope();
     ScopeTap* const taps = reinterpret_cast<ScopeTap*>(dk_shared);  // [pass][K]
-    float* const scope = reinterpret_cast<float*>(taps + pass * K);  // [S][slice], converted once
+    T* const scope = reinterpret_cast<T*>(taps + pass * K);  // [S][slice]
     const index_t cg = geo.cg(), slices = (cg + slice - 1) / slice, passes = (batch + pass - 1) / pass;
     for (index_t unit = blockIdx.x; unit < c_out * slices * passes; unit += gridDim.x) {
         const index_t os = fast_div(unit, passes), o = fast_div(os, slices);
@@ -307,12 +307,19 @@ __global__ void dk_resample_cl(const T* __restrict__ weight, const T* __restrict
         const int images = (int)min((index_t)pass, batch - n0);
         const index_t g = fast_div(o, geo.opg());
         __syncthreads();  // the previous unit is done with the shared memory
-        // Channel-fastest, so that the shared stores fall in distinct banks; the global loads
-        // revisit the same few sectors, S channels apart, from L1.
-        const T* src = weight + (o * cg + c0) * S;
-        for (int i = threadIdx.x; i < width * S; i += blockDim.x) {
-            const int s = div32(i, width), c = i - s * width;
-            scope[s * slice + c] = to_acc(src[c * S + s]);
+        // The slice's scopes are contiguous: 16-byte loads (cg, c0 multiples of 8), each scattered
+        // over the 8 (s, c) it holds. (Loads in (s, c) order, a channel's 32 bytes per lane, kept
+        // L1 the busiest unit.)
+        const uint4* src = reinterpret_cast<const uint4*>(weight + (o * cg + c0) * S);
+        for (int v = threadIdx.x; v < width * S / 8; v += blockDim.x) {
+            const uint4 raw = __ldg(src + v);
+            const T* e8 = reinterpret_cast<const T*>(&raw);
+            int c = div32(v * 8, S), s = v * 8 - c * S;
+#pragma unroll
+            for (int e = 0; e < 8; ++e) {
+                scope[s * slice + c] = e8[e];
+                if (++s == S) s = 0, ++c;
+            }
         }
         for (int j = threadIdx.x; j < images * K; j += blockDim.x) {
             const int m = div32(j, K), k = j - m * K;
@@ -335,11 +342,10 @@ __global__ void dk_resample_cl(const T* __restrict__ weight, const T* __restrict
 #pragma unroll
             for (int q = 0; q < 4; ++q) {
                 if (t.at[q] < 0) continue;
-                const float4* at = reinterpret_cast<const float4*>(scope + t.at[q] * slice + c);
-                const float4 lo = at[0], hi = at[1];
-                const float e8[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+                const uint4 raw = *reinterpret_cast<const uint4*>(scope + t.at[q] * slice + c);
+                const T* e8 = reinterpret_cast<const T*>(&raw);
 #pragma unroll
-                for (int e = 0; e < 8; ++e) v[e] += t.weight[q] * e8[e];
+                for (int e = 0; e < 8; ++e) v[e] += t.weight[q] * to_acc(e8[e]);
             }
             __align__(16) T packed[8];
 #pragma unroll

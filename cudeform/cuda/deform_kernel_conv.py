@@ -194,19 +194,19 @@ def _tensor_core_path(s, geo, dtype) -> bool:
 def _resample_cl_launch(n: int, c_out: int, cg: int, K: int, S: int):
     """dk_resample_cl's (slice, pass, blocks, shared bytes): passes of `pass` images (all of them
     where their taps fit a quarter of DIRECT_SHARED_BYTES) and scope slices of `slice`
-    channels (in float32), as wide as the rest allows and narrow enough for RESAMPLE_BLOCKS blocks; None
+    channels, as wide as the rest allows and narrow enough for RESAMPLE_BLOCKS blocks; None
     when not even 8 channels of one scope fit. (Slices of all 256 channels at N=16, C=256 gave
     256 blocks, latency-bound, 17 us; passes of 2 images 2048 blocks that spent their time
     copying the same scopes, 37 us.)"""
     pass_ = max(1, min(n, DIRECT_SHARED_BYTES // 4 // (TAP_BYTES * K)))
     passes = -(-n // pass_)
-    widest = min(cg, (DIRECT_SHARED_BYTES - pass_ * K * TAP_BYTES) // (S * 4) // 8 * 8)
+    widest = min(cg, (DIRECT_SHARED_BYTES - pass_ * K * TAP_BYTES) // (S * 2) // 8 * 8)
     if widest < 8:
         return None
     even = -(-cg // -(-RESAMPLE_BLOCKS // (c_out * passes)))  # channels per slice for the blocks
     slice_ = max(8, min(widest, -(-even // 8) * 8))
     blocks = c_out * -(-cg // slice_) * passes
-    return np.int32(slice_), np.int32(pass_), blocks, pass_ * K * TAP_BYTES + slice_ * S * 4
+    return np.int32(slice_), np.int32(pass_), blocks, pass_ * K * TAP_BYTES + slice_ * S * 2
 
 
 @functools.lru_cache(maxsize=256)
