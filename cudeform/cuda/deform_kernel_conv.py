@@ -182,7 +182,6 @@ class _Shapes:
         self.rows = self.cg * self.K  # of one (image, weight group) GEMM operand
 
 
-@functools.lru_cache(maxsize=256)
 def _tensor_core_path(s, geo, dtype) -> bool:
     """Whether global DK's forward takes dk_global_mma (see TENSOR_CORES)."""
     return (TENSOR_CORES and dtype in TENSOR_CORE_DTYPES and s.cg % 8 == 0 and _small_planes(s, geo)
@@ -240,6 +239,7 @@ def _mma_forward(x, weight, offset, bias_arg, use_bias, geo, s, dtype, out):
            (x_cl, kernels, bias_arg, use_bias, *geo_args, out), block=MMA_THREADS, shared_mem=MMA_SHARED_BYTES)
 
 
+@functools.lru_cache(maxsize=256)
 def _resample_launch(terms: int, scope: int, acc_bytes: int, budget: int):
     """dk_resample's (block, staged, pitch, shared bytes) for offset groups of `terms` (o, c)
     pairs: a block of at most BLOCK threads, no wider than a group needs, whose scopes (`pitch`
