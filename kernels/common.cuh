@@ -103,12 +103,20 @@ struct BilinearTaps {
         return v;
     }
 
+    // f(q, offset, weight, inside) for corner q = 0..3 (00, 01, 10, 11), inside the plane or not.
+    template <typename F>
+    __device__ __forceinline__ void for_corners(F f) const {
+        f(0, i00, w00, ok00);
+        f(1, i00 + 1, w01, ok01);
+        f(2, i00 + width, w10, ok10);
+        f(3, i00 + width + 1, w11, ok11);
+    }
+
     template <typename F>
     __device__ __forceinline__ void for_each(F f) const {
-        if (ok00) f(i00, w00);
-        if (ok01) f(i00 + 1, w01);
-        if (ok10) f(i00 + width, w10);
-        if (ok11) f(i00 + width + 1, w11);
+        for_corners([&](int, index_t p, A wt, bool inside) {
+            if (inside) f(p, wt);
+        });
     }
 };
 

@@ -327,11 +327,13 @@ __global__ void dk_resample_cl(const T* __restrict__ weight, const T* __restrict
             float h, w;
             geo.scope_point(k / kw, k % kw, offset + 2 * (((n0 + m) * offset_groups + g) * K + k), 1, h, w);
             const bool inside = in_open_box(h, w, scope_h, scope_w);
-            const BilinearTaps<float> b(inside ? h : 0.0f, inside ? w : 0.0f, scope_h, scope_w);
-            const int i = (int)b.i00, sw_ = (int)scope_w;
-            taps[j] = ScopeTap{{b.w00, b.w01, b.w10, b.w11},
-                               {inside && b.ok00 ? i : -1, inside && b.ok01 ? i + 1 : -1,
-                                inside && b.ok10 ? i + sw_ : -1, inside && b.ok11 ? i + sw_ + 1 : -1}};
+            ScopeTap t;
+            BilinearTaps<float>(inside ? h : 0.0f, inside ? w : 0.0f, scope_h, scope_w)
+                .for_corners([&](int q, index_t at, float wt, bool ok) {
+                    t.weight[q] = wt;
+                    t.at[q] = inside && ok ? (int)at : -1;
+                });
+            taps[j] = t;
         }
         __syncthreads();
         for (int j = threadIdx.x; j < images * K * chunks; j += blockDim.x) {
