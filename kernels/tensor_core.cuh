@@ -8,10 +8,6 @@
 
 namespace cudeform {
 
-template <typename T> struct is_half_type { static constexpr bool value = false; };
-template <> struct is_half_type<__half> { static constexpr bool value = true; };
-template <> struct is_half_type<__nv_bfloat16> { static constexpr bool value = true; };
-
 // d += a * b for one 16x8x16 tile: a (row-major 16x16) in 4 registers, b (column-major 16x8) in
 // 2, d (16x8 float) in 4, in the register layout of PTX's mma.m16n8k16.
 template <typename T> struct Mma;

@@ -118,7 +118,8 @@ class Pointer(int):
 
 class Kernel:
     """A compiled kernel and its parameter buffer (made at the first launch, which fixes the
-    argument types: NumPy scalars of _ARG_CODES's dtypes, and CuPy arrays for pointers)."""
+    argument types: NumPy scalars of _ARG_CODES's dtypes, and CuPy arrays or Pointers for
+    pointers)."""
 
     def __init__(self, function, expression: str):
         import cupy

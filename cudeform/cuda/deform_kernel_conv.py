@@ -223,12 +223,10 @@ def _mma_plan(n: int, c_in: int, hw: int, c_out: int, cg: int, og: int, K: int, 
 def _mma_forward(x, weight, offset, bias_arg, use_bias, geo, s, dtype, out):
     """Global DK's forward: the input made channels-last (channels_last), the kernels resampled
     kernel-point-major (dk_resample_cl), then dk_global_mma. Workspace: those two, one buffer."""
-    import cupy
-
     cl_size, cl_threads, cl_args, rs_threads, rs_args, rs_shared, mma_threads = _mma_plan(
         s.n, s.c_in, s.hw, s.c_out, s.cg, s.og, s.K, s.S, s.L, geo.groups)
     geo_args = _geometry_args(geo, x.shape, s.c_out, s.n)
-    workspace = cupy.empty(cl_size + s.n * s.c_out * s.K * s.cg, x.dtype)
+    workspace = _arrays.empty(cl_size + s.n * s.c_out * s.K * s.cg, dtype)
     # cl_size is a multiple of 8 elements: both parts are aligned to 16-byte vectors.
     x_cl = _compile.Pointer(workspace.data.ptr)
     kernels = _compile.Pointer(x_cl + cl_size * workspace.itemsize)
