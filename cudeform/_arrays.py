@@ -114,12 +114,22 @@ class Storage(NamedTuple):
     dtype: str
 
 
+@functools.lru_cache(maxsize=None)
+def _cupy_view_types() -> tuple:
+    cupy = cupy_module()
+    return cupy.cuda.UnownedMemory, cupy.cuda.MemoryPointer, cupy.ndarray
+
+
+_STORAGE_NUMPY_DTYPES = {name: np.dtype(storage) for name, storage in STORAGE_DTYPES.items()}
+
+
 def cupy_view(ptr: int, shape: tuple, dtype: str, device_index: int, owner: Any):
     """Zero-copy CuPy array of ``dtype``'s storage dtype over the C-contiguous device memory at
-    ``ptr`` on CUDA device ``device_index``, which ``owner`` keeps alive."""
-    cuda = cupy_module().cuda
-    memory = cuda.UnownedMemory(ptr, math.prod(shape) * _ITEMSIZES[dtype], owner, device_index)
-    return cupy_module().ndarray(tuple(shape), STORAGE_DTYPES[dtype], cuda.MemoryPointer(memory, 0))
+    ``ptr`` on CUDA device ``device_index``, which ``owner`` keeps alive. (Every GPU call on
+    torch tensors makes several: the types are looked up once.)"""
+    unowned, pointer, ndarray = _cupy_view_types()
+    memory = unowned(ptr, math.prod(shape) * _ITEMSIZES[dtype], owner, device_index)
+    return ndarray(shape, _STORAGE_NUMPY_DTYPES[dtype], pointer(memory, 0))
 
 
 @functools.lru_cache(maxsize=None)

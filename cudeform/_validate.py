@@ -14,6 +14,8 @@ from typing import Any, Sequence
 
 def integer(op: str, name: str, value: Any, *, minimum: int) -> int:
     """An int (not a bool) of at least ``minimum``."""
+    if type(value) is int and value >= minimum:  # the common case, without the ABC checks
+        return value
     if not isinstance(value, numbers.Integral) or isinstance(value, bool):
         fail(op, name, "an int", repr(value), TypeError)
     if value < minimum:

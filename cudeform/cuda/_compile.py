@@ -78,17 +78,30 @@ def template_args(*dtypes: str) -> str:
     return ", ".join(CXX_TYPES[d] for d in dtypes)
 
 
+@functools.lru_cache(maxsize=None)
+def _device_getter():
+    import cupy
+
+    return cupy.cuda.runtime.getDevice
+
+
+def _current_device() -> int:
+    """CuPy's current device: the lookup of every launch, so without the import statement and
+    attribute chain (microseconds a call)."""
+    return _device_getter()()
+
+
 def function(op_module, expression: str, *, dynamic_shared: int = 0) -> "Kernel":
     """The compiled kernel ``expression`` (e.g. ``"dcn_im2col<float>"``) of an op module that
     declares ``SOURCE`` and ``NAME_EXPRESSIONS``, on the current device. The first call on a
     device compiles the whole source (or loads it from CuPy's cache); later calls are a lookup.
     ``dynamic_shared``: the most dynamic shared memory the kernel is launched with, in bytes
     (above 48 KiB a kernel must opt in, once)."""
-    import cupy
-
-    key = (op_module.SOURCE, cupy.cuda.runtime.getDevice(), expression)
+    key = (op_module.SOURCE, _current_device(), expression)
     kernel = _functions.get(key)
     if kernel is None:
+        import cupy
+
         with _lock:
             module = _modules.get(key[:2])
             if module is None:
@@ -132,6 +145,7 @@ class Kernel:
         self.array_type = cupy.ndarray
         self.current_stream = cupy.cuda.get_current_stream
         self.layout = None  # struct format of the packed arguments
+        self.pointers = ()  # the positions of the pointer arguments in it
         self.lock = threading.Lock()  # the buffer is shared by the threads that launch this kernel
 
     def _layout(self, args: tuple) -> str:
@@ -154,6 +168,7 @@ class Kernel:
         self.extra = np.array([_CU_LAUNCH_PARAM_BUFFER_POINTER, self.buffer.ctypes.data,
                                _CU_LAUNCH_PARAM_BUFFER_SIZE, self.size.ctypes.data, _CU_LAUNCH_PARAM_END], np.uint64)
         self.extra_ptr = int(self.extra.ctypes.data)
+        self.pointers = tuple(i for i, code in enumerate(layout[1:]) if code == "P")
         self.layout = layout
 
     def __call__(self, grid: int, block: int, args: tuple, shared_mem: int) -> None:
@@ -164,8 +179,12 @@ class Kernel:
         elif _debug and self._layout(args) != self.layout:
             raise TypeError(f"{self.expression}: argument types {self._layout(args)} differ from its first "
                             f"launch's {self.layout}")
-        array = self.array_type
-        values = [a.data.ptr if isinstance(a, array) else a for a in args]
+        # Only the pointer positions need converting: testing every argument's type cost more
+        # than the packing.
+        values = list(args)
+        for i in self.pointers:
+            if type(values[i]) is not Pointer:
+                values[i] = values[i].data.ptr
         with self.lock:
             struct.pack_into(self.layout, self.buffer, 0, *values)
             self.launch_kernel(self.ptr, grid, 1, 1, block, 1, 1, shared_mem, self.current_stream().ptr, 0,
@@ -181,9 +200,7 @@ def _compute_capability(device: int) -> int:
 
 def has_tensor_cores() -> bool:
     """Whether the current device runs the mma.sync kernels of tensor_core.cuh (sm_80+)."""
-    import cupy
-
-    return _compute_capability(cupy.cuda.runtime.getDevice()) >= 80
+    return _compute_capability(_current_device()) >= 80
 
 
 def launch(kernel: Kernel, threads: int, args: tuple, *, block: int = BLOCK, shared_mem: int = 0) -> None:
