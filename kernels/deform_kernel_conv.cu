@@ -292,16 +292,18 @@ struct ScopeTap {
     int at[4];  // scope index of corner q, or -1 where it reads the zero padding
 };
 
+// Units first, first + step, ... of the (o, slice, pass) units.
 template <typename T>
-__global__ void dk_resample_cl(const T* __restrict__ weight, const T* __restrict__ offset, int slice, int pass,
-                               DK_GEOMETRY, T* __restrict__ kernels) {
-    DK_GEO;
-    extern __shared__ __align__(16) unsigned char dk_shared[];
+__device__ __forceinline__ void resample_cl(const T* __restrict__ weight, const T* __restrict__ offset, int slice,
+                                            int pass, const DkGeometry& geo, T* __restrict__ kernels,
+                                            unsigned char* shared, index_t first, index_t step) {
+    const index_t batch = geo.batch, c_out = geo.c_out, offset_groups = geo.offset_groups;
+    const int kw = geo.kw;
     const int K = (int)geo.K(), S = (int)geo.scope();
-    ScopeTap* const taps = reinterpret_cast<ScopeTap*>(dk_shared);  // [pass][K]
+    ScopeTap* const taps = reinterpret_cast<ScopeTap*>(shared);  // [pass][K]
     T* const scope = reinterpret_cast<T*>(taps + pass * K);  // [S][slice]
     const index_t cg = geo.cg(), slices = (cg + slice - 1) / slice, passes = (batch + pass - 1) / pass;
-    for (index_t unit = blockIdx.x; unit < c_out * slices * passes; unit += gridDim.x) {
+    for (index_t unit = first; unit < c_out * slices * passes; unit += step) {
         const index_t os = fast_div(unit, passes), o = fast_div(os, slices);
         const index_t c0 = (os - o * slices) * slice, n0 = (unit - os * passes) * pass;
         const int width = (int)min((index_t)slice, cg - c0), chunks = width / 8;
@@ -326,9 +328,9 @@ __global__ void dk_resample_cl(const T* __restrict__ weight, const T* __restrict
             const int m = div32(j, K), k = j - m * K;
             float h, w;
             geo.scope_point(k / kw, k % kw, offset + 2 * (((n0 + m) * offset_groups + g) * K + k), 1, h, w);
-            const bool inside = in_open_box(h, w, scope_h, scope_w);
+            const bool inside = in_open_box(h, w, geo.scope_h, geo.scope_w);
             ScopeTap t;
-            BilinearTaps<float>(inside ? h : 0.0f, inside ? w : 0.0f, scope_h, scope_w)
+            BilinearTaps<float>(inside ? h : 0.0f, inside ? w : 0.0f, geo.scope_h, geo.scope_w)
                 .for_corners([&](int q, index_t at, float wt, bool ok) {
                     t.weight[q] = wt;
                     t.at[q] = inside && ok ? (int)at : -1;
@@ -356,6 +358,24 @@ __global__ void dk_resample_cl(const T* __restrict__ weight, const T* __restrict
             *reinterpret_cast<uint4*>(kernels + (((n0 + m) * c_out + o) * K + k) * cg + c0 + c) =
                 *reinterpret_cast<const uint4*>(packed);
         }
+    }
+}
+
+// What dk_global_mma reads, made in one launch (two independent jobs, which then overlap): the
+// first `layout_blocks` blocks make the input channels-last (tensor_core.cuh), the others
+// resample the kernels (resample_cl). Dynamic shared memory: the larger of the two's.
+template <typename T>
+__global__ void __launch_bounds__(256) dk_mma_operands(const T* __restrict__ input, const T* __restrict__ weight,
+                                                       const T* __restrict__ offset, int slice, int pass,
+                                                       int layout_blocks, DK_GEOMETRY, T* __restrict__ input_cl,
+                                                       T* __restrict__ kernels) {
+    DK_GEO;
+    extern __shared__ __align__(16) unsigned char dk_shared[];
+    if ((int)blockIdx.x < layout_blocks) {
+        channels_last(input, batch, channels, geo.hw(), input_cl, dk_shared, blockIdx.x, layout_blocks);
+    } else {
+        resample_cl(weight, offset, slice, pass, geo, kernels, dk_shared, blockIdx.x - layout_blocks,
+                    gridDim.x - layout_blocks);
     }
 }
 

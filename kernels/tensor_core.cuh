@@ -71,23 +71,28 @@ __device__ __forceinline__ void copy_async_wait() {
 }  // namespace cudeform
 
 // (N, C, P) -> (N, P, C) for C a multiple of 8: planes of P positions made channels-last,
-// through 64 x 64 shared tiles. A block of 256 threads per tile, grid-stride: each warp reads
-// rows (channels) of the tile, coalesced; each thread then writes 8 channels of a position as
-// one 16-byte vector. (32 x 32 tiles of scalar copies, 4 elements per thread, spent most of
-// their instructions on the tile's bookkeeping: 22 us for 8 MiB on an H200.)
+// through 64 x 64 tiles in `shared` (CHANNELS_LAST_SHARED bytes). Blocks of 256 threads take
+// tiles first, first + step, ...: each warp reads rows (channels) of a tile, coalesced; each
+// thread then writes 8 channels of a position as one 16-byte vector. (32 x 32 tiles of scalar
+// copies, 4 elements per thread, spent most of their instructions on the tile's bookkeeping:
+// 22 us for 8 MiB on an H200.) A device function: a kernel runs it beside other independent
+// work in one launch.
+constexpr int CHANNELS_LAST_EDGE = 64;
+// Rows of 65 elements: the 8 rows apart that a warp's vector gathers read fall in distinct banks.
+constexpr int CHANNELS_LAST_SHARED = CHANNELS_LAST_EDGE * (CHANNELS_LAST_EDGE + 1) * 2;
+
 template <typename T>
-__global__ void __launch_bounds__(256) channels_last(const T* __restrict__ in, cudeform::index_t images,
-                                                     cudeform::index_t channels, cudeform::index_t positions,
-                                                     T* __restrict__ out) {
+__device__ __forceinline__ void channels_last(const T* __restrict__ in, cudeform::index_t images,
+                                              cudeform::index_t channels, cudeform::index_t positions,
+                                              T* __restrict__ out, unsigned char* shared, cudeform::index_t first,
+                                              cudeform::index_t step) {
     using cudeform::index_t;
     static_assert(sizeof(T) == 2, "16-bit types: a 16-byte vector is 8 channels");
-    constexpr int EDGE = 64;
-    // Rows of 65 elements: the 8 rows apart that a warp's vector gathers read fall in distinct
-    // banks.
-    __shared__ T tile[EDGE][EDGE + 1];
+    constexpr int EDGE = CHANNELS_LAST_EDGE;
+    T (*tile)[EDGE + 1] = reinterpret_cast<T (*)[EDGE + 1]>(shared);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const index_t ct = (channels + EDGE - 1) / EDGE, pt = (positions + EDGE - 1) / EDGE;
-    for (index_t t = blockIdx.x; t < images * ct * pt; t += gridDim.x) {
+    for (index_t t = first; t < images * ct * pt; t += step) {
         const index_t n = cudeform::fast_div(t, ct * pt), rest = t - n * ct * pt;
         const index_t cq = cudeform::fast_div(rest, pt), c0 = cq * EDGE, p0 = (rest - cq * pt) * EDGE;
         const int rows = (int)min((index_t)EDGE, channels - c0), cols = (int)min((index_t)EDGE, positions - p0);

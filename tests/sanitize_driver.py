@@ -32,7 +32,7 @@ SHARED = ("deform_conv2d", "dk_global_direct", "dk_global_gemm", "dk_local", "de
 # (droi_transpose_grad_output, droi_gather_input_grad).
 SHARED_DETERMINISTIC = ("deform_conv2d", "deform_roi_pool_sampled")
 SHARED_DTYPES = ("float32", "float64")
-# Global DK's tensor-core forward (channels_last, dk_resample_cl, dk_global_mma: shared tiles
+# Global DK's tensor-core forward (dk_mma_operands, dk_global_mma: shared tiles
 # filled by cp.async), which only the half types take.
 SHARED_HALF = ("dk_global_gemm",)
 CHUNKED = ("deform_conv2d", "deform_conv2d_v1", "dk_global_gemm")

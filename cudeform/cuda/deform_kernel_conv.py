@@ -9,8 +9,8 @@ The backward stores the resampled kernels (``dk_resample``), gathers the input g
 through them (``dk_global_input_grad``) and reduces their gradient per band of positions
 (``dk_global_kernel_grad``). With a long reduction, the forward in float16/bfloat16 on sm_80+
 (C_in/groups a multiple of 8): an implicit GEMM on tensor cores, ``dk_global_mma``, over the
-input made channels-last (``channels_last``) and the kernels resampled kernel-point-major
-(``dk_resample_cl``), with no columns. Otherwise, per chunk of images: the rigid
+input made channels-last and the kernels resampled kernel-point-major (both in one launch,
+``dk_mma_operands``), with no columns. Otherwise, per chunk of images: the rigid
 ``dk_im2col`` and one strided-batched GEMM whose batch runs over (image, weight group), each
 with its own resampled kernels; the backward's two GEMMs and the gather ``dk_col2im``. Both
 then backpropagate through the resampling: ``dk_global_offset_grad`` (one block per (n, offset
@@ -41,7 +41,7 @@ _KERNELS = ("dk_resample", "dk_global_conv", "dk_global_input_grad", "dk_global_
             "dk_local_offset_grad", "dk_local_weight_grad", "dk_sum_partials", "bias_grad", "add_bias")
 # The tensor-core path (tensor_core.cuh's mma.sync) exists for the half types only.
 TENSOR_CORE_DTYPES = ("float16", "bfloat16")
-_TENSOR_CORE_KERNELS = ("dk_global_mma", "dk_resample_cl", "channels_last")
+_TENSOR_CORE_KERNELS = ("dk_global_mma", "dk_mma_operands")
 NAME_EXPRESSIONS = ([f"{k}<{t}>" for t in CXX_TYPES.values() for k in _KERNELS]
                     + [f"{k}<{CXX_TYPES[t]}>" for t in TENSOR_CORE_DTYPES for k in _TENSOR_CORE_KERNELS])
 
@@ -79,6 +79,10 @@ MMA_TILE = 128  # dk_mma::BM and dk_mma::BN
 MMA_SHARED_BYTES = 3 * 2 * MMA_TILE * (64 + 8) * 2  # dk_mma::SHARED_BYTES
 TAP_BYTES = 32  # sizeof(ScopeTap)
 RESAMPLE_BLOCKS = 1024
+# dk_mma_operands' channels-last copy: at most this many blocks (grid-stride over the 64 x 64
+# tiles beyond), each with CHANNELS_LAST_SHARED (tensor_core.cuh) bytes of shared memory.
+LAYOUT_BLOCKS = 4096
+CHANNELS_LAST_SHARED_BYTES = 64 * 65 * 2
 
 
 def _kernel(name: str, dtype: str, dynamic_shared: int = 0):
@@ -166,13 +170,21 @@ def _bands(planes: int, size: int) -> int:
     return max(1, min(-(-TARGET_BLOCKS // max(planes, 1)), size // _compile.BLOCK))
 
 
-class _Shapes:
-    """The sizes every launch needs, from contiguous CuPy arrays."""
+@functools.lru_cache(maxsize=256)
+def _shapes(x_shape: tuple, weight_shape: tuple, geo) -> "_Shapes":
+    """The call's _Shapes, made once per shape (a Python object's dozen attributes cost
+    microseconds a call)."""
+    return _Shapes(x_shape, weight_shape, geo)
 
-    def __init__(self, x, weight, geo):
-        self.n, self.c_in = x.shape[:2]
-        self.c_out, self.cg = weight.shape[:2]
-        self.h, self.w = x.shape[2:]
+
+class _Shapes:
+    """The sizes every launch needs, from the shapes of the input and the weight. Not to be
+    modified: _shapes shares one per shape."""
+
+    def __init__(self, x_shape, weight_shape, geo):
+        self.n, self.c_in = x_shape[:2]
+        self.c_out, self.cg = weight_shape[:2]
+        self.h, self.w = x_shape[2:]
         self.hw = self.h * self.w
         self.L = geo.out_size[0] * geo.out_size[1]
         self.K = geo.kernel[0] * geo.kernel[1]
@@ -184,17 +196,23 @@ class _Shapes:
 
 def _tensor_core_path(s, geo, dtype) -> bool:
     """Whether global DK's forward takes dk_global_mma (see TENSOR_CORES)."""
-    return (TENSOR_CORES and dtype in TENSOR_CORE_DTYPES and s.cg % 8 == 0 and _small_planes(s, geo)
-            and s.hw * s.c_in < 2**31 and s.K * s.cg < 2**31
-            and _resample_cl_launch(s.n, s.c_out, s.cg, s.K, s.S) is not None and _compile.has_tensor_cores())
+    return TENSOR_CORES and dtype in TENSOR_CORE_DTYPES and _mma_fits(s, geo) and _compile.has_tensor_cores()
+
+
+@functools.lru_cache(maxsize=256)
+def _mma_fits(s, geo) -> bool:
+    """Whether dk_global_mma and dk_mma_operands take this shape: whole 16-byte vectors of
+    channels, 32-bit coordinates, a scope slice of 8 channels in shared memory."""
+    return (s.cg % 8 == 0 and _small_planes(s, geo) and s.hw * s.c_in < 2**31 and s.K * s.cg < 2**31
+            and _resample_cl_launch(s.n, s.c_out, s.cg, s.K, s.S) is not None)
 
 
 @functools.lru_cache(maxsize=256)
 def _resample_cl_launch(n: int, c_out: int, cg: int, K: int, S: int):
-    """dk_resample_cl's (slice, pass, blocks, shared bytes): passes of `pass` images (all of them
-    where their taps fit a quarter of DIRECT_SHARED_BYTES) and scope slices of `slice`
-    channels, as wide as the rest allows and narrow enough for RESAMPLE_BLOCKS blocks; None
-    when not even 8 channels of one scope fit. (Slices of all 256 channels at N=16, C=256 gave
+    """dk_mma_operands' resampling (resample_cl): (slice, pass, blocks, shared bytes), passes
+    of `pass` images (all of them where their taps fit a quarter of DIRECT_SHARED_BYTES) and
+    scope slices of `slice` channels, as wide as the rest allows and narrow enough for
+    RESAMPLE_BLOCKS blocks; None when not even 8 channels of one scope fit. (Slices of all 256 channels at N=16, C=256 gave
     256 blocks, latency-bound, 17 us; passes of 2 images 2048 blocks that spent their time
     copying the same scopes, 37 us.)"""
     pass_ = max(1, min(n, DIRECT_SHARED_BYTES // 4 // (TAP_BYTES * K)))
@@ -209,30 +227,31 @@ def _resample_cl_launch(n: int, c_out: int, cg: int, K: int, S: int):
 
 
 @functools.lru_cache(maxsize=256)
-def _mma_plan(n: int, c_in: int, hw: int, c_out: int, cg: int, og: int, K: int, S: int, L: int, groups: int):
+def _mma_plan(n: int, c_in: int, hw: int, c_out: int, cg: int, K: int, S: int, L: int, og: int, groups: int):
     """The launches of _mma_forward for one shape, made once (their arguments cost more to
-    build than the launches): the channels-last copy's size and (threads, arguments), the
-    resampling's (threads, arguments but the arrays, shared bytes) and the GEMM's threads."""
-    slice_, pass_, blocks, shared = _resample_cl_launch(n, c_out, cg, K, S)
+    build than the launches): the channels-last copy's size, dk_mma_operands' (blocks, the
+    arguments before the geometry, shared bytes) and dk_global_mma's threads."""
+    slice_, pass_, resample_blocks, resample_shared = _resample_cl_launch(n, c_out, cg, K, S)
+    layout_blocks = n * -(-c_in // 64) * -(-hw // 64)  # a block per tile of 64 x 64, at most
+    layout_blocks = min(layout_blocks, LAYOUT_BLOCKS)
     tiles = n * groups * -(-og // MMA_TILE) * -(-L // MMA_TILE)
-    return (n * hw * c_in, n * -(-c_in // 64) * -(-hw // 64) * _compile.BLOCK,  # tiles of 64 x 64
-            (np.int64(n), np.int64(c_in), np.int64(hw)), blocks * _compile.BLOCK, (slice_, pass_), shared,
-            tiles * MMA_THREADS)
+    return (n * hw * c_in, layout_blocks + resample_blocks, (slice_, pass_, np.int32(layout_blocks)),
+            max(resample_shared, CHANNELS_LAST_SHARED_BYTES), tiles * MMA_THREADS)
 
 
 def _mma_forward(x, weight, offset, bias_arg, use_bias, geo, s, dtype, out):
-    """Global DK's forward: the input made channels-last (channels_last), the kernels resampled
-    kernel-point-major (dk_resample_cl), then dk_global_mma. Workspace: those two, one buffer."""
-    cl_size, cl_threads, cl_args, rs_threads, rs_args, rs_shared, mma_threads = _mma_plan(
-        s.n, s.c_in, s.hw, s.c_out, s.cg, s.og, s.K, s.S, s.L, geo.groups)
+    """Global DK's forward: the input made channels-last and the kernels resampled
+    kernel-point-major in one launch (dk_mma_operands), then dk_global_mma. Workspace: those
+    two, one buffer."""
+    cl_size, blocks, operand_args, operand_shared, mma_threads = _mma_plan(
+        s.n, s.c_in, s.hw, s.c_out, s.cg, s.K, s.S, s.L, s.og, geo.groups)
     geo_args = _geometry_args(geo, x.shape, s.c_out, s.n)
     workspace = _arrays.empty(cl_size + s.n * s.c_out * s.K * s.cg, dtype)
     # cl_size is a multiple of 8 elements: both parts are aligned to 16-byte vectors.
     x_cl = _compile.Pointer(workspace.data.ptr)
     kernels = _compile.Pointer(x_cl + cl_size * workspace.itemsize)
-    launch(_kernel("channels_last", dtype), cl_threads, (x, *cl_args, x_cl))
-    launch(_kernel("dk_resample_cl", dtype), rs_threads, (weight, offset, *rs_args, *geo_args, kernels),
-           shared_mem=rs_shared)
+    launch(_kernel("dk_mma_operands", dtype), blocks * _compile.BLOCK,
+           (x, weight, offset, *operand_args, *geo_args, x_cl, kernels), shared_mem=operand_shared)
     launch(_kernel("dk_global_mma", dtype, MMA_SHARED_BYTES), mma_threads,
            (x_cl, kernels, bias_arg, use_bias, *geo_args, out), block=MMA_THREADS, shared_mem=MMA_SHARED_BYTES)
 
@@ -270,7 +289,7 @@ def _local_blocks(s, positions: int, runs: int, run: int, span: int) -> int:
 
 def forward(input, weight, kernel_offset, bias, *, geo, dtype):
     x, offset = input, kernel_offset
-    s = _Shapes(x, weight, geo)
+    s = _shapes(x.shape, weight.shape, geo)
     out = _arrays.empty((s.n, s.c_out, *geo.out_size), dtype)
     use_bias = np.int32(bias is not None)
     bias_arg = bias if use_bias else x
@@ -311,7 +330,7 @@ def forward(input, weight, kernel_offset, bias, *, geo, dtype):
 
 def backward(grad_output, input, weight, kernel_offset, bias, *, geo, dtype, deterministic):
     go, x, offset = grad_output, input, kernel_offset
-    s = _Shapes(x, weight, geo)
+    s = _shapes(x.shape, weight.shape, geo)
     grad_input = _arrays.empty(x.shape, dtype)
     grad_offset = _arrays.empty(offset.shape, dtype)
     grad_weight = _arrays.empty(weight.shape, dtype)
