@@ -568,7 +568,7 @@ struct PlaneWindow {
 // all but one of a kernel column's inputs, which slide through registers, DK_SPAN + kh - 1
 // reads per kernel column rather than DK_SPAN * kh (shared-memory reads bound this loop).
 template <bool UNIT, typename A, typename Window>
-__device__ __forceinline__ void span_dot(const Window& win, const A* kern, int kh, int kw, int sh, int dh, int dw,
+__device__ __forceinline__ void span_dot_any(const Window& win, const A* kern, int kh, int kw, int sh, int dh, int dw,
                                          A (&sum)[DK_SPAN]) {
     for (int j = 0; j < kw; ++j) {
         const int q = j * dw;
@@ -596,13 +596,37 @@ __device__ __forceinline__ void span_dot(const Window& win, const A* kern, int k
     }
 }
 
-template <typename A, typename Window>
+// span_dot's UNIT case for a kernel KH rows high (KH known when compiled): a kernel column's
+// DK_SPAN + KH - 1 inputs are read into registers once and every product reads them in place,
+// with none of the copies that sliding them costs at a run-time height.
+template <int KH, typename A, typename Window>
+__device__ __forceinline__ void span_dot_rows(const Window& win, const A* kern, int kw, int dw, A (&sum)[DK_SPAN]) {
+    for (int j = 0; j < kw; ++j) {
+        const int q = j * dw;
+        A taps[DK_SPAN + KH - 1];
+#pragma unroll
+        for (int v = 0; v < DK_SPAN + KH - 1; ++v) taps[v] = win.at(v, q);
+#pragma unroll
+        for (int i = 0; i < KH; ++i) {
+            const A k = kern[i * kw + j];
+#pragma unroll
+            for (int v = 0; v < DK_SPAN; ++v) sum[v] += taps[v + i] * k;
+        }
+    }
+}
+
+// KH: the kernel's height when the host knows it (kh = KH), or 0.
+template <int KH, typename A, typename Window>
 __device__ __forceinline__ void span_dot(const Window& win, const A* kern, int kh, int kw, int sh, int dh, int dw,
                                          A (&sum)[DK_SPAN]) {
     if (sh == 1 && dh == 1) {
-        span_dot<true>(win, kern, kh, kw, sh, dh, dw, sum);
+        if (KH > 0) {
+            span_dot_rows<KH>(win, kern, kw, dw, sum);
+        } else {
+            span_dot_any<true>(win, kern, kh, kw, sh, dh, dw, sum);
+        }
     } else {
-        span_dot<false>(win, kern, kh, kw, sh, dh, dw, sum);
+        span_dot_any<false>(win, kern, kh, kw, sh, dh, dw, sum);
     }
 }
 
@@ -624,7 +648,7 @@ __device__ __forceinline__ void span_dot(const Window& win, const A* kern, int k
 // Launch bounds for 5 blocks of 256 threads per SM, which cap its registers: the occupancy
 // this latency-bound kernel needs (fp16 0.123 -> 0.115 ms at N=16, C=256, 56x56, depthwise 3x3
 // on an H200, with the 32-bit units; no bound took 0.181 ms, 6 blocks 0.131 ms).
-template <typename T>
+template <typename T, int KH>
 __global__ void __launch_bounds__(256, 5) dk_global_conv(const T* __restrict__ input, const T* __restrict__ weight,
                                                       const T* __restrict__ offset, const T* __restrict__ bias,
                                                       int use_bias, int tile_h, int tile_w, int staged,
@@ -680,10 +704,10 @@ __global__ void __launch_bounds__(256, 5) dk_global_conv(const T* __restrict__ i
                 if (!mine) continue;
                 const A* kern = kernel + c * K;
                 if (staged) {
-                    span_dot(StagedWindow<A>{window + ty * sh * win_w + tx * sw, win_w}, kern, kh, kw, sh, dh, dw,
+                    span_dot<KH>(StagedWindow<A>{window + ty * sh * win_w + tx * sw, win_w}, kern, kh, kw, sh, dh, dw,
                              sum);
                 } else {
-                    span_dot(PlaneWindow<A, T>{plane, iy0 + ty * sh, ix0 + tx * sw, H, W}, kern, kh, kw, sh, dh,
+                    span_dot<KH>(PlaneWindow<A, T>{plane, iy0 + ty * sh, ix0 + tx * sw, H, W}, kern, kh, kw, sh, dh,
                              dw, sum);
                 }
             }

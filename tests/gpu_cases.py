@@ -71,6 +71,7 @@ CASES = {
     "deform_conv2d": _conv(tdc.CONFIGS["grouped"]),
     "deform_conv2d_v1": _conv(tdc.CONFIGS["plain3x3"], mask=False, bias=False),
     "dk_global_direct": _dk(tdk.CONFIGS["depthwise"], "global"),
+    "dk_global_direct_3x3": _dk(tdk.CONFIGS["plain"], "global"),  # dk_global_conv's compiled height
     "dk_global_gemm": _dk(DK_GEMM, "global"),
     "dk_local": _dk(DK_WIDE_SCOPE, "local"),
     # deform_roi_pool's deterministic input gradient: in fixed point with sampling_ratio 0

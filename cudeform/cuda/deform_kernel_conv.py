@@ -36,13 +36,16 @@ from . import _blas, _compile
 from ._compile import ACC_DTYPES, CXX_TYPES, STORAGE_DTYPES, launch
 
 SOURCE = "deform_kernel_conv.cu"
-_KERNELS = ("dk_resample", "dk_global_conv", "dk_global_input_grad", "dk_global_kernel_grad", "dk_im2col",
+_KERNELS = ("dk_resample", "dk_global_input_grad", "dk_global_kernel_grad", "dk_im2col",
             "dk_col2im", "dk_global_offset_grad", "dk_global_weight_grad", "dk_local_conv", "dk_local_input_grad",
             "dk_local_offset_grad", "dk_local_weight_grad", "dk_sum_partials", "bias_grad", "add_bias")
+# dk_global_conv's kernel heights known when compiled (unrolled), besides any height (0).
+COMPILED_HEIGHTS = (0, 3)
 # The tensor-core path (tensor_core.cuh's mma.sync) exists for the half types only.
 TENSOR_CORE_DTYPES = ("float16", "bfloat16")
 _TENSOR_CORE_KERNELS = ("dk_global_mma", "dk_mma_operands")
 NAME_EXPRESSIONS = ([f"{k}<{t}>" for t in CXX_TYPES.values() for k in _KERNELS]
+                    + [f"dk_global_conv<{t}, {kh}>" for t in CXX_TYPES.values() for kh in COMPILED_HEIGHTS]
                     + [f"{k}<{CXX_TYPES[t]}>" for t in TENSOR_CORE_DTYPES for k in _TENSOR_CORE_KERNELS])
 
 COLUMNS_BYTES = 128 * 2**20
@@ -305,7 +308,8 @@ def forward(input, weight, kernel_offset, bias, *, geo, dtype):
             threads, block, shared, tiles = _conv_tiles(s.n * s.c_out, geo.out_size, geo.kernel, geo.stride,
                                                         geo.dilation, s.rows, np.dtype(ACC_DTYPES[dtype]).itemsize,
                                                         DIRECT_SHARED_BYTES, TARGET_BLOCKS)
-            launch(_kernel("dk_global_conv", dtype), threads,
+            kh = geo.kernel[0] if geo.kernel[0] in COMPILED_HEIGHTS else 0
+            launch(_compile.function(sys.modules[__name__], f"dk_global_conv<{CXX_TYPES[dtype]}, {kh}>"), threads,
                    (x, weight, offset, bias_arg, use_bias, *tiles, np.int32(_small_units(threads // block)), *geo_args,
                     out), block=block, shared_mem=shared)
         return out
