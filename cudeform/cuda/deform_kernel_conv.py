@@ -215,9 +215,9 @@ def _resample_cl_launch(n: int, c_out: int, cg: int, K: int, S: int):
     """dk_mma_operands' resampling (resample_cl): (slice, pass, blocks, shared bytes), passes
     of `pass` images (all of them where their taps fit a quarter of DIRECT_SHARED_BYTES) and
     scope slices of `slice` channels, as wide as the rest allows and narrow enough for
-    RESAMPLE_BLOCKS blocks; None when not even 8 channels of one scope fit. (Slices of all 256 channels at N=16, C=256 gave
-    256 blocks, latency-bound, 17 us; passes of 2 images 2048 blocks that spent their time
-    copying the same scopes, 37 us.)"""
+    RESAMPLE_BLOCKS blocks; None when not even 8 channels of one scope fit. (Slices of all
+    256 channels at N=16, C=256 gave 256 blocks, latency-bound, 17 us; passes of 2 images 2048
+    blocks that spent their time copying the same scopes, 37 us.)"""
     pass_ = max(1, min(n, DIRECT_SHARED_BYTES // 4 // (TAP_BYTES * K)))
     passes = -(-n // pass_)
     widest = min(cg, (DIRECT_SHARED_BYTES - pass_ * K * TAP_BYTES) // (S * 2) // 8 * 8)
