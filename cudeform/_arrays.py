@@ -102,7 +102,6 @@ def _locate(op: str, name: str, obj: Any) -> tuple[str, Device]:
 # How each dtype is stored in NumPy/CuPy arrays: bfloat16 has no NumPy or CuPy dtype and
 # travels as its 16 bits, its logical dtype carried beside it.
 STORAGE_DTYPES = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32, "float64": np.float64}
-_ITEMSIZES = {name: np.dtype(storage).itemsize for name, storage in STORAGE_DTYPES.items()}
 
 
 class Storage(NamedTuple):
@@ -128,8 +127,9 @@ def cupy_view(ptr: int, shape: tuple, dtype: str, device_index: int, owner: Any)
     ``ptr`` on CUDA device ``device_index``, which ``owner`` keeps alive. (Every GPU call on
     torch tensors makes several: the types are looked up once.)"""
     unowned, pointer, ndarray = _cupy_view_types()
-    memory = unowned(ptr, math.prod(shape) * _ITEMSIZES[dtype], owner, device_index)
-    return ndarray(shape, _STORAGE_NUMPY_DTYPES[dtype], pointer(memory, 0))
+    storage = _STORAGE_NUMPY_DTYPES[dtype]
+    memory = unowned(ptr, math.prod(shape) * storage.itemsize, owner, device_index)
+    return ndarray(shape, storage, pointer(memory, 0))
 
 
 @functools.lru_cache(maxsize=None)

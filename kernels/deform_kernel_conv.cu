@@ -206,8 +206,8 @@ struct PlaneWalk {
 // consecutive outputs, and each computes its point's taps once. (A thread per pair sampling its
 // own scope in global memory, 32 scattered sectors per warp load and stores K elements apart,
 // took 54 us at N=16, C=256, 4x4 scope in fp16 on an H200 and 96 us in fp32; this kernel 52 us
-// in both. Staging the taps in shared memory too saved 4 us, at the cost of a second copy of
-// BilinearTaps's corner rules.)
+// in both. Staging the taps in shared memory too, as resample_cl does, saved 4 us in an
+// earlier version of this kernel.)
 template <typename T>
 __global__ void dk_resample(const T* __restrict__ weight, const T* __restrict__ offset, int staged, int pitch,
                             DK_GEOMETRY, T* __restrict__ kernels) {
@@ -249,7 +249,7 @@ __global__ void dk_resample(const T* __restrict__ weight, const T* __restrict__ 
 // Global DK on tensor cores (the half types on sm_80+, Cg a multiple of 8): per (image, weight
 // group) the GEMM out[o, l] = sum over (k, c) of kernels[o, k, c] * input[c, l moved by k],
 // with no columns buffer (im2col's columns were 2.6x the GEMM's time at N=16, C=256, 32x32).
-// The host makes the input channels-last and the kernels kernel-point-major (dk_resample_cl),
+// The host makes the input channels-last and the kernels kernel-point-major (dk_mma_operands),
 // so a stage of the reduction, BK channels of one kernel point, is a run of 16-byte vectors in
 // both operands, copied by cp.async straight into shared memory (zeros for the padding and
 // past the last channel) STAGES - 1 stages ahead of the tensor cores.
@@ -707,10 +707,10 @@ __global__ void __launch_bounds__(256, 5) dk_global_conv(const T* __restrict__ i
                 const A* kern = kernel + c * K;
                 if (staged) {
                     span_dot<KH>(StagedWindow<A>{window + ty * sh * win_w + tx * sw, win_w}, kern, kh, kw, sh, dh, dw,
-                             sum);
+                                 sum);
                 } else {
                     span_dot<KH>(PlaneWindow<A, T>{plane, iy0 + ty * sh, ix0 + tx * sw, H, W}, kern, kh, kw, sh, dh,
-                             dw, sum);
+                                 dw, sum);
                 }
             }
             if (mine) {

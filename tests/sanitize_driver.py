@@ -27,7 +27,8 @@ DTYPES = ("float64", "float32", "float16", "bfloat16")
 # bias_grad (a bias), dk_global_kernel_grad and dk_global_offset_grad (global DK),
 # dk_local_weight_grad (local DK), droi_backward (with an offset or a mask) and dpsroi_backward
 # (warp shuffles). The accumulator (float or double) sets their shared layouts.
-SHARED = ("deform_conv2d", "dk_global_direct", "dk_global_direct_3x3", "dk_global_gemm", "dk_local", "deform_roi_pool", "deform_psroi_pool")
+SHARED = ("deform_conv2d", "dk_global_direct", "dk_global_direct_3x3", "dk_global_gemm", "dk_local", "deform_roi_pool",
+          "deform_psroi_pool")
 # The deterministic backwards with shared memory or warp shuffles of their own: deform_conv2d's
 # max-abs pass (dcn_col2im_max_abs) and deform_roi_pool's gathered input gradient
 # (droi_transpose_grad_output, droi_gather_input_grad).

@@ -73,7 +73,6 @@ class TestTorch:
         assert not out.requires_grad
 
 
-
 @pytest.mark.gpu
 def test_torch_cuda_one_pass_matches_the_general_path(torch, monkeypatch):
     """prepare's one-pass route for contiguous torch CUDA tensors gives what its general path gives."""

@@ -182,7 +182,7 @@ def _shapes(x_shape: tuple, weight_shape: tuple, geo) -> "_Shapes":
 
 class _Shapes:
     """The sizes every launch needs, from the shapes of the input and the weight. Not to be
-    modified: _shapes shares one per shape."""
+    modified: _shapes shares one per shape, and the caches of _mma_fits and _mma_plan key on it."""
 
     def __init__(self, x_shape, weight_shape, geo):
         self.n, self.c_in = x_shape[:2]
@@ -230,15 +230,14 @@ def _resample_cl_launch(n: int, c_out: int, cg: int, K: int, S: int):
 
 
 @functools.lru_cache(maxsize=256)
-def _mma_plan(n: int, c_in: int, hw: int, c_out: int, cg: int, K: int, S: int, L: int, og: int, groups: int):
+def _mma_plan(s, groups: int):
     """The launches of _mma_forward for one shape, made once (their arguments cost more to
     build than the launches): the channels-last copy's size, dk_mma_operands' (blocks, the
     arguments before the geometry, shared bytes) and dk_global_mma's threads."""
-    slice_, pass_, resample_blocks, resample_shared = _resample_cl_launch(n, c_out, cg, K, S)
-    layout_blocks = n * -(-c_in // 64) * -(-hw // 64)  # a block per tile of 64 x 64, at most
-    layout_blocks = min(layout_blocks, LAYOUT_BLOCKS)
-    tiles = n * groups * -(-og // MMA_TILE) * -(-L // MMA_TILE)
-    return (n * hw * c_in, layout_blocks + resample_blocks, (slice_, pass_, np.int32(layout_blocks)),
+    slice_, pass_, resample_blocks, resample_shared = _resample_cl_launch(s.n, s.c_out, s.cg, s.K, s.S)
+    layout_blocks = min(s.n * -(-s.c_in // 64) * -(-s.hw // 64), LAYOUT_BLOCKS)  # tiles of 64 x 64
+    tiles = s.n * groups * -(-s.og // MMA_TILE) * -(-s.L // MMA_TILE)
+    return (s.n * s.hw * s.c_in, layout_blocks + resample_blocks, (slice_, pass_, np.int32(layout_blocks)),
             max(resample_shared, CHANNELS_LAST_SHARED_BYTES), tiles * MMA_THREADS)
 
 
@@ -246,8 +245,7 @@ def _mma_forward(x, weight, offset, bias_arg, use_bias, geo, s, dtype, out):
     """Global DK's forward: the input made channels-last and the kernels resampled
     kernel-point-major in one launch (dk_mma_operands), then dk_global_mma. Workspace: those
     two, one buffer."""
-    cl_size, blocks, operand_args, operand_shared, mma_threads = _mma_plan(
-        s.n, s.c_in, s.hw, s.c_out, s.cg, s.K, s.S, s.L, s.og, geo.groups)
+    cl_size, blocks, operand_args, operand_shared, mma_threads = _mma_plan(s, geo.groups)
     geo_args = _geometry_args(geo, x.shape, s.c_out, s.n)
     workspace = _arrays.empty(cl_size + s.n * s.c_out * s.K * s.cg, dtype)
     # cl_size is a multiple of 8 elements: both parts are aligned to 16-byte vectors.
