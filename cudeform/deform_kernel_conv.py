@@ -176,12 +176,15 @@ def deform_kernel_conv2d_backward(grad_output, input, weight, kernel_offset, bia
 
     Memory beyond the gradients: global DK, the resampled kernels and their gradient (each
     ``N * C_out * (C_in/groups) * kh*kw`` elements, the gradient in float32 for the half
-    types; on the GPU's direct path the gradient is summed per band of positions when
-    ``N * C_out < 2048``, fewer than ``(N * C_out + 2048) * (C_in/groups) * kh*kw`` elements),
-    the columns of the forward (two buffers on the CPU; on the GPU only off the direct path)
-    and on the GPU the resampling as an ``N * G * kh*kw * S_h*S_w`` table; local DK, on the
-    GPU, per-block partial sums of the weight gradient (fewer than
-    ``(4096 + C_out * C_in/groups) * S_h*S_w`` elements), nothing on the CPU.
+    types; on the GPU's direct path one such gradient per tile of outputs of the forward's
+    kernel: tiles of up to 2048 outputs, smaller ones when ``N * C_out < 2048`` or an input
+    window does not fit in shared memory), the columns of the forward (two buffers on the CPU;
+    on the GPU only off the direct path) and on the GPU the resampling as an
+    ``N * G * kh*kw * S_h*S_w`` table and partial sums of the offset and weight gradients (fewer
+    than ``(1024 + N * G) * 2 * kh*kw`` and ``(262144 + C_out * C_in/groups) * S_h*S_w``
+    elements); local DK, on the GPU, per-block partial sums of the weight gradient (fewer than
+    ``(4096 + C_out * C_in/groups) * S_h*S_w`` elements), nothing on the CPU. A bias adds
+    ``N * C_out`` partial sums on the GPU.
     """
     op = "deform_kernel_conv2d_backward"
     check.boolean(op, "deterministic", deterministic)

@@ -393,27 +393,35 @@ __global__ void add_bias(T* out, const T* __restrict__ bias, cudeform::index_t i
     }
 }
 
-// Bias gradient: out[c] = sum over (n, l) of grad_output[n, c, l]. One block per channel and a
-// fixed summation order (strided per thread, then a tree), so the result is reproducible.
-// Launch with 256 threads per block.
+// Bias gradient, pass 1: partial[p] = the sum of plane p of grad_output ((images * channels)
+// planes of L elements), a block per plane, strided per thread then block_sums; pass 2,
+// sum_partials with images chunks, gives each channel's sum. Both orders are fixed, so the
+// result is reproducible. (One block per channel over all the images used a fraction of the
+// GPU: at N=16, C=256, 56x56 on an H200 it took 61 us in fp16 and 83 us in fp32, these two
+// passes 19 and 26 us.) Launch with 256 threads per block.
 template <typename T>
-__global__ void bias_grad(const T* __restrict__ grad_output, cudeform::index_t n, cudeform::index_t channels,
-                          cudeform::index_t L, T* __restrict__ out) {
+__global__ void plane_sums(const T* __restrict__ src, cudeform::index_t planes, cudeform::index_t L,
+                           typename cudeform::acc<T>::type* __restrict__ partial) {
     typedef typename cudeform::acc<T>::type A;
-    __shared__ A partial[256];
-    for (cudeform::index_t c = blockIdx.x; c < channels; c += gridDim.x) {
-        A sum = A(0);
-        for (cudeform::index_t image = 0; image < n; ++image) {
-            const T* plane = grad_output + (image * channels + c) * L;
-            for (cudeform::index_t t = threadIdx.x; t < L; t += blockDim.x) sum += cudeform::to_acc(plane[t]);
-        }
-        partial[threadIdx.x] = sum;
-        __syncthreads();
-        for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-            if (threadIdx.x < s) partial[threadIdx.x] += partial[threadIdx.x + s];
-            __syncthreads();
-        }
-        if (threadIdx.x == 0) out[c] = cudeform::from_acc<T>(partial[0]);
-        __syncthreads();
+    __shared__ A scratch[cudeform::WARP_SIZE];
+    for (cudeform::index_t p = blockIdx.x; p < planes; p += gridDim.x) {
+        const T* plane = src + p * L;
+        A sum[1] = {A(0)};
+        for (cudeform::index_t t = threadIdx.x; t < L; t += blockDim.x) sum[0] += cudeform::to_acc(plane[t]);
+        cudeform::block_sums(sum, scratch);
+        if (threadIdx.x == 0) partial[p] = sum[0];
+    }
+}
+
+// Pass 2 of a two-pass reduction: out[e] = the sum over the chunks of partial[chunk, e], in
+// chunk order, converted to the storage type.
+template <typename T>
+__global__ void sum_partials(const typename cudeform::acc<T>::type* __restrict__ partial, cudeform::index_t chunks,
+                             cudeform::index_t n, T* __restrict__ out) {
+    typedef typename cudeform::acc<T>::type A;
+    CUDEFORM_LOOP(idx, n) {
+        A total = A(0);
+        for (cudeform::index_t chunk = 0; chunk < chunks; ++chunk) total += partial[chunk * n + idx];
+        out[idx] = cudeform::from_acc<T>(total);
     }
 }

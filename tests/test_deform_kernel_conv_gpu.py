@@ -48,6 +48,10 @@ EDGES = {
                   stride=1, padding=1, dilation=1),
     "bands_dense": dict(N=1, C_in=2, C_out=3, groups=1, G=1, kernel=(3, 3), scope=(3, 3), H=40, W=33,
                         stride=(1, 2), padding=1, dilation=1),
+    # padding past the dilated kernel's reach: the stride-1 input gradient's convolution has a
+    # negative padding
+    "pad_past_kernel": dict(N=1, C_in=2, C_out=2, groups=2, G=1, kernel=(3, 3), scope=(4, 4), H=5, W=6,
+                            stride=1, padding=(3, 2), dilation=1),
     # padding wider than the input: every output reads some zeros
     "big_pad": dict(N=1, C_in=3, C_out=3, groups=3, G=1, kernel=(3, 3), scope=(5, 4), H=3, W=4,
                     stride=1, padding=3, dilation=2),
@@ -154,20 +158,21 @@ def test_tensor_core_forward(torch, monkeypatch, dtype, name):
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float16"])
-@pytest.mark.parametrize("budget,target", [(None, 1), (1024, 1), (0, 2048)], ids=["tall", "narrow", "unstaged"])
+@pytest.mark.parametrize("budget,target", [(None, 1), (1024, 1), (4096, 1), (0, 2048)],
+                         ids=["tall", "narrow", "narrow_grad", "unstaged"])
 @pytest.mark.parametrize("name", list(CONFIGS) + ["depthwise3x3", "widescope"] + list(EDGES))
 def test_direct_conv_tiles(torch, monkeypatch, dtype, budget, target, name):
-    """dk_global_conv's tilings beyond the default's: the tallest tiles (few blocks), tiles
-    narrowed to a small shared-memory budget, and no window staged at all."""
+    """The direct kernels' tilings beyond the default's (dk_global_conv forward and for the
+    input gradient, dk_global_kernel_grad): the tallest tiles (few blocks), tiles narrowed to a
+    small shared-memory budget (4096 bytes leave dk_global_kernel_grad, whose block sums take
+    some, a narrow window; 1024 none), and no window staged at all."""
     from cudeform.cuda import deform_kernel_conv as gpu
 
     monkeypatch.setattr(gpu, "TARGET_BLOCKS", target)
     if budget is not None:
         monkeypatch.setattr(gpu, "DIRECT_SHARED_BYTES", budget)
     tensors, exact, geo = rounded_case(torch, {**CONFIGS, **LARGE, **EDGES}[name], "global", dtype, seed=39)
-    out = cudeform.deform_kernel_conv2d(**tensors, **geo)
-    expected = ref.deform_kernel_conv2d(*positional(exact), **geo)
-    assert l2_rel(out.double().cpu().numpy(), expected) < TOLERANCE[dtype]
+    check_against_reference(torch, tensors, exact, geo, dtype, seed=46)
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float16"])

@@ -29,12 +29,12 @@ from typing import NamedTuple
 import numpy as np
 
 from .. import _arrays
-from . import _blas, _compile
+from . import _blas, _common, _compile
 from ._compile import ACC_DTYPES, CXX_TYPES, MAX_ABS_THREADS, STORAGE_DTYPES, WARP, launch
 
 SOURCE = "deform_conv.cu"
 _KERNELS = ("dcn_im2col", "dcn_col2im", "dcn_col2im_max_abs", "dcn_col2im_fixed", "dcn_col2im_coord",
-            "dcn_output_epilogue", "dcn_gather_grad_output", "bias_grad", "add_bias")
+            "dcn_output_epilogue", "dcn_gather_grad_output", "add_bias", *_common.COMMON_KERNELS)
 NAME_EXPRESSIONS = (
     [f"{k}<{t}>" for t in CXX_TYPES.values() for k in _KERNELS]
     + ["cast_from_acc<__half>", "cast_from_acc<__nv_bfloat16>", "fixed_point_add<float>", "fixed_point_add<double>"]
@@ -229,9 +229,7 @@ def backward(grad_output, input, offset, weight, bias, mask, *, geo, dtype, bord
     grad_weight = grad_weight_acc if same_acc else _cast(grad_weight_acc, dtype)
     grad_bias = None
     if bias is not None:
-        grad_bias = _arrays.empty((c_out,), dtype)
-        launch(kernels["bias_grad"], c_out * _compile.BLOCK,
-               (go, *_int64s(n, c_out, L), grad_bias))
+        grad_bias = _common.bias_grad(sys.modules[__name__], go, n, c_out, L, dtype)
     return grad_input, grad_offset, grad_weight, grad_bias, grad_mask
 
 

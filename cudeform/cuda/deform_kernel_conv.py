@@ -2,20 +2,23 @@
 
 Global DK, with a short reduction (Cg * K <= DIRECT_MAX_REDUCTION, Cg = C_in/groups,
 K = kh*kw: depthwise and the like) and planes small enough for 32-bit in-plane indices: direct
-kernels. The forward ``dk_global_conv`` samples each
-(image, output channel)'s kernel into shared memory and convolves tiles of the plane, each
-staging its input window there (``_conv_tiles``), one launch, nothing stored.
-The backward stores the resampled kernels (``dk_resample``), gathers the input gradient
-through them (``dk_global_input_grad``) and reduces their gradient per band of positions
-(``dk_global_kernel_grad``). With a long reduction, the forward in float16/bfloat16 on sm_80+
-(C_in/groups a multiple of 8): an implicit GEMM on tensor cores, ``dk_global_mma``, over the
-input made channels-last and the kernels resampled kernel-point-major (both in one launch,
-``dk_mma_operands``), with no columns. Otherwise, per chunk of images: the rigid
-``dk_im2col`` and one strided-batched GEMM whose batch runs over (image, weight group), each
-with its own resampled kernels; the backward's two GEMMs and the gather ``dk_col2im``. Both
-then backpropagate through the resampling: ``dk_global_offset_grad`` (one block per (n, offset
-group, k), which also writes the resampling as a dense (K, S) table per (n, offset group)) and
-``dk_global_weight_grad`` (one thread per weight element).
+kernels. The forward ``dk_global_conv`` samples each (image, output channel)'s kernel into
+shared memory and convolves tiles of the plane, each staging its input window there
+(``_conv_tiles``), one launch, nothing stored. The backward stores the resampled kernels
+(``dk_resample``); at stride 1 the input gradient is ``dk_global_conv`` again, a convolution of
+grad_output with the flipped kernels (``transposed``), otherwise a gather through them
+(``dk_global_input_grad``); the kernels' gradient is summed per tile of outputs
+(``dk_global_kernel_grad``, on dk_global_conv's tiles). With a long reduction, the forward in
+float16/bfloat16 on sm_80+ (C_in/groups a multiple of 8): an implicit GEMM on tensor cores,
+``dk_global_mma``, over the input made channels-last and the kernels resampled
+kernel-point-major (both in one launch, ``dk_mma_operands``), with no columns. Otherwise, per
+chunk of images: the rigid ``dk_im2col`` and one strided-batched GEMM whose batch runs over
+(image, weight group), each with its own resampled kernels; the backward's two GEMMs and the
+gather ``dk_col2im``. Both then backpropagate through the resampling:
+``dk_global_offset_grad`` (a block per (n, offset group, chunk of (o, c) pairs), which also
+writes the resampling as a dense (K, S) table per (n, offset group)) and
+``dk_global_weight_grad`` (a thread per (o, c) pair and chunk of images), each summed over its
+chunks by ``sum_partials``.
 
 Local DK: fused kernels that sample the scope at every output position, each thread for a chunk
 of CHUNK channels that share the position's bilinear taps; the weight gradient is reduced inside
@@ -32,13 +35,13 @@ import sys
 import numpy as np
 
 from .. import _arrays
-from . import _blas, _compile
+from . import _blas, _common, _compile
 from ._compile import ACC_DTYPES, CXX_TYPES, STORAGE_DTYPES, launch
 
 SOURCE = "deform_kernel_conv.cu"
 _KERNELS = ("dk_resample", "dk_global_input_grad", "dk_global_kernel_grad", "dk_im2col",
             "dk_col2im", "dk_global_offset_grad", "dk_global_weight_grad", "dk_local_conv", "dk_local_input_grad",
-            "dk_local_offset_grad", "dk_local_weight_grad", "dk_sum_partials", "bias_grad", "add_bias")
+            "dk_local_offset_grad", "dk_local_weight_grad", "add_bias", *_common.COMMON_KERNELS)
 # dk_global_conv's kernel heights known when compiled (unrolled), besides any height (0).
 COMPILED_HEIGHTS = (0, 3)
 # The tensor-core path (tensor_core.cuh's mma.sync) exists for the half types only.
@@ -61,12 +64,13 @@ TARGET_BLOCKS = 2048
 SPAN = 8
 # dk_global_conv's dynamic shared memory per block: what every block may have without opting in.
 DIRECT_SHARED_BYTES = 48 * 1024
+# Kernel points per block sum of dk_global_kernel_grad (DK_POINT_RUN in the source).
+POINT_RUN = 9
 # Channels per thread of the local kernels (DK_CHUNK in the source).
 CHUNK = 8
-# dk_global_offset_grad has one block per (image, offset group, kernel point), often fewer blocks
-# than the GPU has SMs for their long (C_out/G * Cg)-term sums: wide blocks hide the latency.
-# At most the kernel's __launch_bounds__ (1024).
-OFFSET_GRAD_BLOCK = 1024
+# Blocks to aim for when dk_global_offset_grad (a warp per kernel point) and
+# dk_global_weight_grad (BLOCK threads) cut their sums into chunks.
+GRAD_TARGET_BLOCKS = 1024
 # dk_local_weight_grad: threads per block (its shared memory holds a column per thread) and the
 # number of blocks to aim for when splitting the positions into chunks.
 WEIGHT_GRAD_BLOCK = 128
@@ -283,6 +287,44 @@ def _resample(weight, offset, x, geo, s, dtype):
     return kernels
 
 
+def _direct_conv(x, weight, offset, bias_arg, use_bias, transposed, geo, geo_args, planes, rows, dtype, out):
+    """dk_global_conv over `planes` output planes with a reduction of `rows` (Cg * K) values."""
+    threads, block, shared, tiles = _conv_tiles(planes, geo.out_size, geo.kernel, geo.stride, geo.dilation, rows,
+                                                np.dtype(ACC_DTYPES[dtype]).itemsize, DIRECT_SHARED_BYTES,
+                                                TARGET_BLOCKS)
+    kh = geo.kernel[0] if geo.kernel[0] in COMPILED_HEIGHTS else 0
+    launch(_compile.function(sys.modules[__name__], f"dk_global_conv<{CXX_TYPES[dtype]}, {kh}>"), threads,
+           (x, weight, offset, bias_arg, use_bias, np.int32(transposed), *tiles,
+            np.int32(_small_units(threads // block)), *geo_args, out), block=block, shared_mem=shared)
+
+
+@functools.lru_cache(maxsize=256)
+def _transposed(geo, h: int, w: int):
+    """The geometry of global DK's input gradient at stride 1 as a convolution of grad_output
+    with the flipped kernels (dk_global_conv's `transposed`): the outputs are the input's
+    H x W, the padding (k - 1) * dilation - padding."""
+    (kh, kw), (ph, pw), (dh, dw) = geo.kernel, geo.padding, geo.dilation
+    return geo._replace(padding=((kh - 1) * dh - ph, (kw - 1) * dw - pw), out_size=(h, w), offset_groups=1)
+
+
+def _direct_kernel_grad(go, x, geo, geo_args, s, dtype):
+    """dk_global_kernel_grad: the resampled kernels' gradient per tile of outputs, (N, bands,
+    C_out, Cg * K) accumulators, and `bands`."""
+    import cupy
+
+    acc_bytes = np.dtype(ACC_DTYPES[dtype]).itemsize
+    planes = s.n * s.c_out
+    threads, block, shared, tiles = _conv_tiles(max(planes, 1), geo.out_size, geo.kernel, geo.stride, geo.dilation,
+                                                0, acc_bytes, DIRECT_SHARED_BYTES - POINT_RUN * _compile.WARP * acc_bytes,
+                                                TARGET_BLOCKS)
+    bands = threads // block // max(planes, 1)
+    grad_kernels = cupy.empty((s.n, bands, s.c_out, s.rows), ACC_DTYPES[dtype])
+    launch(_kernel("dk_global_kernel_grad", dtype), threads,
+           (go, x, *tiles, np.int32(_small_units(threads // block)), *geo_args, grad_kernels), block=block,
+           shared_mem=shared)
+    return grad_kernels, bands
+
+
 def _local_blocks(s, positions: int, runs: int, run: int, span: int) -> int:
     """Blocks of dk_local_conv / dk_local_input_grad: (image, block of positions, chunk)."""
     return s.n * -(-positions // _compile.BLOCK) * runs * -(-run // span)
@@ -303,13 +345,7 @@ def forward(input, weight, kernel_offset, bias, *, geo, dtype):
         return out
     if _direct(s, geo):
         if out.size:
-            threads, block, shared, tiles = _conv_tiles(s.n * s.c_out, geo.out_size, geo.kernel, geo.stride,
-                                                        geo.dilation, s.rows, np.dtype(ACC_DTYPES[dtype]).itemsize,
-                                                        DIRECT_SHARED_BYTES, TARGET_BLOCKS)
-            kh = geo.kernel[0] if geo.kernel[0] in COMPILED_HEIGHTS else 0
-            launch(_compile.function(sys.modules[__name__], f"dk_global_conv<{CXX_TYPES[dtype]}, {kh}>"), threads,
-                   (x, weight, offset, bias_arg, use_bias, *tiles, np.int32(_small_units(threads // block)), *geo_args,
-                    out), block=block, shared_mem=shared)
+            _direct_conv(x, weight, offset, bias_arg, use_bias, 0, geo, geo_args, s.n * s.c_out, s.rows, dtype, out)
         return out
     if _tensor_core_path(s, geo, dtype):
         if out.size:
@@ -342,9 +378,7 @@ def backward(grad_output, input, weight, kernel_offset, bias, *, geo, dtype, det
         _global_backward(go, x, weight, offset, geo, s, dtype, grad_input, grad_offset, grad_weight)
     grad_bias = None
     if bias is not None:
-        grad_bias = _arrays.empty((s.c_out,), dtype)
-        launch(_kernel("bias_grad", dtype), s.c_out * _compile.BLOCK,
-               (go, np.int64(s.n), np.int64(s.c_out), np.int64(s.L), grad_bias))
+        grad_bias = _common.bias_grad(sys.modules[__name__], go, s.n, s.c_out, s.L, dtype)
     return grad_input, grad_weight, grad_offset, grad_bias
 
 
@@ -355,13 +389,16 @@ def _global_backward(go, x, weight, offset, geo, s, dtype, grad_input, grad_offs
     geo_args = _geometry_args(geo, x.shape, s.c_out, s.n)
     kernels = _resample(weight, offset, x, geo, s, dtype)
     if _direct(s, geo):
-        in_bands = _bands(s.n * s.c_in, s.hw)
-        launch(_kernel("dk_global_input_grad", dtype), s.n * s.c_in * in_bands * _compile.BLOCK,
-               (go, kernels, np.int64(in_bands), *geo_args, grad_input))
-        bands = _bands(s.n * s.c_out, s.L)
-        grad_kernels = cupy.empty((s.n, bands, s.c_out, s.rows), acc_dtype)
-        launch(_kernel("dk_global_kernel_grad", dtype), s.n * s.c_out * bands * _compile.BLOCK,
-               (go, x, np.int64(bands), *geo_args, grad_kernels))
+        if geo.stride == (1, 1) and s.og * s.K <= DIRECT_MAX_REDUCTION:
+            if grad_input.size:
+                t = _transposed(geo, s.h, s.w)
+                _direct_conv(go, kernels, kernels, go, np.int32(0), 1, t, _geometry_args(t, go.shape, s.c_in, s.n),
+                             s.n * s.c_in, s.og * s.K, dtype, grad_input)
+        else:
+            in_bands = _bands(s.n * s.c_in, s.hw)
+            launch(_kernel("dk_global_input_grad", dtype), s.n * s.c_in * in_bands * _compile.BLOCK,
+                   (go, kernels, np.int64(in_bands), *geo_args, grad_input))
+        grad_kernels, bands = _direct_kernel_grad(go, x, geo, geo_args, s, dtype)
     else:
         bands = 1
         grad_kernels = cupy.empty((s.n, bands, s.c_out, s.rows), acc_dtype)
@@ -379,11 +416,22 @@ def _global_backward(go, x, weight, offset, geo, s, dtype, grad_input, grad_offs
             _blas.matmul(kernels[n0:n1], go[n0:n1], cols, m=s.rows, n=s.L, k=s.og, dtype=dtype, trans_a=True,
                          batch=b * geo.groups, stride_a=s.og * s.rows, stride_b=s.og * s.L, stride_c=s.rows * s.L)
             launch(col2im, b * s.c_in * s.hw, (cols, small, *chunk_args, grad_input[n0:n1]))
+    # Through the resampling, each reduction cut into chunks where its outputs are too few to
+    # fill the GPU, the chunks summed by sum_partials.
+    this = sys.modules[__name__]
+    block = _compile.WARP * min(s.K, _compile.WARP)  # a warp per kernel point
+    chunks = max(1, min(-(-s.opg * s.cg // _compile.WARP),
+                        -(-GRAD_TARGET_BLOCKS // max(1, s.n * geo.offset_groups))))
+    partial = cupy.empty(chunks * grad_offset.size, acc_dtype)
     taps = cupy.empty((s.n, geo.offset_groups, s.K, s.S), acc_dtype)
-    launch(_kernel("dk_global_offset_grad", dtype), s.n * geo.offset_groups * s.K * OFFSET_GRAD_BLOCK,
-           (grad_kernels, weight, offset, np.int64(bands), *geo_args, grad_offset, taps), block=OFFSET_GRAD_BLOCK)
-    launch(_kernel("dk_global_weight_grad", dtype), grad_weight.size,
-           (grad_kernels, taps, np.int64(bands), *geo_args, grad_weight))
+    launch(_kernel("dk_global_offset_grad", dtype), s.n * geo.offset_groups * chunks * block,
+           (grad_kernels, weight, offset, np.int64(bands), np.int64(chunks), *geo_args, partial, taps), block=block)
+    _common.sum_partials(this, partial, chunks, grad_offset, dtype)
+    chunks = max(1, min(s.n, -(-GRAD_TARGET_BLOCKS * _compile.BLOCK // (s.c_out * s.cg))))
+    partial = cupy.empty(chunks * grad_weight.size, acc_dtype)
+    launch(_kernel("dk_global_weight_grad", dtype), chunks * s.c_out * s.cg,
+           (grad_kernels, taps, np.int64(bands), np.int64(chunks), *geo_args, partial))
+    _common.sum_partials(this, partial, chunks, grad_weight, dtype)
 
 
 def _input_grad_chunks(s) -> tuple[int, int]:
@@ -411,5 +459,4 @@ def _local_backward(go, x, weight, offset, geo, s, dtype, grad_input, grad_offse
     partial = cupy.empty(chunks * weight.size, ACC_DTYPES[dtype])
     launch(_kernel("dk_local_weight_grad", dtype), pairs * chunks * WEIGHT_GRAD_BLOCK,
            (go, x, offset, np.int64(chunks), *geo_args, partial), block=WEIGHT_GRAD_BLOCK)
-    launch(_kernel("dk_sum_partials", dtype), weight.size,
-           (partial, np.int64(chunks), np.int64(weight.size), grad_weight))
+    _common.sum_partials(sys.modules[__name__], partial, chunks, grad_weight, dtype)
