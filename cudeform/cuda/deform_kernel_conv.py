@@ -417,21 +417,21 @@ def _global_backward(go, x, weight, offset, geo, s, dtype, grad_input, grad_offs
                          batch=b * geo.groups, stride_a=s.og * s.rows, stride_b=s.og * s.L, stride_c=s.rows * s.L)
             launch(col2im, b * s.c_in * s.hw, (cols, small, *chunk_args, grad_input[n0:n1]))
     # Through the resampling, each reduction cut into chunks where its outputs are too few to
-    # fill the GPU, the chunks summed by sum_partials.
+    # fill the GPU, the chunks summed by sum_partials; one buffer serves both, in turn.
     this = sys.modules[__name__]
     block = _compile.WARP * min(s.K, _compile.WARP)  # a warp per kernel point
-    chunks = max(1, min(-(-s.opg * s.cg // _compile.WARP),
-                        -(-GRAD_TARGET_BLOCKS // max(1, s.n * geo.offset_groups))))
-    partial = cupy.empty(chunks * grad_offset.size, acc_dtype)
+    offset_chunks = max(1, min(-(-s.opg * s.cg // _compile.WARP),
+                               -(-GRAD_TARGET_BLOCKS // max(1, s.n * geo.offset_groups))))
+    weight_chunks = max(1, min(s.n, -(-GRAD_TARGET_BLOCKS * _compile.BLOCK // (s.c_out * s.cg))))
+    partial = cupy.empty(max(offset_chunks * grad_offset.size, weight_chunks * grad_weight.size), acc_dtype)
     taps = cupy.empty((s.n, geo.offset_groups, s.K, s.S), acc_dtype)
-    launch(_kernel("dk_global_offset_grad", dtype), s.n * geo.offset_groups * chunks * block,
-           (grad_kernels, weight, offset, np.int64(bands), np.int64(chunks), *geo_args, partial, taps), block=block)
-    _common.sum_partials(this, partial, chunks, grad_offset, dtype)
-    chunks = max(1, min(s.n, -(-GRAD_TARGET_BLOCKS * _compile.BLOCK // (s.c_out * s.cg))))
-    partial = cupy.empty(chunks * grad_weight.size, acc_dtype)
-    launch(_kernel("dk_global_weight_grad", dtype), chunks * s.c_out * s.cg,
-           (grad_kernels, taps, np.int64(bands), np.int64(chunks), *geo_args, partial))
-    _common.sum_partials(this, partial, chunks, grad_weight, dtype)
+    launch(_kernel("dk_global_offset_grad", dtype), s.n * geo.offset_groups * offset_chunks * block,
+           (grad_kernels, weight, offset, np.int64(bands), np.int64(offset_chunks), *geo_args, partial, taps),
+           block=block)
+    _common.sum_partials(this, partial, offset_chunks, grad_offset, dtype)
+    launch(_kernel("dk_global_weight_grad", dtype), weight_chunks * s.c_out * s.cg,
+           (grad_kernels, taps, np.int64(bands), np.int64(weight_chunks), *geo_args, partial))
+    _common.sum_partials(this, partial, weight_chunks, grad_weight, dtype)
 
 
 def _input_grad_chunks(s) -> tuple[int, int]:
