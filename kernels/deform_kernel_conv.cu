@@ -233,8 +233,9 @@ __device__ __forceinline__ void walk_copy(PlaneWalk q, Load load, Store store) {
 // consecutive outputs, and each computes its point's taps once. (A thread per pair sampling its
 // own scope in global memory, 32 scattered sectors per warp load and stores K elements apart,
 // took 54 us at N=16, C=256, 4x4 scope in fp16 on an H200 and 96 us in fp32; this kernel 52 us
-// in both, and 45 us in fp32 once its copy kept DK_STAGE_LOADS loads in flight (walk_copy). Staging the taps in shared memory too, as resample_cl does, saved 4 us in an
-// earlier version of this kernel.)
+// in both, and 45 us in fp32 once its copy kept DK_STAGE_LOADS loads in flight (walk_copy).
+// Staging the taps in shared memory too, as resample_cl does, saved 4 us in an earlier
+// version of this kernel.)
 template <typename T>
 __global__ void dk_resample(const T* __restrict__ weight, const T* __restrict__ offset, int staged, int pitch,
                             DK_GEOMETRY, T* __restrict__ kernels) {
@@ -753,7 +754,8 @@ __global__ void __launch_bounds__(256, 5) dk_global_conv(const T* __restrict__ i
         __syncthreads();  // the previous tile's threads are done with the shared memory
         if (transposed) {
             // Kernel point K-1-k of the forward's (output wg*cg + c, input channel d.o - wg*og).
-            const T* kern = weight + ((index_t)d.n * channels + wg * cg) * og * K + (index_t)(d.o - wg * og) * K + K - 1;
+            const T* kern =
+                weight + ((index_t)d.n * channels + wg * cg) * og * K + (index_t)(d.o - wg * og) * K + K - 1;
             for (int r = threadIdx.x; r < (int)(cg * K); r += blockDim.x) {
                 const int c = div32(r, (int)K);
                 kernel[r] = to_acc(kern[c * og * K - (r - c * (int)K)]);
@@ -890,7 +892,7 @@ __device__ __forceinline__ void point_sums(const Window& win, const A (&g)[DK_SP
 // input[n, c_in, rigid point of (l, k)]. One block per tile: each thread reads the grad_output
 // of its DK_SPAN outputs once; then, channel by channel, the block stages the input window (when
 // `staged`) and each thread sums its products for runs of DK_POINT_RUN kernel points, which a
-// block sum (a fixed order) ends. The shared memory holds the window alone.
+// block sum (a fixed order) ends. The dynamic shared memory holds the window alone.
 // At N=16, C=256, 56x56 depthwise 3x3 on an H200: fp16 169 us, fp32 121 us; a block per
 // (n, o, band of positions) reading the input from global memory, with bounds checks per
 // point, took 169 and 141 us. (Still latency-bound: three blocks per SM at 80 registers.)

@@ -314,9 +314,9 @@ def _direct_kernel_grad(go, x, geo, geo_args, s, dtype):
 
     acc_bytes = np.dtype(ACC_DTYPES[dtype]).itemsize
     planes = s.n * s.c_out
+    budget = DIRECT_SHARED_BYTES - POINT_RUN * _compile.WARP * acc_bytes  # beside the block sums
     threads, block, shared, tiles = _conv_tiles(max(planes, 1), geo.out_size, geo.kernel, geo.stride, geo.dilation,
-                                                0, acc_bytes, DIRECT_SHARED_BYTES - POINT_RUN * _compile.WARP * acc_bytes,
-                                                TARGET_BLOCKS)
+                                                0, acc_bytes, budget, TARGET_BLOCKS)
     bands = threads // block // max(planes, 1)
     grad_kernels = cupy.empty((s.n, bands, s.c_out, s.rows), ACC_DTYPES[dtype])
     launch(_kernel("dk_global_kernel_grad", dtype), threads,
