@@ -666,12 +666,9 @@ struct DirectTile {
     int n, o, t, y0, x0, rows, cols, win_h, win_w, iy0, ix0;
 };
 
-// f(tile) for each of this block's tiles of tile_h x tile_w outputs, over every (image, output
-// channel) plane, in I arithmetic: int where every unit index fits (`small` in the kernels,
-// from the host), since fast_div's 64-bit fallback is a subroutine call around which the
-// compiler spilled registers (Nsight Compute).
+// for_each_tile's loop in I arithmetic.
 template <typename I, typename F>
-__device__ __forceinline__ void for_each_tile(const DkGeometry& geo, int tile_h, int tile_w, F f) {
+__device__ __forceinline__ void for_each_tile_in(const DkGeometry& geo, int tile_h, int tile_w, F f) {
     const int OH = (int)geo.out_h, OW = (int)geo.out_w;
     const int tiles_x = ceil_div(OW, tile_w);
     const I tiles = (I)ceil_div(OH, tile_h) * tiles_x;
@@ -692,6 +689,19 @@ __device__ __forceinline__ void for_each_tile(const DkGeometry& geo, int tile_h,
         d.iy0 = d.y0 * geo.sh - geo.ph;
         d.ix0 = d.x0 * geo.sw - geo.pw;
         f(d);
+    }
+}
+
+// f(tile) for each of this block's tiles of tile_h x tile_w outputs, over every (image, output
+// channel) plane, the units counted in int where every unit index fits (`small`, from the
+// host), since fast_div's 64-bit fallback is a subroutine call around which the compiler
+// spilled registers (Nsight Compute).
+template <typename F>
+__device__ __forceinline__ void for_each_tile(const DkGeometry& geo, int tile_h, int tile_w, int small, F f) {
+    if (small) {
+        for_each_tile_in<int>(geo, tile_h, tile_w, f);
+    } else {
+        for_each_tile_in<index_t>(geo, tile_h, tile_w, f);
     }
 }
 
@@ -797,11 +807,7 @@ __global__ void __launch_bounds__(256, 5) dk_global_conv(const T* __restrict__ i
             }
         }
     };
-    if (small) {
-        for_each_tile<int>(geo, tile_h, tile_w, tile_work);
-    } else {
-        for_each_tile<index_t>(geo, tile_h, tile_w, tile_work);
-    }
+    for_each_tile(geo, tile_h, tile_w, small, tile_work);
 }
 
 // sum + the sum over the kernel points j in [j_lo, j_hi) of one kernel row whose output column
@@ -946,11 +952,7 @@ __global__ void __launch_bounds__(256) dk_global_kernel_grad(const T* __restrict
             }
         }
     };
-    if (small) {
-        for_each_tile<int>(geo, tile_h, tile_w, tile_work);
-    } else {
-        for_each_tile<index_t>(geo, tile_h, tile_w, tile_work);
-    }
+    for_each_tile(geo, tile_h, tile_w, small, tile_work);
 }
 
 // One dk_im2col position: K points of the plane at rows iy0 + i * dh, columns ix0 + j * dw (zero
