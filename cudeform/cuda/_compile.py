@@ -117,6 +117,11 @@ def function(op_module, expression: str, *, dynamic_shared: int = 0) -> "Kernel"
     return kernel
 
 
+def typed(op_module, name: str, dtype: str, *, dynamic_shared: int = 0) -> "Kernel":
+    """:func:`function` for the instantiation ``name<T>``, T the C++ storage type of ``dtype``."""
+    return function(op_module, f"{name}<{CXX_TYPES[dtype]}>", dynamic_shared=dynamic_shared)
+
+
 # struct codes of the kernel argument types: a CuPy array passes its device pointer. Native
 # alignment ("@") lays the fields out as the kernel's parameters are.
 _ARG_CODES = {np.dtype(np.int32): "i", np.dtype(np.int64): "q", np.dtype(np.uint32): "I",

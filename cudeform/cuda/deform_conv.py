@@ -49,7 +49,7 @@ MAX_RUN = {"float16": 16, "bfloat16": 16, "float32": 8, "float64": 8}
 
 
 def _kernel(name: str, dtype: str):
-    return _compile.function(sys.modules[__name__], f"{name}<{CXX_TYPES[dtype]}>")
+    return _compile.typed(sys.modules[__name__], name, dtype)
 
 
 def _chunk(n_images: int, bytes_per_image: int) -> tuple[int, list]:
@@ -211,7 +211,7 @@ def backward(grad_output, input, offset, weight, bias, mask, *, geo, dtype, bord
             launch(kernels["dcn_col2im_max_abs"], min(c_in * K * b * WARP, MAX_ABS_THREADS),
                    (cols, mask_arg, use_mask, *_int64s(b, n0, c_in, geo.offset_groups, K, L), max_abs_bits))
             launch(kernels["dcn_col2im_fixed"], sites * b * L, (*sample_args, max_abs_bits, fixed, grad_acc))
-            launch(_compile.function(sys.modules[__name__], f"fixed_point_add<{CXX_TYPES[np.dtype(acc_dtype).name]}>"),
+            launch(_kernel("fixed_point_add", np.dtype(acc_dtype).name),
                    b * plane, (fixed, max_abs_bits, *_int64s(K * L, b * plane), grad_acc[n0:n1]))
         else:
             launch(kernels["dcn_col2im"], sites * b * L, (*sample_args, grad_acc))
@@ -235,6 +235,5 @@ def backward(grad_output, input, offset, weight, bias, mask, *, geo, dtype, bord
 
 def _cast(acc, dtype):
     out = _arrays.empty(acc.shape, dtype)
-    launch(_compile.function(sys.modules[__name__], f"cast_from_acc<{CXX_TYPES[dtype]}>"), acc.size,
-           (acc, *_int64s(acc.size), out))
+    launch(_kernel("cast_from_acc", dtype), acc.size, (acc, *_int64s(acc.size), out))
     return out

@@ -93,7 +93,7 @@ CHANNELS_LAST_SHARED_BYTES = 64 * 65 * 2
 
 
 def _kernel(name: str, dtype: str, dynamic_shared: int = 0):
-    return _compile.function(sys.modules[__name__], f"{name}<{CXX_TYPES[dtype]}>", dynamic_shared=dynamic_shared)
+    return _compile.typed(sys.modules[__name__], name, dtype, dynamic_shared=dynamic_shared)
 
 
 @functools.lru_cache(maxsize=1024)

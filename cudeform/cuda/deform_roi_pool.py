@@ -68,7 +68,7 @@ GATHER_MAX_ENTRIES = 1 << 26
 
 
 def _kernel(name: str, dtype: str):
-    return _compile.function(sys.modules[__name__], f"{name}<{CXX_TYPES[dtype]}>")
+    return _compile.typed(sys.modules[__name__], name, dtype)
 
 
 def _or(array, stand_in):
@@ -262,6 +262,5 @@ def _input_grad(x, workspace, terms, dtype):
         launch(_kernel("roi_pool_fixed_finish", dtype), out.size,
                (fixed, special, max_abs_bits, np.int64(terms), np.int64(out.size), out))
     else:
-        launch(_compile.function(sys.modules[__name__], f"cast_from_acc<{CXX_TYPES[dtype]}>"), out.size,
-               (grad_acc, np.int64(out.size), out))
+        launch(_kernel("cast_from_acc", dtype), out.size, (grad_acc, np.int64(out.size), out))
     return out
