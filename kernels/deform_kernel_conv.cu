@@ -47,8 +47,11 @@ using namespace cudeform;
 #define DK_CHUNK 8
 // Loads in flight per thread while a block copies into shared memory (walk_copy).
 #define DK_STAGE_LOADS 4
-// Scope elements whose weight gradient a thread of dk_global_weight_grad sums at once.
+// Scope elements that a thread of dk_global_resample_grad holds at once (SCOPE_RUN in the host),
+// and kernel points whose corners it takes at once (each half of them has 16 slopes, one
+// warp_transpose_sums).
 #define DK_SCOPE_RUN 16
+#define DK_POINT_GROUP 16
 
 // a / b for the direct kernels' non-negative 32-bit coordinates. Unlike fast_div it has no
 // 64-bit fallback, whose subroutine call makes the compiler spill registers around it.
@@ -224,31 +227,30 @@ __device__ __forceinline__ void walk_copy(PlaneWalk q, Load load, Store store) {
 // ---------------------------------------------------------------------------------------------
 
 // kernels[n, o, c, k]: the scope of (o, c) sampled at kernel point k moved by image n's offsets.
-// A block per (image, offset group, tile of blockDim.x of the group's (o, c) pairs, which are
-// contiguous), so kernel point k's taps are the same for the whole block. When `staged`, the
-// block first copies the tile's scopes, one after the other in `weight`, into shared memory,
-// coalesced, a scope every `pitch` elements (odd: a warp's reads at the same element of
-// different scopes spread over the banks); else they are read in place. Then a thread per
-// slot (r0, k) takes kernel point k of pairs r0, r0 + per, ...: consecutive threads write
-// consecutive outputs, and each computes its point's taps once. (A thread per pair sampling its
-// own scope in global memory, 32 scattered sectors per warp load and stores K elements apart,
-// took 54 us at N=16, C=256, 4x4 scope in fp16 on an H200 and 96 us in fp32; this kernel 52 us
-// in both, and 45 us in fp32 once its copy kept DK_STAGE_LOADS loads in flight (walk_copy).
-// Staging the taps in shared memory too, as resample_cl does, saved 4 us in an earlier
-// version of this kernel.)
+// A block per (offset group, tile of blockDim.x of the group's (o, c) pairs, which are
+// contiguous, chunk of `images` images), so kernel point k's taps are the same for the whole
+// block at each image. When `staged`, the block first copies the tile's scopes, one after the
+// other in `weight`, into shared memory, coalesced, a scope every `pitch` elements (odd: a
+// warp's reads at the same element of different scopes spread over the banks), once for all
+// its images; else they are read in place. Then a thread per slot (r0, k) takes kernel point k
+// of pairs r0, r0 + per, ...: consecutive threads write consecutive outputs, and each computes
+// its point's taps once per image. (At N=16, C=256, 4x4 scope in fp16 on an H200: 29 us, 66
+// instructions per output; a block per image, copying the scopes for each, 124 instructions per
+// output and 47 us; a thread per pair sampling its own scope in global memory, 54 us.)
 template <typename T>
 __global__ void dk_resample(const T* __restrict__ weight, const T* __restrict__ offset, int staged, int pitch,
-                            DK_GEOMETRY, T* __restrict__ kernels) {
+                            index_t images, DK_GEOMETRY, T* __restrict__ kernels) {
     typedef typename acc<T>::type A;
     DK_GEO;
     extern __shared__ __align__(16) unsigned char dk_shared[];
     A* scopes = reinterpret_cast<A*>(dk_shared);
     const int K = (int)geo.K();
     const index_t S = geo.scope(), terms = geo.opg() * geo.cg(), tiles = ceil_div(terms, (index_t)blockDim.x);
+    const index_t chunks = ceil_div(batch, images);
     const int per = max(1, (int)blockDim.x / K);  // pairs a step of the output loop covers
-    for (index_t unit = blockIdx.x; unit < batch * offset_groups * tiles; unit += gridDim.x) {
-        const index_t ng = fast_div(unit, tiles), n = fast_div(ng, offset_groups), g = ng - n * offset_groups;
-        const index_t first = g * terms + (unit - ng * tiles) * blockDim.x;
+    for (index_t unit = blockIdx.x; unit < offset_groups * tiles * chunks; unit += gridDim.x) {
+        const index_t gt = fast_div(unit, chunks), g = fast_div(gt, tiles), n0 = (unit - gt * chunks) * images;
+        const index_t first = g * terms + (gt - g * tiles) * blockDim.x;
         const int count = (int)min((index_t)blockDim.x, (g + 1) * terms - first);
         if (staged) {
             __syncthreads();  // the previous unit's threads are done with the shared memory
@@ -257,17 +259,34 @@ __global__ void dk_resample(const T* __restrict__ weight, const T* __restrict__ 
                          [&](const PlaneWalk& q, A v) { scopes[q.y * pitch + q.x] = v; });
             __syncthreads();
         }
-        T* dst = kernels + (n * c_out * geo.cg() + first) * K;
-        for (int slot = threadIdx.x; slot < per * K; slot += blockDim.x) {
-            const int r0 = div32(slot, K), k = slot - r0 * K;
-            // bilinear_zero in two steps: the taps once, then a sample per scope.
-            A h, w;
-            geo.scope_point(k / kw, k % kw, offset + 2 * (ng * K + k), 1, h, w);
-            const bool inside = in_open_box(h, w, scope_h, scope_w);
-            const BilinearTaps<A> taps(inside ? h : A(0), inside ? w : A(0), scope_h, scope_w);
-            for (int r = r0; r < count; r += per) {
-                const A v = staged ? taps.sample(scopes + r * pitch) : taps.sample(weight + (first + r) * S);
-                dst[r * K + k] = from_acc<T>(inside ? v : A(0));
+        const A* const planes = staged ? scopes : nullptr;
+        for (index_t n = n0; n < min(batch, n0 + images); ++n) {
+            T* dst = kernels + (n * c_out * geo.cg() + first) * K;
+            for (int slot = threadIdx.x; slot < per * K; slot += blockDim.x) {
+                const int r0 = div32(slot, K), k = slot - r0 * K;
+                // bilinear_zero in two steps: the taps once, then a sample per scope; a corner
+                // outside the scope (or every corner, outside the open box) weighs 0 at entry 0.
+                A h, w;
+                geo.scope_point(k / kw, k % kw, offset + 2 * ((n * offset_groups + g) * K + k), 1, h, w);
+                const bool inside = in_open_box(h, w, scope_h, scope_w);
+                int at[4];
+                A wt[4];
+                BilinearTaps<A>(inside ? h : A(0), inside ? w : A(0), scope_h, scope_w)
+                    .for_corners([&](int q, index_t s, A weight_q, bool ok) {
+                        at[q] = inside && ok ? (int)s : 0;
+                        wt[q] = inside && ok ? weight_q : A(0);
+                    });
+                for (int r = r0; r < count; r += per) {
+                    A v = A(0);
+                    if (staged) {
+#pragma unroll
+                        for (int q = 0; q < 4; ++q) v += wt[q] * planes[r * pitch + at[q]];
+                    } else {
+#pragma unroll
+                        for (int q = 0; q < 4; ++q) v += wt[q] * to_acc(weight[(first + r) * S + at[q]]);
+                    }
+                    dst[r * K + k] = from_acc<T>(v);
+                }
             }
         }
     }
@@ -1042,108 +1061,178 @@ __global__ void dk_col2im(const T* __restrict__ cols, int small, DK_GEOMETRY, T*
     }
 }
 
-// Pass 1 of the kernel_offset gradient: partial[chunk, n, g, k, {0, 1}] = the sum over the
-// (o, c) pairs of offset group g in chunk `chunk` (pairs [chunk * per, (chunk + 1) * per) of
-// the group's, which are contiguous) of grad_kernels[n, o, c, k] (summed over the bands) *
-// d kernels[n, o, c, k] / d(dh, dw); sum_partials over the chunks gives grad_offset. One block
-// per (n, g, chunk), one warp per kernel point (k, k + warps, ...): a warp's slope is uniform,
-// its lanes take the chunk's pairs in turn and a warp sum ends it, and the block's warps read
-// the same scopes and grad_kernels rows (from L1). The chunk-0 blocks also write taps[n, g, k,
-// s], the weight of scope element s in kernel point k of (n, g): a row of the resampling as a
-// (K, S) matrix per (n, g), for dk_global_weight_grad. (One block per (n, g, k) took 117 us at
-// N=16, C=256, 32x32, groups=1 in fp16 on an H200, this kernel 110 us; staging the pairs'
-// scopes and grad_kernels values in shared memory, a thread per pair, 146 us.)
-template <typename T>
-__global__ void dk_global_offset_grad(const typename acc<T>::type* __restrict__ grad_kernels,
-                                      const T* __restrict__ weight, const T* __restrict__ offset, index_t bands,
-                                      index_t chunks, DK_GEOMETRY, typename acc<T>::type* __restrict__ partial,
-                                      typename acc<T>::type* __restrict__ taps) {
-    typedef typename acc<T>::type A;
-    DK_GEO;
-    const index_t K = geo.K(), S = geo.scope(), occ = c_out * geo.cg(), terms = geo.opg() * geo.cg();
-    const index_t per = ceil_div(terms, chunks), ngk = batch * offset_groups * K;
-    const int lane = threadIdx.x % WARP_SIZE, warp = threadIdx.x / WARP_SIZE, warps = blockDim.x / WARP_SIZE;
-    for (index_t unit = blockIdx.x; unit < batch * offset_groups * chunks; unit += gridDim.x) {
-        const index_t ng = fast_div(unit, chunks), chunk = unit - ng * chunks;
-        const index_t n = fast_div(ng, offset_groups), g = ng - n * offset_groups;
-        const index_t t_end = min(terms, (chunk + 1) * per);
-        for (int k = warp; k < (int)K; k += warps) {
-            const index_t b = ng * K + k;
-            A h, w;
-            geo.scope_point(k / kw, k % kw, offset + 2 * b, 1, h, w);
-            if (chunk == 0) {
-                const bool inside = in_open_box(h, w, scope_h, scope_w);
-                const Corners<A> p(inside ? h : A(0), inside ? w : A(0));
-                for (index_t s = lane; s < S; s += WARP_SIZE) {
-                    const index_t sy = fast_div(s, scope_w), dy = sy - p.y0, dx = s - sy * scope_w - p.x0;
-                    const bool corner = inside && dy >= 0 && dy <= 1 && dx >= 0 && dx <= 1;
-                    taps[b * S + s] = corner ? (dy ? p.lh : A(1) - p.lh) * (dx ? p.lw : A(1) - p.lw) : A(0);
-                }
-            }
-            const BilinearSlopes<A> slopes(h, w, scope_h, scope_w);
-            A grad_h = A(0), grad_w = A(0);
-            if (slopes.live) {
-                for (index_t t = chunk * per + lane; t < t_end; t += WARP_SIZE) {
-                    const index_t oc = g * terms + t;  // the (o, c) of offset group g are contiguous
-                    A d_h, d_w;
-                    slopes.grad(weight + oc * S, d_h, d_w);
-                    const A* gk = grad_kernels + (n * bands * occ + oc) * K + k;
-                    A gsum = A(0);
-                    for (index_t band = 0; band < bands; ++band) gsum += gk[band * occ * K];
-                    grad_h += gsum * d_h;
-                    grad_w += gsum * d_w;
-                }
-            }
-            grad_h = warp_sum(grad_h);
-            grad_w = warp_sum(grad_w);
-            if (lane == 0) {
-                partial[2 * (chunk * ngk + b)] = grad_h;
-                partial[2 * (chunk * ngk + b) + 1] = grad_w;
-            }
+// Where kernel point k of one (image, offset group) samples the scope run [s0, s0 + DK_SCOPE_RUN)
+// (dk_resample's bilinear_zero; its slopes as BilinearSlopes), for the columns of
+// dk_global_resample_grad (a run entry every `step` elements): per corner c = dy * 2 + dx, its
+// entry's offset `at`, its weight `tap` (zero outside the open box) and its weight's slopes by
+// (dh, dw) (zero outside [-1, S_h) x [-1, S_w)); a corner outside the run has offset 0 and no
+// weight or slopes, so that the caller needs no branch. The same for every (o, c) of the offset
+// group: built once per block.
+template <typename A>
+struct __align__(16) ScopeCorners {
+    int at[4];
+    A tap[4], d_h[4], d_w[4];
+
+    ScopeCorners() = default;  // for the shared array
+    template <typename T>
+    __device__ __forceinline__ ScopeCorners(const DkGeometry& geo, const T* off, int k, index_t s0, int step) {
+        A h, w;
+        geo.scope_point(k / geo.kw, k % geo.kw, off + 2 * k, 1, h, w);
+        const bool live = h >= A(-1) && h < A(geo.scope_h) && w >= A(-1) && w < A(geo.scope_w);
+        // The open box lies in [-1, S_h) x [-1, S_w), where the corners are the same.
+        const bool inside = in_open_box(h, w, geo.scope_h, geo.scope_w);
+        const Corners<A> p(live ? h : A(0), live ? w : A(0));  // keeps NaN out of the casts
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+            const int dy = c / 2, dx = c % 2;
+            const index_t y = p.y0 + dy, x = p.x0 + dx, s = y * geo.scope_w + x - s0;
+            const bool in_run = live && y >= 0 && y < geo.scope_h && x >= 0 && x < geo.scope_w && s >= 0 &&
+                                s < DK_SCOPE_RUN;
+            const A ly = dy ? p.lh : A(1) - p.lh, lx = dx ? p.lw : A(1) - p.lw;
+            at[c] = in_run ? (int)s * step : 0;
+            tap[c] = in_run && inside ? ly * lx : A(0);
+            d_h[c] = in_run ? (dy ? lx : -lx) : A(0);
+            d_w[c] = in_run ? (dx ? ly : -ly) : A(0);
         }
+    }
+};
+
+// One step of warp_transpose_sums: lanes WIDTH apart swap the halves of v[0, 2 * WIDTH) they
+// give away, and each keeps its other half, summed, in v[0, WIDTH).
+template <int WIDTH, int V, typename A>
+__device__ __forceinline__ void transpose_sum_step(A (&v)[V]) {
+    const bool upper = threadIdx.x & WIDTH;
+#pragma unroll
+    for (int i = 0; i < WIDTH; ++i) {
+        const A give = upper ? v[i] : v[i + WIDTH], keep = upper ? v[i + WIDTH] : v[i];
+        v[i] = keep + __shfl_xor_sync(0xffffffffu, give, WIDTH);
     }
 }
 
-// Pass 1 of the weight gradient: partial[chunk, o, c, s] = the sum over the images n of chunk
-// `chunk` (images [chunk * per, (chunk + 1) * per)), the bands and k of grad_kernels[n, o, c, k]
-// * taps[n, g, k, s]; sum_partials over the chunks gives grad_weight. One thread per (chunk,
-// o, c) for DK_SCOPE_RUN scope elements at a time: each grad_kernels value is read once per run
-// and the taps, the same for a warp's pairs of one offset group, are broadcasts. The images come
-// in chunks where the pairs are too few to fill the GPU (depthwise). (A thread per weight
-// element, reading all N * K grad_kernels values of its pair: at N=16, C=256, 32x32, groups=1
-// in fp16 on an H200, 127 us, this kernel 84 us; depthwise at 56x56, 29 and 11 us.)
+// The sums over the lanes of a converged warp of V = 16 values per lane: lane l receives the sum
+// of v[l % 16]. 16 shuffles where 16 warp_sums take 80. Fixed order, reproducible.
+template <typename A>
+__device__ __forceinline__ A warp_transpose_sums(A (&v)[16]) {
+    static_assert(WARP_SIZE == 32, "four halving steps, then one butterfly");
+    transpose_sum_step<8>(v);
+    transpose_sum_step<4>(v);
+    transpose_sum_step<2>(v);
+    transpose_sum_step<1>(v);
+    return v[0] + __shfl_xor_sync(0xffffffffu, v[0], 16);
+}
+
+// Pass 1 of the backward through global DK's resampling, both of its gradients in one pass over
+// grad_kernels (N, bands, C_out, Cg, K) (summed over the bands):
+//   weight_partial[chunk, o, c, s] = the sum over the images n of image chunk `chunk`, and over
+//     k, of grad_kernels[n, o, c, k] * (the weight of scope element s in kernel point k of
+//     (n, g));
+//   offset_partial[pair block * runs + run, n, g, k, {0, 1}] = the sum over the (o, c) pairs of
+//     that block of offset group g, and over the corners in that run of scope elements, of
+//     grad_kernels[n, o, c, k] * weight[o, c, s] * (the slope of the corner's weight).
+// sum_partials over the chunks gives grad_weight and grad_offset. One block per (offset group,
+// block of pairs, chunk of images), one thread per pair, for runs of DK_SCOPE_RUN scope elements:
+// a thread's scope values and weight-gradient sums are its own column of shared memory, the
+// corners (ScopeCorners, the block's for DK_POINT_GROUP kernel points at a time) are four
+// entries of it, and the offsets' sums over pairs are warp_transpose_sums, then the warps' in a
+// fixed order. (At N=16, C=256, 32x32, groups=1 in fp16 on an H200 this kernel takes 83 us, with
+// 24 warps per SM issuing 0.4 instructions a cycle each scheduler: latency-bound. A pass over
+// every (n, o, c, k, s) with tables of the 16 scope weights and slopes in shared memory took
+// 151 us, bound by their delivery; a warp per kernel point reading each pair's scope corners,
+// 108 us, plus a thread per pair reading the weights from global memory, 84 us, both bound by
+// L1 loads.) Dynamic shared memory: 2 * DK_SCOPE_RUN accumulators per thread, at most 256
+// threads.
 template <typename T>
-__global__ void dk_global_weight_grad(const typename acc<T>::type* __restrict__ grad_kernels,
-                                      const typename acc<T>::type* __restrict__ taps, index_t bands, index_t chunks,
-                                      DK_GEOMETRY, typename acc<T>::type* __restrict__ partial) {
+__global__ void __launch_bounds__(256, 3) dk_global_resample_grad(
+    const typename acc<T>::type* __restrict__ grad_kernels, const T* __restrict__ weight, const T* __restrict__ offset,
+    index_t bands, index_t pair_blocks, index_t image_chunks, DK_GEOMETRY,
+    typename acc<T>::type* __restrict__ offset_partial, typename acc<T>::type* __restrict__ weight_partial) {
     typedef typename acc<T>::type A;
     DK_GEO;
-    const index_t K = geo.K(), S = geo.scope(), occ = c_out * geo.cg(), per = ceil_div(batch, chunks);
-    CUDEFORM_LOOP(idx, chunks * occ) {
-        const index_t chunk = fast_div(idx, occ), oc = idx - chunk * occ;
-        const index_t g = fast_div(fast_div(oc, geo.cg()), geo.opg());
+    extern __shared__ __align__(16) unsigned char dk_shared[];
+    A* const scope = reinterpret_cast<A*>(dk_shared) + threadIdx.x;  // column: scope[e * blockDim.x]
+    A* const sums = scope + DK_SCOPE_RUN * blockDim.x;
+    __shared__ ScopeCorners<A> points[DK_POINT_GROUP];
+    __shared__ A warp_sums[256 / WARP_SIZE][WARP_SIZE];
+    const index_t K = geo.K(), S = geo.scope(), occ = c_out * geo.cg(), terms = geo.opg() * geo.cg();
+    const index_t per = ceil_div(batch, image_chunks), runs = ceil_div(S, (index_t)DK_SCOPE_RUN);
+    const index_t ngk = batch * offset_groups * K;
+    const int lane = threadIdx.x % WARP_SIZE, warp = threadIdx.x / WARP_SIZE, warps = blockDim.x / WARP_SIZE;
+    const int step = (int)blockDim.x;  // between a column's entries
+    for (index_t unit = blockIdx.x; unit < offset_groups * pair_blocks * image_chunks; unit += gridDim.x) {
+        const index_t gp = fast_div(unit, image_chunks), chunk = unit - gp * image_chunks;
+        const index_t g = fast_div(gp, pair_blocks), pair_block = gp - g * pair_blocks;
+        const index_t t = pair_block * blockDim.x + threadIdx.x;
+        const bool live = t < terms;
+        const index_t oc = g * terms + (live ? t : 0);  // the (o, c) of offset group g are contiguous
         const index_t n_end = min(batch, (chunk + 1) * per);
-        for (index_t s0 = 0; s0 < S; s0 += DK_SCOPE_RUN) {
-            A sums[DK_SCOPE_RUN];
+        for (index_t run = 0; run < runs; ++run) {
+            const index_t s0 = run * DK_SCOPE_RUN;
 #pragma unroll
-            for (int e = 0; e < DK_SCOPE_RUN; ++e) sums[e] = A(0);
+            for (int e = 0; e < DK_SCOPE_RUN; ++e) {
+                scope[e * step] = live && s0 + e < S ? to_acc(weight[oc * S + s0 + e]) : A(0);
+                sums[e * step] = A(0);
+            }
             for (index_t n = chunk * per; n < n_end; ++n) {
-                for (index_t band = 0; band < bands; ++band) {
-                    const A* gk = grad_kernels + ((n * bands + band) * occ + oc) * K;
-                    const A* tp = taps + (n * offset_groups + g) * K * S + s0;
-                    for (index_t k = 0; k < K; ++k, tp += S) {
-                        const A v = gk[k];
+                const T* off = offset + 2 * (n * offset_groups + g) * K;
+                const A* gk = grad_kernels + (n * bands * occ + oc) * K;
+                for (index_t k0 = 0; k0 < K; k0 += DK_POINT_GROUP) {
+                    const int count = (int)min((index_t)DK_POINT_GROUP, K - k0);
+                    __syncthreads();  // the previous group's readers of points and warp_sums are done
+                    if (threadIdx.x < count) {
+                        points[threadIdx.x] = ScopeCorners<A>(geo, off, (int)k0 + threadIdx.x, s0, step);
+                    }
+                    // The group's loads all in flight at once, band by band.
+                    A grads[DK_POINT_GROUP];
 #pragma unroll
-                        for (int e = 0; e < DK_SCOPE_RUN; ++e) {
-                            if (s0 + e < S) sums[e] += v * tp[e];
+                    for (int q = 0; q < DK_POINT_GROUP; ++q) grads[q] = live && q < count ? gk[k0 + q] : A(0);
+#pragma unroll 1
+                    for (index_t band = 1; band < bands; ++band) {
+#pragma unroll
+                        for (int q = 0; q < DK_POINT_GROUP; ++q) {
+                            if (live && q < count) grads[q] += gk[band * occ * K + k0 + q];
                         }
+                    }
+                    __syncthreads();
+                    // Half a group at a time: 8 points' two slopes are one warp_transpose_sums.
+#pragma unroll
+                    for (int half = 0; half < DK_POINT_GROUP; half += DK_POINT_GROUP / 2) {
+                        if (half >= count) break;
+                        A slopes[DK_POINT_GROUP];
+#pragma unroll
+                        for (int u = 0; u < DK_POINT_GROUP / 2; ++u) {
+                            const int q = half + u;
+                            A d_h = A(0), d_w = A(0);
+                            if (q < count) {
+                                const ScopeCorners<A> p = points[q];
+#pragma unroll
+                                for (int c = 0; c < 4; ++c) {
+                                    const A v = scope[p.at[c]];
+                                    d_h += p.d_h[c] * v;
+                                    d_w += p.d_w[c] * v;
+                                    sums[p.at[c]] += grads[q] * p.tap[c];
+                                }
+                            }
+                            slopes[2 * u] = grads[q] * d_h;
+                            slopes[2 * u + 1] = grads[q] * d_w;
+                        }
+                        const A total = warp_transpose_sums(slopes);
+                        if (lane < DK_POINT_GROUP) warp_sums[warp][2 * half + lane] = total;
+                    }
+                    __syncthreads();
+                    for (int i = threadIdx.x; i < 2 * count; i += blockDim.x) {
+                        A total = A(0);
+                        for (int v = 0; v < warps; ++v) total += warp_sums[v][i];
+                        const index_t b = (n * offset_groups + g) * K + k0 + i / 2;
+                        offset_partial[2 * ((pair_block * runs + run) * ngk + b) + i % 2] = total;
                     }
                 }
             }
-            A* dst = partial + (chunk * occ + oc) * S + s0;
+            if (live) {
+                A* dst = weight_partial + (chunk * occ + oc) * S + s0;
 #pragma unroll
-            for (int e = 0; e < DK_SCOPE_RUN; ++e) {
-                if (s0 + e < S) dst[e] = sums[e];
+                for (int e = 0; e < DK_SCOPE_RUN; ++e) {
+                    if (s0 + e < S) dst[e] = sums[e * step];
+                }
             }
         }
     }

@@ -24,8 +24,8 @@ from gpu_cases import CASES
 DTYPES = ("float64", "float32", "float16", "bfloat16")
 # The ops that launch dk_global_conv (global DK's direct forward, at any kernel height and at
 # the compiled height 3; the stride-1 input gradient of "dk_global_direct_3x3"), and whose
-# backwards launch plane_sums (a bias), dk_global_kernel_grad and dk_global_offset_grad (global
-# DK), dk_local_weight_grad (local DK), droi_backward (with an offset or a mask) and
+# backwards launch plane_sums (a bias), dk_resample, dk_global_kernel_grad and
+# dk_global_resample_grad (global DK), dk_local_weight_grad (local DK), droi_backward (with an offset or a mask) and
 # dpsroi_backward (warp shuffles). The accumulator (float or double) sets their shared layouts.
 SHARED = ("deform_conv2d", "dk_global_direct", "dk_global_direct_3x3", "dk_global_gemm", "dk_local", "deform_roi_pool",
           "deform_psroi_pool")

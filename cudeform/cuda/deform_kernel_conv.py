@@ -14,11 +14,9 @@ float16/bfloat16 on sm_80+ (C_in/groups a multiple of 8): an implicit GEMM on te
 kernel-point-major (both in one launch, ``dk_mma_operands``), with no columns. Otherwise, per
 chunk of images: the rigid ``dk_im2col`` and one strided-batched GEMM whose batch runs over
 (image, weight group), each with its own resampled kernels; the backward's two GEMMs and the
-gather ``dk_col2im``. Both then backpropagate through the resampling:
-``dk_global_offset_grad`` (a block per (n, offset group, chunk of (o, c) pairs), which also
-writes the resampling as a dense (K, S) table per (n, offset group)) and
-``dk_global_weight_grad`` (a thread per (o, c) pair and chunk of images), each summed over its
-chunks by ``sum_partials``.
+gather ``dk_col2im``. Both then backpropagate through the resampling in one pass over the
+kernels' gradient, ``dk_global_resample_grad`` (a thread per (o, c) pair and chunk of images),
+whose partial sums ``sum_partials`` adds up.
 
 Local DK: fused kernels that sample the scope at every output position, each thread for a chunk
 of CHUNK channels that share the position's bilinear taps; the weight gradient is reduced inside
@@ -40,7 +38,7 @@ from ._compile import ACC_DTYPES, CXX_TYPES, STORAGE_DTYPES, launch
 
 SOURCE = "deform_kernel_conv.cu"
 _KERNELS = ("dk_resample", "dk_global_input_grad", "dk_global_kernel_grad", "dk_im2col",
-            "dk_col2im", "dk_global_offset_grad", "dk_global_weight_grad", "dk_local_conv", "dk_local_input_grad",
+            "dk_col2im", "dk_global_resample_grad", "dk_local_conv", "dk_local_input_grad",
             "dk_local_offset_grad", "dk_local_weight_grad", "add_bias", *_common.COMMON_KERNELS)
 # dk_global_conv's kernel heights known when compiled (unrolled), besides any height (0).
 COMPILED_HEIGHTS = (0, 3)
@@ -68,9 +66,14 @@ DIRECT_SHARED_BYTES = 48 * 1024
 POINT_RUN = 9
 # Channels per thread of the local kernels (DK_CHUNK in the source).
 CHUNK = 8
-# Blocks to aim for when dk_global_offset_grad (a warp per kernel point) and
-# dk_global_weight_grad (BLOCK threads) cut their sums into chunks.
+# Blocks to aim for when dk_global_resample_grad cuts the images into chunks (blocks of pairs
+# are few where the pairs are: depthwise). Scope elements per thread of it (DK_SCOPE_RUN in the
+# source).
 GRAD_TARGET_BLOCKS = 1024
+SCOPE_RUN = 16
+# Its dynamic shared memory per block: within the 48 KB every block may have, beside its static
+# arrays (3.75 KB in float64).
+RESAMPLE_GRAD_SHARED_BYTES = 44 * 1024
 # dk_local_weight_grad: threads per block (its shared memory holds a column per thread) and the
 # number of blocks to aim for when splitting the positions into chunks.
 WEIGHT_GRAD_BLOCK = 128
@@ -281,8 +284,11 @@ def _resample(weight, offset, x, geo, s, dtype):
     terms = s.opg * s.cg
     block, staged, pitch, shared = _resample_launch(terms, s.S, np.dtype(ACC_DTYPES[dtype]).itemsize,
                                                     DIRECT_SHARED_BYTES)
-    launch(_kernel("dk_resample", dtype), s.n * geo.offset_groups * -(-terms // block) * block,
-           (weight, offset, staged, pitch, *_geometry_args(geo, x.shape, s.c_out, s.n), kernels),
+    # Chunks of images, each block staging its scopes once for all of them, enough for the GPU.
+    tiles = geo.offset_groups * -(-terms // block)
+    images = max(1, -(-s.n // max(1, min(s.n, -(-RESAMPLE_BLOCKS // tiles)))))
+    launch(_kernel("dk_resample", dtype), tiles * -(-s.n // images) * block,
+           (weight, offset, staged, pitch, np.int64(images), *_geometry_args(geo, x.shape, s.c_out, s.n), kernels),
            block=block, shared_mem=shared)
     return kernels
 
@@ -416,22 +422,24 @@ def _global_backward(go, x, weight, offset, geo, s, dtype, grad_input, grad_offs
             _blas.matmul(kernels[n0:n1], go[n0:n1], cols, m=s.rows, n=s.L, k=s.og, dtype=dtype, trans_a=True,
                          batch=b * geo.groups, stride_a=s.og * s.rows, stride_b=s.og * s.L, stride_c=s.rows * s.L)
             launch(col2im, b * s.c_in * s.hw, (cols, small, *chunk_args, grad_input[n0:n1]))
-    # Through the resampling, each reduction cut into chunks where its outputs are too few to
-    # fill the GPU, the chunks summed by sum_partials; one buffer serves both, in turn.
+    # Through the resampling: partial sums per block of (o, c) pairs (the offsets') and per
+    # chunk of images (the weight's), in one buffer, each summed by sum_partials.
     this = sys.modules[__name__]
-    block = _compile.WARP * min(s.K, _compile.WARP)  # a warp per kernel point
-    offset_chunks = max(1, min(-(-s.opg * s.cg // _compile.WARP),
-                               -(-GRAD_TARGET_BLOCKS // max(1, s.n * geo.offset_groups))))
-    weight_chunks = max(1, min(s.n, -(-GRAD_TARGET_BLOCKS * _compile.BLOCK // (s.c_out * s.cg))))
-    partial = cupy.empty(max(offset_chunks * grad_offset.size, weight_chunks * grad_weight.size), acc_dtype)
-    taps = cupy.empty((s.n, geo.offset_groups, s.K, s.S), acc_dtype)
-    launch(_kernel("dk_global_offset_grad", dtype), s.n * geo.offset_groups * offset_chunks * block,
-           (grad_kernels, weight, offset, np.int64(bands), np.int64(offset_chunks), *geo_args, partial, taps),
-           block=block)
-    _common.sum_partials(this, partial, offset_chunks, grad_offset, dtype)
-    launch(_kernel("dk_global_weight_grad", dtype), weight_chunks * s.c_out * s.cg,
-           (grad_kernels, taps, np.int64(bands), np.int64(weight_chunks), *geo_args, partial))
-    _common.sum_partials(this, partial, weight_chunks, grad_weight, dtype)
+    terms = s.opg * s.cg  # (o, c) pairs per offset group
+    column = 2 * SCOPE_RUN * np.dtype(acc_dtype).itemsize  # a thread's shared memory
+    block = min(_compile.BLOCK, -(-terms // _compile.WARP) * _compile.WARP,
+                RESAMPLE_GRAD_SHARED_BYTES // column // _compile.WARP * _compile.WARP)
+    pair_blocks, runs = -(-terms // block), -(-s.S // SCOPE_RUN)
+    image_chunks = max(1, min(s.n, -(-GRAD_TARGET_BLOCKS // (geo.offset_groups * pair_blocks))))
+    offset_chunks = pair_blocks * runs
+    cut = offset_chunks * grad_offset.size
+    partial = cupy.empty(cut + image_chunks * grad_weight.size, acc_dtype)
+    offset_partial, weight_partial = partial[:cut], partial[cut:]
+    launch(_kernel("dk_global_resample_grad", dtype), geo.offset_groups * pair_blocks * image_chunks * block,
+           (grad_kernels, weight, offset, np.int64(bands), np.int64(pair_blocks), np.int64(image_chunks), *geo_args,
+            offset_partial, weight_partial), block=block, shared_mem=block * column)
+    _common.sum_partials(this, offset_partial, offset_chunks, grad_offset, dtype)
+    _common.sum_partials(this, weight_partial, image_chunks, grad_weight, dtype)
 
 
 def _input_grad_chunks(s) -> tuple[int, int]:
