@@ -1134,8 +1134,9 @@ __device__ __forceinline__ A warp_transpose_sums(A (&v)[16]) {
 // a thread's scope values and weight-gradient sums are its own column of shared memory, the
 // corners (ScopeCorners, the block's for DK_POINT_GROUP kernel points at a time) are four
 // entries of it, and the offsets' sums over pairs are warp_transpose_sums, then the warps' in a
-// fixed order. (At N=16, C=256, 32x32, groups=1 in fp16 on an H200 this kernel takes 83 us, with
-// 24 warps per SM issuing 0.4 instructions a cycle each scheduler: latency-bound. A pass over
+// fixed order. (At N=16, C=256, 32x32, groups=1 in fp16 on an H200 this kernel takes 83 us at
+// three blocks per SM (80 registers), 88 us at two, when Nsight Compute counted 0.37
+// instructions issued a cycle per scheduler: latency-bound. A pass over
 // every (n, o, c, k, s) with tables of the 16 scope weights and slopes in shared memory took
 // 151 us, bound by their delivery; a warp per kernel point reading each pair's scope corners,
 // 108 us, plus a thread per pair reading the weights from global memory, 84 us, both bound by

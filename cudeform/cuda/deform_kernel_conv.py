@@ -67,12 +67,12 @@ POINT_RUN = 9
 # Channels per thread of the local kernels (DK_CHUNK in the source).
 CHUNK = 8
 # Blocks to aim for when dk_global_resample_grad cuts the images into chunks (blocks of pairs
-# are few where the pairs are: depthwise). Scope elements per thread of it (DK_SCOPE_RUN in the
-# source).
+# are few where the pairs are: depthwise).
 GRAD_TARGET_BLOCKS = 1024
-SCOPE_RUN = 16
-# Its dynamic shared memory per block: within the 48 KB every block may have, beside its static
+# Scope elements per thread of dk_global_resample_grad (DK_SCOPE_RUN in the source), and its
+# dynamic shared memory per block: within the 48 KB every block may have, beside its static
 # arrays (3.75 KB in float64).
+SCOPE_RUN = 16
 RESAMPLE_GRAD_SHARED_BYTES = 44 * 1024
 # dk_local_weight_grad: threads per block (its shared memory holds a column per thread) and the
 # number of blocks to aim for when splitting the positions into chunks.
@@ -286,7 +286,8 @@ def _resample(weight, offset, x, geo, s, dtype):
                                                     DIRECT_SHARED_BYTES)
     # Chunks of images, each block staging its scopes once for all of them, enough for the GPU.
     tiles = geo.offset_groups * -(-terms // block)
-    images = max(1, -(-s.n // max(1, min(s.n, -(-RESAMPLE_BLOCKS // tiles)))))
+    chunks = max(1, min(s.n, -(-RESAMPLE_BLOCKS // tiles)))
+    images = max(1, -(-s.n // chunks))
     launch(_kernel("dk_resample", dtype), tiles * -(-s.n // images) * block,
            (weight, offset, staged, pitch, np.int64(images), *_geometry_args(geo, x.shape, s.c_out, s.n), kernels),
            block=block, shared_mem=shared)
