@@ -226,6 +226,29 @@ __device__ __forceinline__ void walk_copy(PlaneWalk q, Load load, Store store) {
 // Global DK
 // ---------------------------------------------------------------------------------------------
 
+// The taps of kernel point k of one (image, offset group), whose offsets `off` points at, in the
+// scope: bilinear_zero in two steps, the taps once, then a sample per scope. Corner q's weight
+// and scope index, -1 where it reads the zero padding (every corner, outside the open box).
+template <typename A>
+struct ScopeTap {
+    A weight[4];
+    int at[4];
+
+    ScopeTap() = default;  // for shared arrays
+    template <typename T>
+    __device__ __forceinline__ ScopeTap(const DkGeometry& geo, const T* off, int k) {
+        A h, w;
+        geo.scope_point(k / geo.kw, k % geo.kw, off, 1, h, w);
+        const bool inside = in_open_box(h, w, geo.scope_h, geo.scope_w);
+        BilinearTaps<A>(inside ? h : A(0), inside ? w : A(0), geo.scope_h, geo.scope_w)
+            .for_corners([&](int q, index_t s, A wt, bool ok) {
+                weight[q] = wt;
+                at[q] = inside && ok ? (int)s : -1;
+            });
+    }
+};
+static_assert(sizeof(ScopeTap<float>) == 32, "TAP_BYTES in the host");
+
 // kernels[n, o, c, k]: the scope of (o, c) sampled at kernel point k moved by image n's offsets.
 // A block per (offset group, tile of blockDim.x of the group's (o, c) pairs, which are
 // contiguous, chunk of `images` images), so kernel point k's taps are the same for the whole
@@ -259,31 +282,20 @@ __global__ void dk_resample(const T* __restrict__ weight, const T* __restrict__ 
                          [&](const PlaneWalk& q, A v) { scopes[q.y * pitch + q.x] = v; });
             __syncthreads();
         }
-        const A* const planes = staged ? scopes : nullptr;
         for (index_t n = n0; n < min(batch, n0 + images); ++n) {
             T* dst = kernels + (n * c_out * geo.cg() + first) * K;
             for (int slot = threadIdx.x; slot < per * K; slot += blockDim.x) {
                 const int r0 = div32(slot, K), k = slot - r0 * K;
-                // bilinear_zero in two steps: the taps once, then a sample per scope; a corner
-                // outside the scope (or every corner, outside the open box) weighs 0 at entry 0.
-                A h, w;
-                geo.scope_point(k / kw, k % kw, offset + 2 * ((n * offset_groups + g) * K + k), 1, h, w);
-                const bool inside = in_open_box(h, w, scope_h, scope_w);
-                int at[4];
-                A wt[4];
-                BilinearTaps<A>(inside ? h : A(0), inside ? w : A(0), scope_h, scope_w)
-                    .for_corners([&](int q, index_t s, A weight_q, bool ok) {
-                        at[q] = inside && ok ? (int)s : 0;
-                        wt[q] = inside && ok ? weight_q : A(0);
-                    });
+                const ScopeTap<A> t(geo, offset + 2 * ((n * offset_groups + g) * K + k), k);
                 for (int r = r0; r < count; r += per) {
                     A v = A(0);
-                    if (staged) {
 #pragma unroll
-                        for (int q = 0; q < 4; ++q) v += wt[q] * planes[r * pitch + at[q]];
-                    } else {
-#pragma unroll
-                        for (int q = 0; q < 4; ++q) v += wt[q] * to_acc(weight[(first + r) * S + at[q]]);
+                    for (int q = 0; q < 4; ++q) {
+                        // Every load issued (a padding corner reads entry 0 and drops it): a
+                        // branch around each made this kernel 4 us slower in fp32.
+                        const int at = max(t.at[q], 0);
+                        const A x = staged ? scopes[r * pitch + at] : to_acc(weight[(first + r) * S + at]);
+                        if (t.at[q] >= 0) v += t.weight[q] * x;
                     }
                     dst[r * K + k] = from_acc<T>(v);
                 }
@@ -334,10 +346,6 @@ static_assert(NI % 2 == 0, "an ldmatrix_x4 reads the B fragments of two 8-column
 // read, an output one 16-byte store. (A thread per (n, o, k) computing its own taps
 // spent most of its instructions on them; reading the scope in place, (C_out, Cg, S), makes
 // every load a gather.)
-struct ScopeTap {
-    float weight[4];
-    int at[4];  // scope index of corner q, or -1 where it reads the zero padding
-};
 
 // Units first, first + step, ... of the (o, slice, pass) units.
 template <typename T>
@@ -345,9 +353,8 @@ __device__ __forceinline__ void resample_cl(const T* __restrict__ weight, const 
                                             int pass, const DkGeometry& geo, T* __restrict__ kernels,
                                             unsigned char* shared, index_t first, index_t step) {
     const index_t batch = geo.batch, c_out = geo.c_out, offset_groups = geo.offset_groups;
-    const int kw = geo.kw;
     const int K = (int)geo.K(), S = (int)geo.scope();
-    ScopeTap* const taps = reinterpret_cast<ScopeTap*>(shared);  // [pass][K]
+    ScopeTap<float>* const taps = reinterpret_cast<ScopeTap<float>*>(shared);  // [pass][K]
     T* const scope = reinterpret_cast<T*>(taps + pass * K);  // [S][slice]
     const index_t cg = geo.cg(), slices = (cg + slice - 1) / slice, passes = (batch + pass - 1) / pass;
     for (index_t unit = first; unit < c_out * slices * passes; unit += step) {
@@ -373,21 +380,12 @@ __device__ __forceinline__ void resample_cl(const T* __restrict__ weight, const 
         }
         for (int j = threadIdx.x; j < images * K; j += blockDim.x) {
             const int m = div32(j, K), k = j - m * K;
-            float h, w;
-            geo.scope_point(k / kw, k % kw, offset + 2 * (((n0 + m) * offset_groups + g) * K + k), 1, h, w);
-            const bool inside = in_open_box(h, w, geo.scope_h, geo.scope_w);
-            ScopeTap t;
-            BilinearTaps<float>(inside ? h : 0.0f, inside ? w : 0.0f, geo.scope_h, geo.scope_w)
-                .for_corners([&](int q, index_t at, float wt, bool ok) {
-                    t.weight[q] = wt;
-                    t.at[q] = inside && ok ? (int)at : -1;
-                });
-            taps[j] = t;
+            taps[j] = ScopeTap<float>(geo, offset + 2 * (((n0 + m) * offset_groups + g) * K + k), k);
         }
         __syncthreads();
         for (int j = threadIdx.x; j < images * K * chunks; j += blockDim.x) {
             const int mk = div32(j, chunks), c = (j - mk * chunks) * 8, m = div32(mk, K), k = mk - m * K;
-            const ScopeTap& t = taps[mk];
+            const ScopeTap<float>& t = taps[mk];
             float v[8];
 #pragma unroll
             for (int e = 0; e < 8; ++e) v[e] = 0.0f;

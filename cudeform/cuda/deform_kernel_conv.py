@@ -87,7 +87,7 @@ TENSOR_CORES = True
 MMA_THREADS = 128  # dk_mma::THREADS
 MMA_TILE = 128  # dk_mma::BM and dk_mma::BN
 MMA_SHARED_BYTES = 3 * 2 * MMA_TILE * (64 + 8) * 2  # dk_mma::SHARED_BYTES
-TAP_BYTES = 32  # sizeof(ScopeTap)
+TAP_BYTES = 32  # sizeof(ScopeTap<float>)
 RESAMPLE_BLOCKS = 1024
 # dk_mma_operands' channels-last copy: at most this many blocks (grid-stride over the 64 x 64
 # tiles beyond), each with CHANNELS_LAST_SHARED (tensor_core.cuh) bytes of shared memory.
