@@ -38,9 +38,9 @@ using namespace cudeform;
 #define DK_SPAN 8
 // Kernel points of one kernel row that dk_global_input_grad unrolls.
 #define DK_ROW_TAPS 4
-// Kernel points whose gradient a thread of dk_global_kernel_grad sums at once (DK_POINT_RUN
-// in the host: its block sums' shared memory).
-#define DK_POINT_RUN 9
+// Kernel points whose gradient a thread of dk_global_kernel_grad sums at once, one
+// warp_transpose_sums (DK_POINT_RUN in the host: its block sums' shared memory).
+#define DK_POINT_RUN 16
 // Kernel points that a thread of dk_im2col loads before it stores them.
 #define DK_IM2COL_PIECE 9
 // Channels that a thread of the local kernels handles at once (CHUNK in the host).
@@ -203,16 +203,19 @@ struct PlaneWalk {
 
 // store(q, load(q)) for each position q of a walk, DK_STAGE_LOADS loads before their stores,
 // so that as many are in flight per thread: a load and its store one after the other kept one
-// in flight, and the copies into shared memory of the kernels here were latency-bound.
-template <typename A, typename Load, typename Store>
+// in flight, and the copies into shared memory of the kernels here were latency-bound. `load`
+// returns the element as stored (V) and `store` converts it: a conversion between the loads
+// waits for its load, and serialised fp16 copies (Nsight Compute: 4x the long-scoreboard stalls
+// of fp32).
+template <typename V, typename Load, typename Store>
 __device__ __forceinline__ void walk_copy(PlaneWalk q, Load load, Store store) {
     while (q.live()) {
         PlaneWalk at[DK_STAGE_LOADS];
-        A v[DK_STAGE_LOADS];
+        V v[DK_STAGE_LOADS];
 #pragma unroll
         for (int u = 0; u < DK_STAGE_LOADS; ++u) {
             at[u] = q;
-            v[u] = q.live() ? load(q) : A(0);
+            if (q.live()) v[u] = load(q);
             q.next();
         }
 #pragma unroll
@@ -220,6 +223,30 @@ __device__ __forceinline__ void walk_copy(PlaneWalk q, Load load, Store store) {
             if (at[u].live()) store(at[u], v[u]);
         }
     }
+}
+
+// One step of warp_transpose_sums: lanes WIDTH apart swap the halves of v[0, 2 * WIDTH) they
+// give away, and each keeps its other half, summed, in v[0, WIDTH).
+template <int WIDTH, int V, typename A>
+__device__ __forceinline__ void transpose_sum_step(A (&v)[V]) {
+    const bool upper = threadIdx.x & WIDTH;
+#pragma unroll
+    for (int i = 0; i < WIDTH; ++i) {
+        const A give = upper ? v[i] : v[i + WIDTH], keep = upper ? v[i + WIDTH] : v[i];
+        v[i] = keep + __shfl_xor_sync(0xffffffffu, give, WIDTH);
+    }
+}
+
+// The sums over the lanes of a converged warp of V = 16 values per lane: lane l receives the sum
+// of v[l % 16]. 16 shuffles where 16 warp_sums take 80. Fixed order, reproducible.
+template <typename A>
+__device__ __forceinline__ A warp_transpose_sums(A (&v)[16]) {
+    static_assert(WARP_SIZE == 32, "four halving steps, then one butterfly");
+    transpose_sum_step<8>(v);
+    transpose_sum_step<4>(v);
+    transpose_sum_step<2>(v);
+    transpose_sum_step<1>(v);
+    return v[0] + __shfl_xor_sync(0xffffffffu, v[0], 16);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -277,9 +304,8 @@ __global__ void dk_resample(const T* __restrict__ weight, const T* __restrict__ 
         const int count = (int)min((index_t)blockDim.x, (g + 1) * terms - first);
         if (staged) {
             __syncthreads();  // the previous unit's threads are done with the shared memory
-            walk_copy<A>(PlaneWalk(0, count * (int)S, (int)S),
-                         [&](const PlaneWalk& q) { return to_acc(weight[first * S + q.p]); },
-                         [&](const PlaneWalk& q, A v) { scopes[q.y * pitch + q.x] = v; });
+            walk_copy<T>(PlaneWalk(0, count * (int)S, (int)S), [&](const PlaneWalk& q) { return weight[first * S + q.p]; },
+                         [&](const PlaneWalk& q, T v) { scopes[q.y * pitch + q.x] = to_acc(v); });
             __syncthreads();
         }
         for (index_t n = n0; n < min(batch, n0 + images); ++n) {
@@ -726,13 +752,14 @@ __device__ __forceinline__ void for_each_tile(const DkGeometry& geo, int tile_h,
 // coalesced, in the accumulation type.
 template <typename A, typename T>
 __device__ __forceinline__ void stage_window(const T* plane, const DirectTile& d, int H, int W, A* window) {
-    walk_copy<A>(
+    const T zero = from_acc<T>(A(0));
+    walk_copy<T>(
         PlaneWalk(0, d.win_h * d.win_w, d.win_w),
         [&](const PlaneWalk& q) {
             const int iy = d.iy0 + q.y, ix = d.ix0 + q.x;
-            return (unsigned)iy < (unsigned)H && (unsigned)ix < (unsigned)W ? to_acc(plane[iy * W + ix]) : A(0);
+            return (unsigned)iy < (unsigned)H && (unsigned)ix < (unsigned)W ? plane[iy * W + ix] : zero;
         },
-        [&](const PlaneWalk& q, A v) { window[q.p] = v; });
+        [&](const PlaneWalk& q, T v) { window[q.p] = to_acc(v); });
 }
 
 // The direct convolution, for small Cg * K (depthwise), where a GEMM would have a handful of
@@ -752,7 +779,7 @@ __device__ __forceinline__ void stage_window(const T* plane, const DirectTile& d
 // grad_output, `weight` the kernels (N, C_out, Cg, K) of dk_resample, and the geometry that of
 // the transposed convolution (channels = C_out, c_out = C_in, padding (k - 1) * dil - pad, the
 // outputs the input's H x W); `offset` and the bias are unused. (At N=16, C=256, 56x56,
-// depthwise 3x3 on an H200: fp16 83 us, fp32 74 us, where the gather dk_global_input_grad
+// depthwise 3x3 on an H200: fp16 74 us, fp32 76 us, where the gather dk_global_input_grad
 // took 242 us in both.)
 // Every output is bias + the sum over (c, j, i) in this order whatever the tiling, the border's
 // zeros included (adding 0 * k to a sum leaves it unchanged, as the CPU's columns do): one
@@ -761,7 +788,7 @@ __device__ __forceinline__ void stage_window(const T* plane, const DirectTile& d
 // this latency-bound kernel needs (fp16 0.123 -> 0.115 ms at N=16, C=256, 56x56, depthwise 3x3
 // on an H200, with the 32-bit units; no bound took 0.181 ms, 6 blocks 0.131 ms).
 // KH: the kernel's height where the host launches the instantiation compiled for it
-// (COMPILED_HEIGHTS; 3 took fp32 0.130 -> 0.109 ms there, and has no spills), else 0.
+// (COMPILED_SIZES; 3 took fp32 0.130 -> 0.109 ms there, and has no spills), else 0.
 template <typename T, int KH>
 __global__ void __launch_bounds__(256, 5) dk_global_conv(const T* __restrict__ input, const T* __restrict__ weight,
                                                       const T* __restrict__ offset, const T* __restrict__ bias,
@@ -892,17 +919,37 @@ __global__ void dk_global_input_grad(const T* __restrict__ grad_output, const T*
 
 // sums[e] += the products of a thread's DK_SPAN grad_output values g[v] (v * sh rows apart)
 // with the window's inputs under kernel point e0 + e, for the points of a run that exist.
-template <typename A, typename Window>
-__device__ __forceinline__ void point_sums(const Window& win, const A (&g)[DK_SPAN], int e0, int K, int kw, int sh,
-                                           int dh, int dw, A (&sums)[DK_POINT_RUN]) {
-    int i = div32(e0, kw), j = e0 - i * kw;
+// KS > 0: the instantiation for a KS x KS kernel at unit row stride and dilation, which the host
+// launches only with a staged window (COMPILED_SIZES): the whole kernel is one run, and a kernel
+// column's DK_SPAN + KS - 1 inputs are read into registers once for its KS points (as
+// span_dot_rows), where the general loop reads DK_SPAN inputs per point.
+template <int KS, typename A, typename Window>
+__device__ __forceinline__ void point_sums(const Window& win, const A (&g)[DK_SPAN], int e0, const DkGeometry& geo,
+                                           A (&sums)[DK_POINT_RUN]) {
+    static_assert(KS * KS <= DK_POINT_RUN, "a compiled kernel is one run");
+    if (KS > 0) {
+#pragma unroll
+        for (int j = 0; j < KS; ++j) {
+            A taps[DK_SPAN + KS - 1];
+#pragma unroll
+            for (int v = 0; v < DK_SPAN + KS - 1; ++v) taps[v] = win.at(v, j * geo.dw);
+#pragma unroll
+            for (int i = 0; i < KS; ++i) {
+#pragma unroll
+                for (int v = 0; v < DK_SPAN; ++v) sums[i * KS + j] += g[v] * taps[v + i];
+            }
+        }
+        return;
+    }
+    const int K = geo.kh * geo.kw;
+    int i = div32(e0, geo.kw), j = e0 - i * geo.kw;
 #pragma unroll
     for (int e = 0; e < DK_POINT_RUN; ++e) {
         if (e0 + e < K) {
 #pragma unroll
-            for (int v = 0; v < DK_SPAN; ++v) sums[e] += g[v] * win.at(v * sh + i * dh, j * dw);
+            for (int v = 0; v < DK_SPAN; ++v) sums[e] += g[v] * win.at(v * geo.sh + i * geo.dh, j * geo.dw);
         }
-        if (++j == kw) {
+        if (++j == geo.kw) {
             j = 0;
             ++i;
         }
@@ -914,25 +961,29 @@ __device__ __forceinline__ void point_sums(const Window& win, const A (&g)[DK_SP
 // grad_kernels[n, t, o, c, k] = the sum over tile t's outputs l of grad_output[n, o, l] *
 // input[n, c_in, rigid point of (l, k)]. One block per tile: each thread reads the grad_output
 // of its DK_SPAN outputs once; then, channel by channel, the block stages the input window (when
-// `staged`) and each thread sums its products for runs of DK_POINT_RUN kernel points, which a
-// block sum (a fixed order) ends. The dynamic shared memory holds the window alone.
-// At N=16, C=256, 56x56 depthwise 3x3 on an H200: fp16 169 us, fp32 121 us; a block per
-// (n, o, band of positions) reading the input from global memory, with bounds checks per
-// point, took 169 and 141 us. (Still latency-bound: three blocks per SM at 80 registers.)
-template <typename T>
-__global__ void __launch_bounds__(256) dk_global_kernel_grad(const T* __restrict__ grad_output,
-                                                             const T* __restrict__ input, int tile_h, int tile_w,
-                                                             int staged, int small, DK_GEOMETRY,
-                                                             typename acc<T>::type* __restrict__ grad_kernels) {
+// `staged`) and each thread sums its products for runs of DK_POINT_RUN kernel points, which
+// warp_transpose_sums, then the warps in a fixed order, end. The dynamic shared memory holds
+// the window alone.
+// At N=16, C=256, 56x56 depthwise 3x3 on an H200: fp16 92 us, fp32 84 us (KS = 3, four blocks
+// per SM at 64 registers); 119 and 84 us while walk_copy's fp16 loads waited on their
+// conversions; 169 and 121 us with that, a warp_sum per point, the general loop and three
+// blocks per SM; a block per (n, o, band of positions) reading the input from global memory,
+// with bounds checks per point, 169 and 141 us.
+template <typename T, int KS>
+__global__ void __launch_bounds__(256, 4) dk_global_kernel_grad(const T* __restrict__ grad_output,
+                                                                const T* __restrict__ input, int tile_h, int tile_w,
+                                                                int staged, int small, DK_GEOMETRY,
+                                                                typename acc<T>::type* __restrict__ grad_kernels) {
     typedef typename acc<T>::type A;
     DK_GEO;
     extern __shared__ __align__(16) unsigned char dk_shared[];
-    __shared__ A scratch[DK_POINT_RUN * WARP_SIZE];
+    __shared__ A warp_sums[256 / WARP_SIZE][DK_POINT_RUN];
     A* window = reinterpret_cast<A*>(dk_shared);
     const index_t L = geo.L(), K = geo.K(), cg = geo.cg(), hw = geo.hw();
     const int H = (int)height, W = (int)width, OW = (int)out_w;
     const index_t bands = (index_t)ceil_div((int)out_h, tile_h) * ceil_div(OW, tile_w);
     const int span = div32(threadIdx.x, tile_w), tx = (int)threadIdx.x - span * tile_w, ty = span * DK_SPAN;
+    const int lane = threadIdx.x % WARP_SIZE, warp = threadIdx.x / WARP_SIZE, warps = blockDim.x / WARP_SIZE;
     auto tile_work = [&](const DirectTile& d) {
         const bool mine = ty < d.rows && tx < d.cols;
         const T* go = grad_output + d.no * L + (index_t)(d.y0 + ty) * OW + d.x0 + tx;
@@ -943,7 +994,7 @@ __global__ void __launch_bounds__(256) dk_global_kernel_grad(const T* __restrict
         A* part = grad_kernels + (((index_t)d.n * bands + d.t) * c_out + d.o) * cg * K;
         for (index_t c = 0; c < cg; ++c) {
             const T* plane = planes + c * hw;
-            if (staged) {
+            if (KS > 0 || staged) {
                 __syncthreads();  // the previous window is read
                 stage_window(plane, d, H, W, window);
                 __syncthreads();
@@ -952,19 +1003,20 @@ __global__ void __launch_bounds__(256) dk_global_kernel_grad(const T* __restrict
                 A sums[DK_POINT_RUN];
 #pragma unroll
                 for (int e = 0; e < DK_POINT_RUN; ++e) sums[e] = A(0);
-                if (mine && staged) {
-                    point_sums(StagedWindow<A>{window + ty * sh * d.win_w + tx * sw, d.win_w}, g, e0, (int)K, kw, sh,
-                               dh, dw, sums);
+                if (mine && (KS > 0 || staged)) {
+                    point_sums<KS>(StagedWindow<A>{window + ty * sh * d.win_w + tx * sw, d.win_w}, g, e0, geo, sums);
                 } else if (mine) {
-                    point_sums(PlaneWindow<A, T>{plane, d.iy0 + ty * sh, d.ix0 + tx * sw, H, W}, g, e0, (int)K, kw,
-                               sh, dh, dw, sums);
+                    point_sums<0>(PlaneWindow<A, T>{plane, d.iy0 + ty * sh, d.ix0 + tx * sw, H, W}, g, e0, geo,
+                                  sums);
                 }
-                block_sums(sums, scratch);
-                if (threadIdx.x == 0) {
-#pragma unroll
-                    for (int e = 0; e < DK_POINT_RUN; ++e) {
-                        if (e0 + e < (int)K) part[c * K + e0 + e] = sums[e];
-                    }
+                const A total = warp_transpose_sums(sums);  // lane e: the warp's sum of point e0 + e
+                __syncthreads();  // the previous run's readers of warp_sums are done
+                if (lane < DK_POINT_RUN) warp_sums[warp][lane] = total;
+                __syncthreads();
+                if (threadIdx.x < DK_POINT_RUN && e0 + (int)threadIdx.x < (int)K) {
+                    A sum = A(0);
+                    for (int w = 0; w < warps; ++w) sum += warp_sums[w][threadIdx.x];
+                    part[c * K + e0 + threadIdx.x] = sum;
                 }
             }
         }
@@ -1094,30 +1146,6 @@ struct __align__(16) ScopeCorners {
         }
     }
 };
-
-// One step of warp_transpose_sums: lanes WIDTH apart swap the halves of v[0, 2 * WIDTH) they
-// give away, and each keeps its other half, summed, in v[0, WIDTH).
-template <int WIDTH, int V, typename A>
-__device__ __forceinline__ void transpose_sum_step(A (&v)[V]) {
-    const bool upper = threadIdx.x & WIDTH;
-#pragma unroll
-    for (int i = 0; i < WIDTH; ++i) {
-        const A give = upper ? v[i] : v[i + WIDTH], keep = upper ? v[i + WIDTH] : v[i];
-        v[i] = keep + __shfl_xor_sync(0xffffffffu, give, WIDTH);
-    }
-}
-
-// The sums over the lanes of a converged warp of V = 16 values per lane: lane l receives the sum
-// of v[l % 16]. 16 shuffles where 16 warp_sums take 80. Fixed order, reproducible.
-template <typename A>
-__device__ __forceinline__ A warp_transpose_sums(A (&v)[16]) {
-    static_assert(WARP_SIZE == 32, "four halving steps, then one butterfly");
-    transpose_sum_step<8>(v);
-    transpose_sum_step<4>(v);
-    transpose_sum_step<2>(v);
-    transpose_sum_step<1>(v);
-    return v[0] + __shfl_xor_sync(0xffffffffu, v[0], 16);
-}
 
 // Pass 1 of the backward through global DK's resampling, both of its gradients in one pass over
 // grad_kernels (N, bands, C_out, Cg, K) (summed over the bands):

@@ -65,6 +65,9 @@ EDGES = {
     # axes, and offset groups across weight groups
     "gemm_phases": dict(N=2, C_in=16, C_out=6, groups=2, G=3, kernel=(3, 3), scope=(4, 4), H=11, W=13,
                         stride=(2, 1), padding=(2, 1), dilation=(3, 2)),
+    # a 3 x 3 kernel (dk_global_kernel_grad's compiled size) at row stride 2: its general loop
+    "strided3x3": dict(N=2, C_in=4, C_out=4, groups=4, G=2, kernel=(3, 3), scope=(5, 5), H=11, W=10,
+                       stride=(2, 1), padding=1, dilation=1),
     # one pixel, one output
     "tiny": dict(N=2, C_in=3, C_out=3, groups=3, G=1, kernel=(3, 3), scope=(4, 4), H=1, W=1,
                  stride=1, padding=1, dilation=1),

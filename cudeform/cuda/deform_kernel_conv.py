@@ -37,16 +37,18 @@ from . import _blas, _common, _compile
 from ._compile import ACC_DTYPES, CXX_TYPES, STORAGE_DTYPES, launch
 
 SOURCE = "deform_kernel_conv.cu"
-_KERNELS = ("dk_resample", "dk_global_input_grad", "dk_global_kernel_grad", "dk_im2col",
+_KERNELS = ("dk_resample", "dk_global_input_grad", "dk_im2col",
             "dk_col2im", "dk_global_resample_grad", "dk_local_conv", "dk_local_input_grad",
             "dk_local_offset_grad", "dk_local_weight_grad", "add_bias", *_common.COMMON_KERNELS)
-# dk_global_conv's kernel heights known when compiled (unrolled), besides any height (0).
-COMPILED_HEIGHTS = (0, 3)
+# Kernel sizes the direct kernels are compiled for (unrolled), besides any size (0):
+# dk_global_conv's heights, dk_global_kernel_grad's square kernels.
+COMPILED_SIZES = (0, 3)
 # The tensor-core path (tensor_core.cuh's mma.sync) exists for the half types only.
 TENSOR_CORE_DTYPES = ("float16", "bfloat16")
 _TENSOR_CORE_KERNELS = ("dk_global_mma", "dk_mma_operands")
 NAME_EXPRESSIONS = ([f"{k}<{t}>" for t in CXX_TYPES.values() for k in _KERNELS]
-                    + [f"dk_global_conv<{t}, {kh}>" for t in CXX_TYPES.values() for kh in COMPILED_HEIGHTS]
+                    + [f"{k}<{t}, {size}>" for t in CXX_TYPES.values() for size in COMPILED_SIZES
+                       for k in ("dk_global_conv", "dk_global_kernel_grad")]
                     + [f"{k}<{CXX_TYPES[t]}>" for t in TENSOR_CORE_DTYPES for k in _TENSOR_CORE_KERNELS])
 
 COLUMNS_BYTES = 128 * 2**20
@@ -63,7 +65,7 @@ SPAN = 8
 # dk_global_conv's dynamic shared memory per block: what every block may have without opting in.
 DIRECT_SHARED_BYTES = 48 * 1024
 # Kernel points per block sum of dk_global_kernel_grad (DK_POINT_RUN in the source).
-POINT_RUN = 9
+POINT_RUN = 16
 # Channels per thread of the local kernels (DK_CHUNK in the source).
 CHUNK = 8
 # Blocks to aim for when dk_global_resample_grad cuts the images into chunks (blocks of pairs
@@ -299,7 +301,7 @@ def _direct_conv(x, weight, offset, bias_arg, use_bias, transposed, geo, geo_arg
     threads, block, shared, tiles = _conv_tiles(planes, geo.out_size, geo.kernel, geo.stride, geo.dilation, rows,
                                                 np.dtype(ACC_DTYPES[dtype]).itemsize, DIRECT_SHARED_BYTES,
                                                 TARGET_BLOCKS)
-    kh = geo.kernel[0] if geo.kernel[0] in COMPILED_HEIGHTS else 0
+    kh = geo.kernel[0] if geo.kernel[0] in COMPILED_SIZES else 0
     launch(_compile.function(sys.modules[__name__], f"dk_global_conv<{CXX_TYPES[dtype]}, {kh}>"), threads,
            (x, weight, offset, bias_arg, use_bias, np.int32(transposed), *tiles,
             np.int32(_small_units(threads // block)), *geo_args, out), block=block, shared_mem=shared)
@@ -321,12 +323,17 @@ def _direct_kernel_grad(go, x, geo, geo_args, s, dtype):
 
     acc_bytes = np.dtype(ACC_DTYPES[dtype]).itemsize
     planes = s.n * s.c_out
-    budget = DIRECT_SHARED_BYTES - POINT_RUN * _compile.WARP * acc_bytes  # beside the block sums
+    budget = DIRECT_SHARED_BYTES - _compile.BLOCK // _compile.WARP * POINT_RUN * acc_bytes  # beside the warps' sums
     threads, block, shared, tiles = _conv_tiles(max(planes, 1), geo.out_size, geo.kernel, geo.stride, geo.dilation,
                                                 0, acc_bytes, budget, TARGET_BLOCKS)
     bands = threads // block // max(planes, 1)
     grad_kernels = cupy.empty((s.n, bands, s.c_out, s.rows), ACC_DTYPES[dtype])
-    launch(_kernel("dk_global_kernel_grad", dtype), threads,
+    # A compiled size only with its assumptions: a square kernel, unit row stride and dilation, a
+    # staged window.
+    kh, kw = geo.kernel
+    square = kh == kw and geo.stride[0] == 1 and geo.dilation[0] == 1 and tiles[2]
+    size = kh if square and kh in COMPILED_SIZES else 0
+    launch(_compile.function(sys.modules[__name__], f"dk_global_kernel_grad<{CXX_TYPES[dtype]}, {size}>"), threads,
            (go, x, *tiles, np.int32(_small_units(threads // block)), *geo_args, grad_kernels), block=block,
            shared_mem=shared)
     return grad_kernels, bands
