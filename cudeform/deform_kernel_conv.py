@@ -137,7 +137,7 @@ def deform_kernel_conv2d(input, weight, kernel_offset, bias=None, *, kernel_size
 
     - global DK: the resampled kernels, ``N * C_out * (C_in/groups) * kh*kw`` elements, plus
       rigid columns (``C_in*kh*kw*H_out*W_out`` elements per image) for as many images as fit
-      in 32 MiB on the CPU, 128 MiB on the GPU (at least one image). On the GPU, when
+      in 32 MiB on the CPU, 192 MiB on the GPU (at least one image). On the GPU, when
       ``(C_in/groups)*kh*kw <= 64`` (depthwise and the like) and the planes have fewer than
       2**30 positions, the convolution is direct and needs nothing: each block samples the
       kernel of its (image, output channel) into shared memory. Otherwise, in float16 and

@@ -1,5 +1,6 @@
-"""Host side of the reductions at the end of kernels/common.cuh, which every op module's
-source compiles (each module lists COMMON_KERNELS among its NAME_EXPRESSIONS)."""
+"""Host pieces the op modules share: the reductions at the end of kernels/common.cuh, which every
+op module's source compiles (each module lists COMMON_KERNELS among its NAME_EXPRESSIONS), and
+the chunks of images of the columns paths."""
 
 from __future__ import annotations
 
@@ -10,6 +11,16 @@ from . import _compile
 from ._compile import ACC_DTYPES, launch
 
 COMMON_KERNELS = ("plane_sums", "sum_partials")
+
+
+def image_chunks(n_images: int, bytes_per_image: int, budget: int) -> tuple[int, list]:
+    """(step, [(n0, n1), ...]): the fewest chunks of images whose columns fit in `budget` bytes
+    (at least one image each), of equal size but the last: 16 images that fit 14 at a time go as
+    8 + 8, since a GEMM over 2 images uses the GPU poorly."""
+    most = max(1, min(n_images, budget // max(1, bytes_per_image)))
+    count = -(-n_images // most) if n_images else 1
+    step = max(1, -(-n_images // count))
+    return step, [(n0, min(n_images, n0 + step)) for n0 in range(0, n_images, step)]
 
 
 def sum_partials(op_module, partial, chunks: int, out, dtype: str) -> None:

@@ -52,16 +52,6 @@ def _kernel(name: str, dtype: str):
     return _compile.typed(sys.modules[__name__], name, dtype)
 
 
-def _chunk(n_images: int, bytes_per_image: int) -> tuple[int, list]:
-    """The fewest chunks of images whose columns fit in COLUMNS_BYTES (at least one image
-    each), of equal size but the last: 16 images that fit 14 at a time go as 8 + 8, since a
-    GEMM over 2 images uses the GPU poorly."""
-    most = max(1, min(n_images, COLUMNS_BYTES // max(1, bytes_per_image)))
-    count = -(-n_images // most) if n_images else 1
-    step = max(1, -(-n_images // count))
-    return step, [(n0, min(n_images, n0 + step)) for n0 in range(0, n_images, step)]
-
-
 @functools.lru_cache(maxsize=1024)
 def _geometry_args(geo, shape, images, n0):
     """The DCN_GEOMETRY kernel arguments of a chunk (cached: building NumPy scalars costs more
@@ -108,7 +98,8 @@ def _forward_plan(geo, shape, c_out, dtype) -> _ForwardPlan:
     # Direct: one weight group and aligned rows, so each image's GEMM writes its output block.
     direct = g == 1 and L % PITCH == 0
     pitch = -(-L // PITCH) * PITCH
-    step, chunks = _chunk(n, c_in * K * pitch * np.dtype(STORAGE_DTYPES[dtype]).itemsize)
+    step, chunks = _common.image_chunks(n, c_in * K * pitch * np.dtype(STORAGE_DTYPES[dtype]).itemsize,
+                                        COLUMNS_BYTES)
     size = c_in * K * step * pitch  # a multiple of PITCH: the GEMM buffer after it stays aligned
     run = _run(geo, c_in, dtype)
     plans = []
@@ -181,7 +172,7 @@ def backward(grad_output, input, offset, weight, bias, mask, *, geo, dtype, bord
     grad_offset = _arrays.empty(offset.shape, dtype)
     grad_mask = _arrays.empty(mask.shape, dtype) if use_mask else None
     grad_weight_acc = cupy.zeros(weight.shape, acc_dtype)
-    step, chunks = _chunk(n, c_in * K * L * x.itemsize)
+    step, chunks = _common.image_chunks(n, c_in * K * L * x.itemsize, COLUMNS_BYTES)
     cols = cupy.empty(c_in * K * step * L, storage) if n else None
     go_buffer = cupy.empty(c_out * step * L, storage) if step > 1 else None
     plane = c_in * height * width
