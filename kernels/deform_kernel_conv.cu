@@ -41,8 +41,10 @@ using namespace cudeform;
 // Kernel points whose gradient a thread of dk_global_kernel_grad sums at once, one
 // warp_transpose_sums (DK_POINT_RUN in the host: its block sums' shared memory).
 #define DK_POINT_RUN 16
-// Kernel points that a thread of dk_im2col loads before it stores them.
+// Kernel points whose loads dk_col2im's per-pixel sums issue at once, and the outputs of a row
+// (dk_im2col) or pixels (dk_col2im) a thread takes (IM2COL_RUN in the host).
 #define DK_IM2COL_PIECE 9
+#define DK_IM2COL_RUN 4
 // Channels that a thread of the local kernels handles at once (CHUNK in the host).
 #define DK_CHUNK 8
 // Loads in flight per thread while a block copies into shared memory (walk_copy).
@@ -127,27 +129,17 @@ struct DkGeometry {
     }
 
     // The output row whose kernel row i reads input row iy; false when there is none (stride).
-    // I: the in-plane coordinates' type (int where every one fits, index_t otherwise). UNIT: the
-    // caller knows the stride is 1, so no division is compiled (the compiler computed the
-    // quotient for every point even where `stride == 1` skipped it, 20 instructions each).
-    template <bool UNIT = false, typename I>
+    // I: the in-plane coordinates' type (int where every one fits, index_t otherwise).
+    template <typename I>
     __device__ __forceinline__ bool out_row(I iy, int i, I& y) const {
         const I t = iy + ph - (I)i * dh;
-        if (UNIT) {
-            y = t;
-            return t >= 0 && t < (I)out_h;
-        }
         if (t < 0) return false;
         y = sh == 1 ? t : quotient(t, (I)sh);
         return y * sh == t && y < (I)out_h;
     }
-    template <bool UNIT = false, typename I>
+    template <typename I>
     __device__ __forceinline__ bool out_col(I ix, int j, I& x) const {
         const I t = ix + pw - (I)j * dw;
-        if (UNIT) {
-            x = t;
-            return t >= 0 && t < (I)out_w;
-        }
         if (t < 0) return false;
         x = sw == 1 ? t : quotient(t, (I)sw);
         return x * sw == t && x < (I)out_w;
@@ -314,8 +306,9 @@ __global__ void dk_resample(const T* __restrict__ weight, const T* __restrict__ 
         const int count = (int)min((index_t)blockDim.x, (g + 1) * terms - first);
         if (staged) {
             __syncthreads();  // the previous unit's threads are done with the shared memory
-            walk_copy<T>(PlaneWalk(0, count * (int)S, (int)S), [&](const PlaneWalk& q) { return weight[first * S + q.p]; },
-                         [&](const PlaneWalk& q, T v) { scopes[q.y * pitch + q.x] = to_acc(v); });
+            walk_copy<T>(
+                PlaneWalk(0, count * (int)S, (int)S), [&](const PlaneWalk& q) { return weight[first * S + q.p]; },
+                [&](const PlaneWalk& q, T v) { scopes[q.y * pitch + q.x] = to_acc(v); });
             __syncthreads();
         }
         for (index_t n = n0; n < min(batch, n0 + images); ++n) {
@@ -1034,64 +1027,80 @@ __global__ void __launch_bounds__(256, 4) dk_global_kernel_grad(const T* __restr
     for_each_tile(geo, tile_h, tile_w, small, tile_work);
 }
 
-// One dk_im2col position: K points of the plane at rows iy0 + i * dh, columns ix0 + j * dw (zero
-// outside), loaded DK_IM2COL_PIECE at a time before any is stored, to col[k * L]. I: the
+// v[0, count) stored at dst: as one vector where the run is whole and dst aligned to its size
+// (scalar stores of fp32 runs, four to a warp's sectors, had made dk_im2col 1.5x slower).
+template <typename T>
+struct alignas(sizeof(T) * DK_IM2COL_RUN) ImRun {
+    T v[DK_IM2COL_RUN];
+};
+
+template <typename T>
+__device__ __forceinline__ void store_run(T* dst, const ImRun<T>& run, int count) {
+    if (count == DK_IM2COL_RUN && reinterpret_cast<size_t>(dst) % sizeof(ImRun<T>) == 0) {
+        *reinterpret_cast<ImRun<T>*>(dst) = run;
+        return;
+    }
+#pragma unroll
+    for (int u = 0; u < DK_IM2COL_RUN; ++u) {
+        if (u < count) dst[u] = run.v[u];
+    }
+}
+
+// dk_im2col for `count` <= DK_IM2COL_RUN outputs of one row, DK_IM2COL_RUN columns apart in
+// the plane: kernel point k of output u reads row iy0 + i * dh, column ix0 + u * sw + j * dw
+// (zero outside), stored to col[k * L + u]. A point's loads are issued before its stores. I: the
 // in-plane coordinates' type.
 template <typename I, typename T>
-__device__ __forceinline__ void im2col_position(const T* plane, I iy0, I ix0, const DkGeometry& geo, index_t L,
-                                                T zero, T* col) {
+__device__ __forceinline__ void im2col_run(const T* plane, I iy0, I ix0, int count, const DkGeometry& geo,
+                                           index_t L, T zero, T* col) {
     const I H = (I)geo.height, W = (I)geo.width;
-    const int K = geo.kh * geo.kw;
-    for (int k0 = 0; k0 < K; k0 += DK_IM2COL_PIECE) {
-        int i = k0 / geo.kw, j = k0 - i * geo.kw;
-        T v[DK_IM2COL_PIECE];
+    for (int i = 0; i < geo.kh; ++i) {
+        const I iy = iy0 + (I)i * geo.dh;
+        const bool row_inside = iy >= 0 && iy < H;
+        const T* row = plane + (row_inside ? iy : 0) * W;
+        for (int j = 0; j < geo.kw; ++j, col += L) {
+            const I ix = ix0 + (I)j * geo.dw;
+            ImRun<T> run;
 #pragma unroll
-        for (int t = 0; t < DK_IM2COL_PIECE; ++t) {
-            const I iy = iy0 + (I)i * geo.dh, ix = ix0 + (I)j * geo.dw;
-            const bool inside = k0 + t < K && iy >= 0 && iy < H && ix >= 0 && ix < W;
-            v[t] = inside ? plane[iy * W + ix] : zero;
-            if (++j == geo.kw) {
-                j = 0;
-                ++i;
+            for (int u = 0; u < DK_IM2COL_RUN; ++u) {
+                const I x = ix + (I)u * geo.sw;
+                run.v[u] = row_inside && x >= 0 && x < W ? row[x] : zero;
             }
-        }
-#pragma unroll
-        for (int t = 0; t < DK_IM2COL_PIECE; ++t, col += L) {
-            if (k0 + t < K) *col = v[t];
+            store_run(col, run, count);
         }
     }
 }
 
 // Columns of the rigid grid for `batch` images: cols[n, c * K + k, l], zero padding. One thread
-// per (image, channel, position), so a warp writes contiguous stretches of a row; in-plane
-// coordinates in 32 bits when every one fits (`small`), as 64-bit arithmetic was most of this
-// light kernel's instructions. One load after another, each waiting for the store before it,
-// in 64 bits, took 116 us at N=16, C=256, 32x32, 3x3 in fp16 on an H200; loads by pieces of a
-// kernel row 102 us, and of the whole kernel 105 us; this kernel 82 us (88 us in fp32).
+// per (image, channel, output row, run of DK_IM2COL_RUN outputs of the row), so the index
+// arithmetic is shared by a run and a warp writes contiguous stretches of a row; in-plane
+// coordinates in 32 bits when every one fits (`small`). At N=16, C=256, 32x32, 3x3 on an H200:
+// fp16 35 us, fp32 45 us; a thread per output took 82 and 88 us, issuing 54 instructions per
+// point (Nsight Compute: 0.77 instructions a cycle per scheduler, bound by them).
 template <typename T>
 __global__ void dk_im2col(const T* __restrict__ input, int small, DK_GEOMETRY, T* __restrict__ cols) {
     typedef typename acc<T>::type A;
     DK_GEO;
-    const index_t L = geo.L(), K = geo.K(), hw = geo.hw();
+    const index_t L = geo.L(), K = geo.K(), hw = geo.hw(), runs = ceil_div(out_w, (index_t)DK_IM2COL_RUN);
     const T zero = from_acc<T>(A(0));
-    CUDEFORM_LOOP(idx, batch * channels * L) {
-        const index_t nc = fast_div(idx, L), l = idx - nc * L;
-        const index_t y = fast_div(l, out_w), x = l - y * out_w;
+    CUDEFORM_LOOP(idx, batch * channels * out_h * runs) {
+        const index_t row = fast_div(idx, runs), nc = fast_div(row, out_h);
+        const index_t y = row - nc * out_h, x = (idx - row * runs) * DK_IM2COL_RUN;
+        const int count = (int)min((index_t)DK_IM2COL_RUN, out_w - x);
         const T* plane = input + nc * hw;
-        T* col = cols + nc * K * L + l;
+        T* col = cols + nc * K * L + y * out_w + x;
         if (small) {
-            im2col_position<int>(plane, (int)y * sh - ph, (int)x * sw - pw, geo, L, zero, col);
+            im2col_run<int>(plane, (int)y * sh - ph, (int)x * sw - pw, count, geo, L, zero, col);
         } else {
-            im2col_position<index_t>(plane, geo.in_row(y, 0), geo.in_col(x, 0), geo, L, zero, col);
+            im2col_run<index_t>(plane, geo.in_row(y, 0), geo.in_col(x, 0), count, geo, L, zero, col);
         }
     }
 }
 
 // The sum, in a fixed order, of the column gradients that input pixel (iy, ix) of a plane fed,
 // whose columns start at `col`: DK_IM2COL_PIECE kernel points' loads issued (zero where the
-// point reaches no output) before any is added. I: the in-plane coordinates' type; UNIT: unit
-// stride (DkGeometry::out_row).
-template <bool UNIT, typename A, typename I, typename T>
+// point reaches no output) before any is added. I: the in-plane coordinates' type.
+template <typename A, typename I, typename T>
 __device__ __forceinline__ A col2im_sum(const T* col, I iy, I ix, const DkGeometry& geo, index_t L, T zero) {
     const int K = geo.kh * geo.kw;
     A sum = A(0);
@@ -1102,7 +1111,7 @@ __device__ __forceinline__ A col2im_sum(const T* col, I iy, I ix, const DkGeomet
 #pragma unroll
         for (int t = 0; t < DK_IM2COL_PIECE; ++t, row += L) {
             I y = 0, x = 0;
-            const bool hit = k0 + t < K && geo.out_row<UNIT>(iy, i, y) && geo.out_col<UNIT>(ix, j, x);
+            const bool hit = k0 + t < K && geo.out_row(iy, i, y) && geo.out_col(ix, j, x);
             v[t] = hit ? row[y * (I)geo.out_w + x] : zero;
             if (++j == geo.kw) {
                 j = 0;
@@ -1115,31 +1124,67 @@ __device__ __forceinline__ A col2im_sum(const T* col, I iy, I ix, const DkGeomet
     return sum;
 }
 
-// The input gradient from the columns' gradient: a gather, one thread per input element, in
-// 32-bit in-plane arithmetic when every coordinate fits (`small`), the unit stride compiled
-// apart. At N=16, C=256, 32x32, 3x3 in fp16 on an H200: 88 us; 113 us with a division per
+// col2im_sum for DK_IM2COL_RUN pixels of one row, (iy, ix + u), at unit stride in 32-bit
+// coordinates: a kernel point's row check and address are shared by the run, whose loads are
+// contiguous. The same sums in the same order as col2im_sum's.
+template <typename A, typename T>
+__device__ __forceinline__ void col2im_run(const T* col, int iy, int ix, const DkGeometry& geo, index_t L, T zero,
+                                           A (&sum)[DK_IM2COL_RUN]) {
+    const int OH = (int)geo.out_h, OW = (int)geo.out_w;
+    for (int i = 0; i < geo.kh; ++i, col += geo.kw * L) {
+        const int y = iy + geo.ph - i * geo.dh;
+        if (y < 0 || y >= OH) continue;
+        const T* row = col + y * OW;
+        for (int j = 0; j < geo.kw; ++j) {
+            const int x0 = ix + geo.pw - j * geo.dw;
+            T v[DK_IM2COL_RUN];
+#pragma unroll
+            for (int u = 0; u < DK_IM2COL_RUN; ++u) {
+                const int x = x0 + u;
+                v[u] = x >= 0 && x < OW ? row[j * L + x] : zero;
+            }
+#pragma unroll
+            for (int u = 0; u < DK_IM2COL_RUN; ++u) sum[u] += to_acc(v[u]);
+        }
+    }
+}
+
+// The input gradient from the columns' gradient: a gather, one thread per (image, channel, row,
+// run of DK_IM2COL_RUN pixels of the row). At unit stride with 32-bit in-plane coordinates
+// (`small`) the run shares its index arithmetic (col2im_run), else each pixel is col2im_sum's.
+// At N=16, C=256, 32x32, 3x3 on an H200: fp16 47 us, fp32 56 us. A thread per pixel took (fp16)
+// 88 us with unit stride compiled apart, 113 us where the compiler computed a division per
 // point and axis whatever the stride, 133 us with each load waiting for the one before, 231 us
 // all in 64 bits.
 template <typename T>
 __global__ void dk_col2im(const T* __restrict__ cols, int small, DK_GEOMETRY, T* __restrict__ grad_input) {
     typedef typename acc<T>::type A;
     DK_GEO;
-    const index_t L = geo.L(), K = geo.K(), hw = geo.hw();
+    const index_t L = geo.L(), K = geo.K(), hw = geo.hw(), runs = ceil_div(width, (index_t)DK_IM2COL_RUN);
     const T zero = from_acc<T>(A(0));
     const bool unit = sh == 1 && sw == 1;
-    CUDEFORM_LOOP(idx, batch * channels * hw) {
-        const index_t nc = fast_div(idx, hw), p = idx - nc * hw;
-        const index_t iy = fast_div(p, width), ix = p - iy * width;
+    CUDEFORM_LOOP(idx, batch * channels * height * runs) {
+        const index_t row = fast_div(idx, runs), nc = fast_div(row, height);
+        const index_t iy = row - nc * height, ix = (idx - row * runs) * DK_IM2COL_RUN;
+        const int count = (int)min((index_t)DK_IM2COL_RUN, width - ix);
         const T* col = cols + nc * K * L;
-        A sum;
+        A sum[DK_IM2COL_RUN];
         if (small && unit) {
-            sum = col2im_sum<true, A>(col, (int)iy, (int)ix, geo, L, zero);
-        } else if (small) {
-            sum = col2im_sum<false, A>(col, (int)iy, (int)ix, geo, L, zero);
+#pragma unroll
+            for (int u = 0; u < DK_IM2COL_RUN; ++u) sum[u] = A(0);
+            col2im_run(col, (int)iy, (int)ix, geo, L, zero, sum);
         } else {
-            sum = col2im_sum<false, A>(col, iy, ix, geo, L, zero);
+#pragma unroll
+            for (int u = 0; u < DK_IM2COL_RUN; ++u) {
+                if (u >= count) break;
+                sum[u] = small ? col2im_sum<A>(col, (int)iy, (int)ix + u, geo, L, zero)
+                               : col2im_sum<A>(col, iy, ix + u, geo, L, zero);
+            }
         }
-        grad_input[idx] = from_acc<T>(sum);
+        ImRun<T> run;
+#pragma unroll
+        for (int u = 0; u < DK_IM2COL_RUN; ++u) run.v[u] = from_acc<T>(sum[u]);
+        store_run(grad_input + nc * hw + iy * width + ix, run, count);
     }
 }
 

@@ -68,6 +68,8 @@ TARGET_BLOCKS = 2048
 SPAN = 8
 # dk_global_conv's dynamic shared memory per block: what every block may have without opting in.
 DIRECT_SHARED_BYTES = 48 * 1024
+# Outputs of a row (dk_im2col) or pixels (dk_col2im) per thread (DK_IM2COL_RUN in the source).
+IM2COL_RUN = 4
 # Kernel points per block sum of dk_global_kernel_grad (DK_POINT_RUN in the source).
 POINT_RUN = 16
 # Channels per thread of the local kernels (DK_CHUNK in the source).
@@ -373,7 +375,8 @@ def forward(input, weight, kernel_offset, bias, *, geo, dtype):
     im2col, small = _kernel("dk_im2col", dtype), np.int32(_small_planes(s, geo))
     for n0, n1 in chunks:
         b = n1 - n0
-        launch(im2col, b * s.c_in * s.L, (x[n0:n1], small, *_geometry_args(geo, x.shape, s.c_out, b), cols))
+        launch(im2col, b * s.c_in * geo.out_size[0] * -(-geo.out_size[1] // IM2COL_RUN),
+               (x[n0:n1], small, *_geometry_args(geo, x.shape, s.c_out, b), cols))
         # One product per (image, weight group): its resampled kernels times its columns.
         _blas.matmul(kernels[n0:n1], cols, out[n0:n1], m=s.og, n=s.L, k=s.rows, dtype=dtype, batch=b * geo.groups,
                      stride_a=s.og * s.rows, stride_b=s.rows * s.L, stride_c=s.og * s.L)
@@ -425,14 +428,15 @@ def _global_backward(go, x, weight, offset, geo, s, dtype, grad_input, grad_offs
         for n0, n1 in chunks:
             b = n1 - n0
             chunk_args = _geometry_args(geo, x.shape, s.c_out, b)
-            launch(im2col, b * s.c_in * s.L, (x[n0:n1], small, *chunk_args, cols))
+            launch(im2col, b * s.c_in * geo.out_size[0] * -(-geo.out_size[1] // IM2COL_RUN),
+                   (x[n0:n1], small, *chunk_args, cols))
             _blas.matmul(go[n0:n1], cols, grad_kernels[n0:n1], m=s.og, n=s.rows, k=s.L, dtype=dtype,
                          c_dtype=np.dtype(acc_dtype).name, trans_b=True, batch=b * geo.groups,
                          stride_a=s.og * s.L, stride_b=s.rows * s.L, stride_c=s.og * s.rows)
             # The columns' gradient, kernels^T @ grad_output, into the same buffer.
             _blas.matmul(kernels[n0:n1], go[n0:n1], cols, m=s.rows, n=s.L, k=s.og, dtype=dtype, trans_a=True,
                          batch=b * geo.groups, stride_a=s.og * s.rows, stride_b=s.og * s.L, stride_c=s.rows * s.L)
-            launch(col2im, b * s.c_in * s.hw, (cols, small, *chunk_args, grad_input[n0:n1]))
+            launch(col2im, b * s.c_in * s.h * -(-s.w // IM2COL_RUN), (cols, small, *chunk_args, grad_input[n0:n1]))
     # Through the resampling: partial sums per block of (o, c) pairs (the offsets') and per
     # chunk of images (the weight's), in one buffer, each summed by sum_partials.
     this = sys.modules[__name__]
