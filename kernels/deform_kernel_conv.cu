@@ -1169,9 +1169,9 @@ __global__ void dk_col2im(const T* __restrict__ cols, int small, DK_GEOMETRY, T*
         const int count = (int)min((index_t)DK_IM2COL_RUN, width - ix);
         const T* col = cols + nc * K * L;
         A sum[DK_IM2COL_RUN];
-        if (small && unit) {
 #pragma unroll
-            for (int u = 0; u < DK_IM2COL_RUN; ++u) sum[u] = A(0);
+        for (int u = 0; u < DK_IM2COL_RUN; ++u) sum[u] = A(0);
+        if (small && unit) {
             col2im_run(col, (int)iy, (int)ix, geo, L, zero, sum);
         } else {
 #pragma unroll

@@ -328,7 +328,7 @@ def _direct_kernel_grad(go, x, geo, geo_args, s, dtype):
 
     acc_bytes = np.dtype(ACC_DTYPES[dtype]).itemsize
     planes = s.n * s.c_out
-    budget = DIRECT_SHARED_BYTES - _compile.BLOCK // _compile.WARP * POINT_RUN * acc_bytes  # beside the warps' sums
+    budget = DIRECT_SHARED_BYTES - _compile.BLOCK // _compile.WARP * POINT_RUN * acc_bytes  # beside warp sums
     threads, block, shared, tiles = _conv_tiles(max(planes, 1), geo.out_size, geo.kernel, geo.stride, geo.dilation,
                                                 0, acc_bytes, budget, TARGET_BLOCKS)
     bands = threads // block // max(planes, 1)
