@@ -987,6 +987,9 @@ __global__ void __launch_bounds__(256, 4) dk_global_kernel_grad(const T* __restr
     const index_t bands = (index_t)ceil_div((int)out_h, tile_h) * ceil_div(OW, tile_w);
     const int span = div32(threadIdx.x, tile_w), tx = (int)threadIdx.x - span * tile_w, ty = span * DK_SPAN;
     const int lane = threadIdx.x % WARP_SIZE, warp = threadIdx.x / WARP_SIZE, warps = blockDim.x / WARP_SIZE;
+    // The host launches KS > 0 only with a staged window: known when compiled, so that
+    // instantiation has no plane path.
+    const bool stage = KS > 0 || staged;
     auto tile_work = [&](const DirectTile& d) {
         const bool mine = ty < d.rows && tx < d.cols;
         const T* go = grad_output + d.no * L + (index_t)(d.y0 + ty) * OW + d.x0 + tx;
@@ -997,7 +1000,7 @@ __global__ void __launch_bounds__(256, 4) dk_global_kernel_grad(const T* __restr
         A* part = grad_kernels + (((index_t)d.n * bands + d.t) * c_out + d.o) * cg * K;
         for (index_t c = 0; c < cg; ++c) {
             const T* plane = planes + c * hw;
-            if (KS > 0 || staged) {
+            if (stage) {
                 __syncthreads();  // the previous window is read
                 stage_window(plane, d, H, W, window);
                 __syncthreads();
@@ -1006,7 +1009,7 @@ __global__ void __launch_bounds__(256, 4) dk_global_kernel_grad(const T* __restr
                 A sums[DK_POINT_RUN];
 #pragma unroll
                 for (int e = 0; e < DK_POINT_RUN; ++e) sums[e] = A(0);
-                if (mine && (KS > 0 || staged)) {
+                if (mine && stage) {
                     point_sums<KS>(StagedWindow<A>{window + ty * sh * d.win_w + tx * sw, d.win_w}, g, e0, geo, sums);
                 } else if (mine) {
                     point_sums<0>(PlaneWindow<A, T>{plane, d.iy0 + ty * sh, d.ix0 + tx * sw, H, W}, g, e0, geo,
@@ -1046,8 +1049,8 @@ __device__ __forceinline__ void store_run(T* dst, const ImRun<T>& run, int count
     }
 }
 
-// dk_im2col for `count` <= DK_IM2COL_RUN outputs of one row, DK_IM2COL_RUN columns apart in
-// the plane: kernel point k of output u reads row iy0 + i * dh, column ix0 + u * sw + j * dw
+// dk_im2col for `count` <= DK_IM2COL_RUN consecutive outputs of one row (sw columns apart in
+// the plane): kernel point k of output u reads row iy0 + i * dh, column ix0 + u * sw + j * dw
 // (zero outside), stored to col[k * L + u]. A point's loads are issued before its stores. I: the
 // in-plane coordinates' type.
 template <typename I, typename T>
