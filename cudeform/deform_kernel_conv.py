@@ -181,9 +181,11 @@ def deform_kernel_conv2d_backward(grad_output, input, weight, kernel_offset, bia
     window does not fit in shared memory), the columns of the forward (two buffers on the CPU;
     on the GPU only off the direct path) and on the GPU partial sums of the offset and weight
     gradients (at most ``ceil(C_out/G * C_in/groups / 160) * ceil(S_h*S_w / 16) * N * G * 2 *
-    kh*kw`` and fewer than ``(262144 + C_out * C_in/groups) * S_h*S_w`` elements); local DK, on the GPU, per-block partial sums of the weight gradient (fewer than
-    ``(4096 + C_out * C_in/groups) * S_h*S_w`` elements), nothing on the CPU. A bias adds
-    ``N * C_out`` partial sums on the GPU.
+    kh*kw`` and fewer than ``(262144 + C_out * C_in/groups) * S_h*S_w`` elements; where the
+    forward runs on tensor cores, instead ``G * ceil(C_out/G * C_in/groups / 256) * N * kh*kw
+    * S_h*S_w`` floats); local DK, on the GPU, per-block partial sums of the weight gradient
+    (fewer than ``(4096 + C_out * C_in/groups) * S_h*S_w`` elements), nothing on the CPU. A
+    bias adds ``N * C_out`` partial sums on the GPU.
     """
     op = "deform_kernel_conv2d_backward"
     check.boolean(op, "deterministic", deterministic)

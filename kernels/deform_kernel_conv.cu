@@ -12,7 +12,8 @@
 // too; otherwise the half types' forward is dk_global_mma, an implicit GEMM on tensor cores, and
 // elsewhere dk_resample stores the kernels and the host multiplies them with dk_im2col's
 // columns (cuBLAS). The backward goes through the resampled kernels' gradient,
-// (N, bands, C_out, Cg, K).
+// (N, bands, C_out, Cg, K), or (N, C_out, K, Cg) for the shapes of dk_global_mma, whose
+// backward's columns are kernel-point-major (ColumnRows).
 // Local DK: fused kernels that sample the scope at every output position, each thread for a
 // chunk of channels that share the position's scope taps; nothing per position is stored.
 //
@@ -1049,19 +1050,40 @@ __device__ __forceinline__ void store_run(T* dst, const ImRun<T>& run, int count
     }
 }
 
+// The rows of the columns (each L long) that hold (image, channel) nc's kernel points: kernel
+// point k's is first + k * step. dk_im2col's own order is (image, channel, kernel point); with
+// `point_major` it is that of the kernel-point-major kernels of dk_mma_operands, (image, weight
+// group, kernel point, channel of the group), whose products with the columns are then
+// kernel-point-major too.
+struct ColumnRows {
+    index_t first, step;
+
+    __device__ __forceinline__ ColumnRows(const DkGeometry& geo, index_t nc, int point_major) {
+        const index_t K = geo.K(), cg = geo.cg();
+        if (point_major) {
+            const index_t ng = fast_div(nc, cg);
+            first = ng * K * cg + nc - ng * cg;
+            step = cg;
+        } else {
+            first = nc * K;
+            step = 1;
+        }
+    }
+};
+
 // dk_im2col for `count` <= DK_IM2COL_RUN consecutive outputs of one row (sw columns apart in
 // the plane): kernel point k of output u reads row iy0 + i * dh, column ix0 + u * sw + j * dw
 // (zero outside), stored to col[k * L + u]. A point's loads are issued before its stores. I: the
 // in-plane coordinates' type.
 template <typename I, typename T>
 __device__ __forceinline__ void im2col_run(const T* plane, I iy0, I ix0, int count, const DkGeometry& geo,
-                                           index_t L, T zero, T* col) {
+                                           index_t pitch, T zero, T* col) {
     const I H = (I)geo.height, W = (I)geo.width;
     for (int i = 0; i < geo.kh; ++i) {
         const I iy = iy0 + (I)i * geo.dh;
         const bool row_inside = iy >= 0 && iy < H;
         const T* row = plane + (row_inside ? iy : 0) * W;
-        for (int j = 0; j < geo.kw; ++j, col += L) {
+        for (int j = 0; j < geo.kw; ++j, col += pitch) {
             const I ix = ix0 + (I)j * geo.dw;
             ImRun<T> run;
 #pragma unroll
@@ -1081,38 +1103,41 @@ __device__ __forceinline__ void im2col_run(const T* plane, I iy0, I ix0, int cou
 // fp16 35 us, fp32 45 us; a thread per output took 82 and 88 us, issuing 54 instructions per
 // point (Nsight Compute: 0.77 instructions a cycle per scheduler, bound by them).
 template <typename T>
-__global__ void dk_im2col(const T* __restrict__ input, int small, DK_GEOMETRY, T* __restrict__ cols) {
+__global__ void dk_im2col(const T* __restrict__ input, int small, int point_major, DK_GEOMETRY,
+                          T* __restrict__ cols) {
     typedef typename acc<T>::type A;
     DK_GEO;
-    const index_t L = geo.L(), K = geo.K(), hw = geo.hw(), runs = ceil_div(out_w, (index_t)DK_IM2COL_RUN);
+    const index_t L = geo.L(), hw = geo.hw(), runs = ceil_div(out_w, (index_t)DK_IM2COL_RUN);
     const T zero = from_acc<T>(A(0));
     CUDEFORM_LOOP(idx, batch * channels * out_h * runs) {
         const index_t row = fast_div(idx, runs), nc = fast_div(row, out_h);
         const index_t y = row - nc * out_h, x = (idx - row * runs) * DK_IM2COL_RUN;
         const int count = (int)min((index_t)DK_IM2COL_RUN, out_w - x);
         const T* plane = input + nc * hw;
-        T* col = cols + nc * K * L + y * out_w + x;
+        const ColumnRows rows(geo, nc, point_major);
+        T* col = cols + rows.first * L + y * out_w + x;
         if (small) {
-            im2col_run<int>(plane, (int)y * sh - ph, (int)x * sw - pw, count, geo, L, zero, col);
+            im2col_run<int>(plane, (int)y * sh - ph, (int)x * sw - pw, count, geo, rows.step * L, zero, col);
         } else {
-            im2col_run<index_t>(plane, geo.in_row(y, 0), geo.in_col(x, 0), count, geo, L, zero, col);
+            im2col_run<index_t>(plane, geo.in_row(y, 0), geo.in_col(x, 0), count, geo, rows.step * L, zero, col);
         }
     }
 }
 
 // The sum, in a fixed order, of the column gradients that input pixel (iy, ix) of a plane fed,
-// whose columns start at `col`: DK_IM2COL_PIECE kernel points' loads issued (zero where the
-// point reaches no output) before any is added. I: the in-plane coordinates' type.
+// whose columns start at `col`, a kernel point's every `pitch` elements: DK_IM2COL_PIECE kernel
+// points' loads issued (zero where the point reaches no output) before any is added. I: the
+// in-plane coordinates' type.
 template <typename A, typename I, typename T>
-__device__ __forceinline__ A col2im_sum(const T* col, I iy, I ix, const DkGeometry& geo, index_t L, T zero) {
+__device__ __forceinline__ A col2im_sum(const T* col, I iy, I ix, const DkGeometry& geo, index_t pitch, T zero) {
     const int K = geo.kh * geo.kw;
     A sum = A(0);
     for (int k0 = 0; k0 < K; k0 += DK_IM2COL_PIECE) {
         int i = k0 / geo.kw, j = k0 - i * geo.kw;
-        const T* row = col + k0 * L;
+        const T* row = col + k0 * pitch;
         T v[DK_IM2COL_PIECE];
 #pragma unroll
-        for (int t = 0; t < DK_IM2COL_PIECE; ++t, row += L) {
+        for (int t = 0; t < DK_IM2COL_PIECE; ++t, row += pitch) {
             I y = 0, x = 0;
             const bool hit = k0 + t < K && geo.out_row(iy, i, y) && geo.out_col(ix, j, x);
             v[t] = hit ? row[y * (I)geo.out_w + x] : zero;
@@ -1131,10 +1156,10 @@ __device__ __forceinline__ A col2im_sum(const T* col, I iy, I ix, const DkGeomet
 // coordinates: a kernel point's row check and address are shared by the run, whose loads are
 // contiguous. The same sums in the same order as col2im_sum's.
 template <typename A, typename T>
-__device__ __forceinline__ void col2im_run(const T* col, int iy, int ix, const DkGeometry& geo, index_t L, T zero,
+__device__ __forceinline__ void col2im_run(const T* col, int iy, int ix, const DkGeometry& geo, index_t pitch, T zero,
                                            A (&sum)[DK_IM2COL_RUN]) {
     const int OH = (int)geo.out_h, OW = (int)geo.out_w;
-    for (int i = 0; i < geo.kh; ++i, col += geo.kw * L) {
+    for (int i = 0; i < geo.kh; ++i, col += geo.kw * pitch) {
         const int y = iy + geo.ph - i * geo.dh;
         if (y < 0 || y >= OH) continue;
         const T* row = col + y * OW;
@@ -1144,7 +1169,7 @@ __device__ __forceinline__ void col2im_run(const T* col, int iy, int ix, const D
 #pragma unroll
             for (int u = 0; u < DK_IM2COL_RUN; ++u) {
                 const int x = x0 + u;
-                v[u] = x >= 0 && x < OW ? row[j * L + x] : zero;
+                v[u] = x >= 0 && x < OW ? row[j * pitch + x] : zero;
             }
 #pragma unroll
             for (int u = 0; u < DK_IM2COL_RUN; ++u) sum[u] += to_acc(v[u]);
@@ -1158,30 +1183,33 @@ __device__ __forceinline__ void col2im_run(const T* col, int iy, int ix, const D
 // At N=16, C=256, 32x32, 3x3 on an H200: fp16 47 us, fp32 56 us. A thread per pixel took (fp16)
 // 88 us with unit stride compiled apart, 113 us where the compiler computed a division per
 // point and axis whatever the stride, 133 us with each load waiting for the one before, 231 us
-// all in 64 bits.
+// all in 64 bits. The columns' rows in either order (ColumnRows).
 template <typename T>
-__global__ void dk_col2im(const T* __restrict__ cols, int small, DK_GEOMETRY, T* __restrict__ grad_input) {
+__global__ void dk_col2im(const T* __restrict__ cols, int small, int point_major, DK_GEOMETRY,
+                          T* __restrict__ grad_input) {
     typedef typename acc<T>::type A;
     DK_GEO;
-    const index_t L = geo.L(), K = geo.K(), hw = geo.hw(), runs = ceil_div(width, (index_t)DK_IM2COL_RUN);
+    const index_t L = geo.L(), hw = geo.hw(), runs = ceil_div(width, (index_t)DK_IM2COL_RUN);
     const T zero = from_acc<T>(A(0));
     const bool unit = sh == 1 && sw == 1;
     CUDEFORM_LOOP(idx, batch * channels * height * runs) {
         const index_t row = fast_div(idx, runs), nc = fast_div(row, height);
         const index_t iy = row - nc * height, ix = (idx - row * runs) * DK_IM2COL_RUN;
         const int count = (int)min((index_t)DK_IM2COL_RUN, width - ix);
-        const T* col = cols + nc * K * L;
+        const ColumnRows rows(geo, nc, point_major);
+        const T* col = cols + rows.first * L;
+        const index_t pitch = rows.step * L;
         A sum[DK_IM2COL_RUN];
 #pragma unroll
         for (int u = 0; u < DK_IM2COL_RUN; ++u) sum[u] = A(0);
         if (small && unit) {
-            col2im_run(col, (int)iy, (int)ix, geo, L, zero, sum);
+            col2im_run(col, (int)iy, (int)ix, geo, pitch, zero, sum);
         } else {
 #pragma unroll
             for (int u = 0; u < DK_IM2COL_RUN; ++u) {
                 if (u >= count) break;
-                sum[u] = small ? col2im_sum<A>(col, (int)iy, (int)ix + u, geo, L, zero)
-                               : col2im_sum<A>(col, iy, ix + u, geo, L, zero);
+                sum[u] = small ? col2im_sum<A>(col, (int)iy, (int)ix + u, geo, pitch, zero)
+                               : col2im_sum<A>(col, iy, ix + u, geo, pitch, zero);
             }
         }
         ImRun<T> run;
@@ -1191,13 +1219,14 @@ __global__ void dk_col2im(const T* __restrict__ cols, int small, DK_GEOMETRY, T*
     }
 }
 
-// Where kernel point k of one (image, offset group) samples the scope run [s0, s0 + DK_SCOPE_RUN)
+// Where kernel point k of one (image, offset group) samples the scope run [s0, s0 + run)
 // (dk_resample's bilinear_zero; its slopes as BilinearSlopes), for the columns of
-// dk_global_resample_grad (a run entry every `step` elements): per corner c = dy * 2 + dx, its
-// entry's offset `at`, its weight `tap` (zero outside the open box) and its weight's slopes by
-// (dh, dw) (zero outside [-1, S_h) x [-1, S_w)); a corner outside the run has offset 0 and no
-// weight or slopes, so that the caller needs no branch. The same for every (o, c) of the offset
-// group: built once per block.
+// dk_global_resample_grad (a run entry every `step` elements, run DK_SCOPE_RUN), the taps of
+// dk_resample_grad_sums (step 1) or dk_resample_grad_offsets (the whole scope): per corner
+// c = dy * 2 + dx, its entry's offset `at`, its weight `tap` (zero outside the open box) and its
+// weight's slopes by (dh, dw) (zero outside [-1, S_h) x [-1, S_w)); a corner outside the run has
+// offset 0 and no weight or slopes, so that the caller needs no branch. The same for every
+// (o, c) of the offset group: built once per block.
 template <typename A>
 struct __align__(16) ScopeCorners {
     int at[4];
@@ -1205,7 +1234,8 @@ struct __align__(16) ScopeCorners {
 
     ScopeCorners() = default;  // for the shared array
     template <typename T>
-    __device__ __forceinline__ ScopeCorners(const DkGeometry& geo, const T* off, int k, index_t s0, int step) {
+    __device__ __forceinline__ ScopeCorners(const DkGeometry& geo, const T* off, int k, index_t s0, int step,
+                                            index_t run = DK_SCOPE_RUN) {
         A h, w;
         geo.scope_point(k / geo.kw, k % geo.kw, off + 2 * k, 1, h, w);
         const bool live = h >= A(-1) && h < A(geo.scope_h) && w >= A(-1) && w < A(geo.scope_w);
@@ -1217,7 +1247,7 @@ struct __align__(16) ScopeCorners {
             const int dy = c / 2, dx = c % 2;
             const index_t y = p.y0 + dy, x = p.x0 + dx, s = y * geo.scope_w + x - s0;
             const bool in_run = live && y >= 0 && y < geo.scope_h && x >= 0 && x < geo.scope_w && s >= 0 &&
-                                s < DK_SCOPE_RUN;
+                                s < run;
             const A ly = dy ? p.lh : A(1) - p.lh, lx = dx ? p.lw : A(1) - p.lw;
             at[c] = in_run ? (int)s * step : 0;
             tap[c] = in_run && inside ? ly * lx : A(0);
@@ -1341,6 +1371,160 @@ __global__ void __launch_bounds__(256, 3) dk_global_resample_grad(
                     if (s0 + e < S) dst[e] = sums[e * step];
                 }
             }
+        }
+    }
+}
+
+// The backward through the resampling from the kernels' gradient of the kernel-point-major
+// columns path, (N, C_out, K, Cg) in float32: a matrix of rows (n, k) and columns (o, c),
+// element ((n, k), (o, c)) at ((n * C_out + o) * K + k) * Cg + c. Per offset group g, over its
+// (o, c) columns and per scope element s:
+//   grad_weight[(o, c), s] = sum over rows (n, k) of grad_kernels[(n, k), (o, c)] * taps[g, (n, k), s],
+//   products[g, (n, k), s] = sum over (o, c) of grad_kernels[(n, k), (o, c)] * weight[(o, c), s],
+// taps the weight of scope element s in kernel point k of (n, g) (4 corners of S). grad_offset
+// follows from the products (dk_resample_grad_offsets). Both in one pass over grad_kernels: a
+// block per (offset group, chunk of DK_SUM_COLUMNS columns), for runs of DK_SCOPE_RUN scope
+// elements, over groups of DK_SUM_ROWS rows staged in shared memory with their taps (the next
+// group's loads in flight meanwhile). A thread per column sums its weight gradient over every
+// row (stored complete, as T); the products of a row group, a DK_SUM_ROWS x DK_SCOPE_RUN
+// product of the staged rows and the chunk's weights, go to product_partial[g, chunk, (n, k),
+// s], a thread per (row, 4 scope elements, quarter of the columns). (At N=16, C=256, 32x32 in
+// fp16 on an H200: 57 us, where dk_global_resample_grad took 83 and two cuBLAS products of
+// (N * K, C_out * Cg) rows 72 + 25.)
+#define DK_SUM_COLUMNS 256
+#define DK_SUM_ROWS 16
+template <typename T>
+__global__ void __launch_bounds__(DK_SUM_COLUMNS, 2) dk_resample_grad_sums(
+    const float* __restrict__ grad_kernels, const T* __restrict__ weight, const T* __restrict__ offset, DK_GEOMETRY,
+    float* __restrict__ product_partial, T* __restrict__ grad_weight) {
+    static_assert(DK_SUM_COLUMNS == DK_SUM_ROWS * 4 * 4 && DK_SCOPE_RUN == 16, "the products' thread layout");
+    DK_GEO;
+    // Row pitches: a warp's 16-byte reads of the rows of two row-group rows, or of weights 4
+    // scope elements apart, fall in distinct bank groups but for the unavoidable 2 wavefronts.
+    __shared__ __align__(16) float rows[DK_SUM_ROWS][DK_SUM_COLUMNS + 16];
+    __shared__ __align__(16) float scope[DK_SCOPE_RUN][DK_SUM_COLUMNS + 4];  // the chunk's weights, transposed
+    __shared__ __align__(16) float taps[DK_SUM_ROWS][DK_SCOPE_RUN];
+    const index_t K = geo.K(), S = geo.scope(), R = batch * K, cg = geo.cg(), image = c_out * K * cg;
+    const index_t pairs = geo.opg() * cg;
+    const index_t chunks = ceil_div(pairs, (index_t)DK_SUM_COLUMNS), runs = ceil_div(S, (index_t)DK_SCOPE_RUN);
+    const int t = threadIdx.x;
+    // The products: row q, scope elements 4 * quad.., columns 4 * (16 * j + quarter)..
+    const int q = t / 16, quad = t / 4 % 4, quarter = t % 4;
+    for (index_t unit = blockIdx.x; unit < offset_groups * chunks * runs; unit += gridDim.x) {
+        const index_t gc = fast_div(unit, runs), g = fast_div(gc, chunks), s0 = (unit - gc * runs) * DK_SCOPE_RUN;
+        const index_t first = g * pairs + (gc - g * chunks) * DK_SUM_COLUMNS;  // the chunk's first column
+        const int columns = (int)min((index_t)DK_SUM_COLUMNS, (g + 1) * pairs - first);
+        const int elements = (int)min((index_t)DK_SCOPE_RUN, S - s0);
+        __syncthreads();  // the previous unit is done with the weights
+        for (int v = t; v < DK_SUM_COLUMNS * DK_SCOPE_RUN; v += DK_SUM_COLUMNS) {
+            const int col = v / DK_SCOPE_RUN, e = v % DK_SCOPE_RUN;
+            scope[e][col] = col < columns && e < elements ? to_acc(weight[(first + col) * S + s0 + e]) : 0.0f;
+        }
+        float grad[DK_SCOPE_RUN];
+#pragma unroll
+        for (int e = 0; e < DK_SCOPE_RUN; ++e) grad[e] = 0.0f;
+        // The next row group's values of this thread's column, loaded while the block works on
+        // the current one.
+        float next[DK_SUM_ROWS];
+        const index_t o = fast_div(first + t, cg);
+        const float* const column = grad_kernels + o * K * cg + first + t - o * cg;
+        auto load_rows = [&](index_t r0) {
+            index_t n = fast_div(r0, K), k = r0 - n * K;
+#pragma unroll
+            for (int i = 0; i < DK_SUM_ROWS; ++i) {
+                next[i] = r0 + i < R && t < columns ? column[n * image + k * cg] : 0.0f;
+                if (++k == K) k = 0, ++n;
+            }
+        };
+        load_rows(0);
+        for (index_t r0 = 0; r0 < R; r0 += DK_SUM_ROWS) {
+            __syncthreads();  // the previous row group's readers are done
+#pragma unroll
+            for (int i = 0; i < DK_SUM_ROWS; ++i) rows[i][t] = next[i];
+            if (t < DK_SUM_ROWS) {
+                const index_t r = r0 + t, n = fast_div(r, K);
+#pragma unroll
+                for (int e = 0; e < DK_SCOPE_RUN; ++e) taps[t][e] = 0.0f;
+                if (r < R) {
+                    const ScopeCorners<float> p(geo, offset + 2 * (n * offset_groups + g) * K, (int)(r - n * K), s0, 1);
+#pragma unroll
+                    for (int c = 0; c < 4; ++c) taps[t][p.at[c]] += p.tap[c];
+                }
+            }
+            __syncthreads();
+            if (r0 + DK_SUM_ROWS < R) load_rows(r0 + DK_SUM_ROWS);
+#pragma unroll 4
+            for (int i = 0; i < DK_SUM_ROWS; ++i) {
+                const float v = rows[i][t];
+#pragma unroll
+                for (int e = 0; e < DK_SCOPE_RUN; ++e) grad[e] += v * taps[i][e];
+            }
+            float sums[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll 2
+            for (int j = 0; j < DK_SUM_COLUMNS / 16; ++j) {
+                const int col = 16 * j + 4 * quarter;
+                const float4 v = *reinterpret_cast<const float4*>(&rows[q][col]);
+#pragma unroll
+                for (int u = 0; u < 4; ++u) {
+                    const float4 w = *reinterpret_cast<const float4*>(&scope[4 * quad + u][col]);
+                    sums[u] += v.x * w.x + v.y * w.y + v.z * w.z + v.w * w.w;
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < 4; ++u) {
+                sums[u] += __shfl_xor_sync(0xffffffffu, sums[u], 1);
+                sums[u] += __shfl_xor_sync(0xffffffffu, sums[u], 2);
+            }
+            if (quarter == 0 && r0 + q < R) {
+                float* const dst = product_partial + (gc * R + r0 + q) * S + s0 + 4 * quad;
+#pragma unroll
+                for (int u = 0; u < 4; ++u) {
+                    if (4 * quad + u < elements) dst[u] = sums[u];
+                }
+            }
+        }
+        if (t < columns) {
+            T* const dst = grad_weight + (first + t) * S + s0;
+#pragma unroll
+            for (int e = 0; e < DK_SCOPE_RUN; ++e) {
+                if (e < elements) dst[e] = from_acc<T>(grad[e]);
+            }
+        }
+    }
+}
+
+// grad_offset[n, g, k, {0, 1}] = the sum over the corners of kernel point k of (n, g) of the
+// corner's slopes times the products at its scope element: dk_global_resample_grad's sum over
+// (o, c) of grad_kernels times the scope's slopes. A block per (offset group, n, k): its threads
+// sum the chunks' partial products of the four corners in a fixed order (block_sums).
+template <typename T>
+__global__ void __launch_bounds__(256) dk_resample_grad_offsets(const float* __restrict__ product_partial,
+                                                                const T* __restrict__ offset, DK_GEOMETRY,
+                                                                T* __restrict__ grad_offset) {
+    DK_GEO;
+    __shared__ float scratch[4 * WARP_SIZE];
+    const index_t K = geo.K(), S = geo.scope(), R = batch * K;
+    const index_t chunks = ceil_div(geo.opg() * geo.cg(), (index_t)DK_SUM_COLUMNS);
+    for (index_t unit = blockIdx.x; unit < offset_groups * R; unit += gridDim.x) {
+        const index_t g = fast_div(unit, R), r = unit - g * R, n = fast_div(r, K), k = r - n * K;
+        const index_t point = (n * offset_groups + g) * K;
+        const ScopeCorners<float> p(geo, offset + 2 * point, (int)k, 0, 1, S);
+        float m[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        for (index_t c = threadIdx.x; c < chunks; c += blockDim.x) {
+            const float* const row = product_partial + ((g * chunks + c) * R + r) * S;
+#pragma unroll
+            for (int u = 0; u < 4; ++u) m[u] += row[p.at[u]];
+        }
+        block_sums(m, scratch);
+        if (threadIdx.x == 0) {
+            float d_h = 0.0f, d_w = 0.0f;
+#pragma unroll
+            for (int u = 0; u < 4; ++u) {
+                d_h += p.d_h[u] * m[u];
+                d_w += p.d_w[u] * m[u];
+            }
+            grad_offset[2 * (point + k)] = from_acc<T>(d_h);
+            grad_offset[2 * (point + k) + 1] = from_acc<T>(d_w);
         }
     }
 }

@@ -6,7 +6,7 @@
     python tests/sanitize_driver.py shared  # racecheck, synccheck: the ops whose kernels use
                                             # shared memory or warp shuffles (forward, and the
                                             # backward in the mode that launches them), float32
-                                            # and float64; global DK's tensor-core forward in
+                                            # and float64; global DK's tensor-core path in
                                             # float16
 
 CuPy's memory pool is off, so that memcheck sees each array's own bounds (inside a pooled block
@@ -34,8 +34,9 @@ SHARED = ("deform_conv2d", "dk_global_direct", "dk_global_direct_3x3", "dk_globa
 # (droi_transpose_grad_output, droi_gather_input_grad).
 SHARED_DETERMINISTIC = ("deform_conv2d", "deform_roi_pool_sampled")
 SHARED_DTYPES = ("float32", "float64")
-# Global DK's tensor-core forward (dk_mma_operands, dk_global_mma: shared tiles
-# filled by cp.async), which only the half types take.
+# Global DK's tensor-core path, which only the half types take: the forward (dk_mma_operands,
+# dk_global_mma: shared tiles filled by cp.async) and the backward through the resampling
+# (dk_resample_grad_sums' staged rows, dk_resample_grad_offsets' block sums).
 SHARED_HALF = ("dk_global_gemm",)
 CHUNKED = ("deform_conv2d", "deform_conv2d_v1", "dk_global_gemm")
 

@@ -74,9 +74,11 @@ EDGES = {
 }
 
 
-# The tensor-core forward (dk_global_mma): channel counts that leave a stage half empty, outputs
-# past one tile of 128 channels and of 128 positions, rows of positions that are not whole
-# 16-byte vectors (L = 117), weight and offset groups, strides, dilations, a kernel of 1 x 2.
+# The tensor-core path (dk_global_mma, and the backward on its kernel-point-major kernels):
+# channel counts that leave a stage half empty, outputs past one tile of 128 channels and of 128
+# positions, rows of positions that are not whole 16-byte vectors (L = 117), weight and offset
+# groups, strides, dilations, a kernel of 1 x 2, and (o, c) pairs whose chunks of 256 columns
+# in dk_resample_grad_sums straddle output channels (Cg = 136).
 MMA = {
     "mma_tails": dict(N=2, C_in=24, C_out=20, groups=1, G=2, kernel=(3, 3), scope=(4, 4), H=9, W=13,
                       stride=1, padding=1, dilation=1),
@@ -86,6 +88,8 @@ MMA = {
                       stride=1, padding=1, dilation=1),
     "mma_stages": dict(N=3, C_in=72, C_out=16, groups=1, G=4, kernel=(1, 2), scope=(2, 3), H=5, W=7,
                        stride=1, padding=0, dilation=1),
+    "mma_wide": dict(N=1, C_in=136, C_out=8, groups=1, G=1, kernel=(3, 3), scope=(4, 4), H=6, W=7,
+                     stride=1, padding=1, dilation=1),
 }
 
 
@@ -141,23 +145,30 @@ def test_both_global_paths(torch, monkeypatch, dtype, path, limit, name):
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("name", list(MMA) + ["dense3x3"])
-def test_tensor_core_forward(torch, monkeypatch, dtype, name):
-    """dk_global_mma against float64 (and the backward, which it does not touch, with it), and
-    against the columns and cuBLAS path of the same rounded inputs."""
+def test_tensor_core_path(torch, monkeypatch, dtype, name):
+    """dk_global_mma and the backward on its kernels (kernel-point-major columns, the products
+    through the resampling) against float64, and against the other columns path of the same
+    rounded inputs."""
     from cudeform.cuda import deform_kernel_conv as gpu
 
     calls = []
-    mma_forward = gpu._mma_forward
-    monkeypatch.setattr(gpu, "_mma_forward", lambda *a: calls.append(1) or mma_forward(*a))
+    for step in ("_mma_forward", "_mma_backward"):
+        monkeypatch.setattr(gpu, step, lambda *a, f=getattr(gpu, step), step=step: calls.append(step) or f(*a))
     cfg = {**MMA, **LARGE}[name]
     tensors, exact, geo = rounded_case(torch, cfg, "global", dtype, seed=46)
     check_against_reference(torch, tensors, exact, geo, dtype, seed=47)
-    assert calls, "the tensor-core path was not taken"
+    assert calls == ["_mma_forward", "_mma_backward"], "the tensor-core path was not taken"
     out = cudeform.deform_kernel_conv2d(**tensors, **geo)
+    go = torch.randn(out.shape, device="cuda", generator=torch.Generator("cuda").manual_seed(48)).to(out.dtype)
+    grads = cudeform.deform_kernel_conv2d_backward(go, **tensors, **geo)
     monkeypatch.setattr(gpu, "TENSOR_CORES", False)
     columns = cudeform.deform_kernel_conv2d(**tensors, **geo)
+    columns_grads = cudeform.deform_kernel_conv2d_backward(go, **tensors, **geo)
     assert l2_rel(out.double().cpu().numpy(), columns.double().cpu().numpy()) < TOLERANCE[dtype]
-    assert len(calls) == 2
+    for field, got, want in zip(grads._fields, grads, columns_grads):
+        tol = TOLERANCE[dtype] * (4 if field == "kernel_offset" else 1)
+        assert l2_rel(got.double().cpu().numpy(), want.double().cpu().numpy()) < tol, field
+    assert len(calls) == 4
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float16"])

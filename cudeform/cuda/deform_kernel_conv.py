@@ -16,7 +16,10 @@ chunk of images: the rigid ``dk_im2col`` and one strided-batched GEMM whose batc
 (image, weight group), each with its own resampled kernels; the backward's two GEMMs and the
 gather ``dk_col2im``. Both then backpropagate through the resampling in one pass over the
 kernels' gradient, ``dk_global_resample_grad`` (a thread per (o, c) pair and chunk of images),
-whose partial sums ``sum_partials`` adds up.
+whose partial sums ``sum_partials`` adds up. The backward of the tensor-core forward's shapes
+(``_mma_backward``) takes its kernel-point-major kernels and columns instead, so that the
+kernels' gradient is a matrix of (image, kernel point) rows that ``dk_resample_grad_sums``
+reduces both ways in one pass.
 
 Local DK: fused kernels that sample the scope at every output position, each thread for a chunk
 of CHUNK channels that share the position's bilinear taps; the weight gradient is reduced inside
@@ -45,7 +48,7 @@ _KERNELS = ("dk_resample", "dk_global_input_grad", "dk_im2col",
 COMPILED_SIZES = (0, 3)
 # The tensor-core path (tensor_core.cuh's mma.sync) exists for the half types only.
 TENSOR_CORE_DTYPES = ("float16", "bfloat16")
-_TENSOR_CORE_KERNELS = ("dk_global_mma", "dk_mma_operands")
+_TENSOR_CORE_KERNELS = ("dk_global_mma", "dk_mma_operands", "dk_resample_grad_sums", "dk_resample_grad_offsets")
 NAME_EXPRESSIONS = ([f"{k}<{t}>" for t in CXX_TYPES.values() for k in _KERNELS]
                     + [f"{k}<{t}, {size}>" for t in CXX_TYPES.values() for size in COMPILED_SIZES
                        for k in ("dk_global_conv", "dk_global_kernel_grad")]
@@ -81,6 +84,8 @@ GRAD_TARGET_BLOCKS = 1024
 # dynamic shared memory per block: within the 48 KB every block may have, beside its static
 # arrays (3.75 KB in float64).
 SCOPE_RUN = 16
+# (o, c) pairs per block of dk_resample_grad_sums (DK_SUM_COLUMNS in the source).
+SUM_COLUMNS = 256
 RESAMPLE_GRAD_SHARED_BYTES = 44 * 1024
 # dk_local_weight_grad: threads per block (its shared memory holds a column per thread) and the
 # number of blocks to aim for when splitting the positions into chunks.
@@ -255,20 +260,29 @@ def _mma_plan(s, groups: int):
             max(resample_shared, CHANNELS_LAST_SHARED_BYTES), tiles * MMA_THREADS)
 
 
-def _mma_forward(x, weight, offset, bias_arg, use_bias, geo, s, dtype, out):
-    """Global DK's forward: the input made channels-last and the kernels resampled
-    kernel-point-major in one launch (dk_mma_operands), then dk_global_mma. Workspace: those
-    two, one buffer."""
-    cl_size, blocks, operand_args, operand_shared, mma_threads = _mma_plan(s, geo.groups)
-    geo_args = _geometry_args(geo, x.shape, s.c_out, s.n)
+def _mma_operands(x, weight, offset, geo, s, dtype, channels_last=True):
+    """The input made channels-last, (N, H, W, C_in) (unless not `channels_last`), and the
+    kernels resampled kernel-point-major, (N, C_out, K, Cg), in one launch (dk_mma_operands):
+    one workspace array, and the two as Pointers into it (the first None when not made)."""
+    cl_size, blocks, (slice_, pass_, layout_blocks), operand_shared, _ = _mma_plan(s, geo.groups)
+    if not channels_last:
+        blocks, layout_blocks, cl_size = blocks - layout_blocks, np.int32(0), 0
     workspace = _arrays.empty(cl_size + s.n * s.c_out * s.K * s.cg, dtype)
     # cl_size is a multiple of 8 elements: both parts are aligned to 16-byte vectors.
     x_cl = _compile.Pointer(workspace.data.ptr)
     kernels = _compile.Pointer(x_cl + cl_size * workspace.itemsize)
     launch(_kernel("dk_mma_operands", dtype), blocks * _compile.BLOCK,
-           (x, weight, offset, *operand_args, *geo_args, x_cl, kernels), shared_mem=operand_shared)
-    launch(_kernel("dk_global_mma", dtype, MMA_SHARED_BYTES), mma_threads,
-           (x_cl, kernels, bias_arg, use_bias, *geo_args, out), block=MMA_THREADS, shared_mem=MMA_SHARED_BYTES)
+           (x, weight, offset, slice_, pass_, layout_blocks, *_geometry_args(geo, x.shape, s.c_out, s.n), x_cl,
+            kernels), shared_mem=operand_shared)
+    return workspace, x_cl if channels_last else None, kernels
+
+
+def _mma_forward(x, weight, offset, bias_arg, use_bias, geo, s, dtype, out):
+    """Global DK's forward: _mma_operands, then dk_global_mma."""
+    _, x_cl, kernels = _mma_operands(x, weight, offset, geo, s, dtype)
+    launch(_kernel("dk_global_mma", dtype, MMA_SHARED_BYTES), _mma_plan(s, geo.groups)[-1],
+           (x_cl, kernels, bias_arg, use_bias, *_geometry_args(geo, x.shape, s.c_out, s.n), out),
+           block=MMA_THREADS, shared_mem=MMA_SHARED_BYTES)
 
 
 @functools.lru_cache(maxsize=256)
@@ -376,7 +390,7 @@ def forward(input, weight, kernel_offset, bias, *, geo, dtype):
     for n0, n1 in chunks:
         b = n1 - n0
         launch(im2col, b * s.c_in * geo.out_size[0] * -(-geo.out_size[1] // IM2COL_RUN),
-               (x[n0:n1], small, *_geometry_args(geo, x.shape, s.c_out, b), cols))
+               (x[n0:n1], small, np.int32(0), *_geometry_args(geo, x.shape, s.c_out, b), cols))
         # One product per (image, weight group): its resampled kernels times its columns.
         _blas.matmul(kernels[n0:n1], cols, out[n0:n1], m=s.og, n=s.L, k=s.rows, dtype=dtype, batch=b * geo.groups,
                      stride_a=s.og * s.rows, stride_b=s.rows * s.L, stride_c=s.og * s.L)
@@ -405,6 +419,9 @@ def backward(grad_output, input, weight, kernel_offset, bias, *, geo, dtype, det
 def _global_backward(go, x, weight, offset, geo, s, dtype, grad_input, grad_offset, grad_weight):
     import cupy
 
+    if not _direct(s, geo) and _tensor_core_path(s, geo, dtype):
+        _mma_backward(go, x, weight, offset, geo, s, dtype, grad_input, grad_offset, grad_weight)
+        return
     acc_dtype = ACC_DTYPES[dtype]
     geo_args = _geometry_args(geo, x.shape, s.c_out, s.n)
     kernels = _resample(weight, offset, x, geo, s, dtype)
@@ -429,14 +446,10 @@ def _global_backward(go, x, weight, offset, geo, s, dtype, grad_input, grad_offs
             b = n1 - n0
             chunk_args = _geometry_args(geo, x.shape, s.c_out, b)
             launch(im2col, b * s.c_in * geo.out_size[0] * -(-geo.out_size[1] // IM2COL_RUN),
-                   (x[n0:n1], small, *chunk_args, cols))
-            _blas.matmul(go[n0:n1], cols, grad_kernels[n0:n1], m=s.og, n=s.rows, k=s.L, dtype=dtype,
-                         c_dtype=np.dtype(acc_dtype).name, trans_b=True, batch=b * geo.groups,
-                         stride_a=s.og * s.L, stride_b=s.rows * s.L, stride_c=s.og * s.rows)
-            # The columns' gradient, kernels^T @ grad_output, into the same buffer.
-            _blas.matmul(kernels[n0:n1], go[n0:n1], cols, m=s.rows, n=s.L, k=s.og, dtype=dtype, trans_a=True,
-                         batch=b * geo.groups, stride_a=s.og * s.rows, stride_b=s.og * s.L, stride_c=s.rows * s.L)
-            launch(col2im, b * s.c_in * s.h * -(-s.w // IM2COL_RUN), (cols, small, *chunk_args, grad_input[n0:n1]))
+                   (x[n0:n1], small, np.int32(0), *chunk_args, cols))
+            _gemms(go[n0:n1], kernels[n0:n1], cols, grad_kernels[n0:n1], b, geo, s, dtype)
+            launch(col2im, b * s.c_in * s.h * -(-s.w // IM2COL_RUN),
+                   (cols, small, np.int32(0), *chunk_args, grad_input[n0:n1]))
     # Through the resampling: partial sums per block of (o, c) pairs (the offsets') and per
     # chunk of images (the weight's), in one buffer, each summed by sum_partials.
     this = sys.modules[__name__]
@@ -455,6 +468,60 @@ def _global_backward(go, x, weight, offset, geo, s, dtype, grad_input, grad_offs
             offset_partial, weight_partial), block=block, shared_mem=block * column)
     _common.sum_partials(this, offset_partial, offset_chunks, grad_offset, dtype)
     _common.sum_partials(this, weight_partial, image_chunks, grad_weight, dtype)
+
+
+def _mma_backward(go, x, weight, offset, geo, s, dtype, grad_input, grad_offset, grad_weight):
+    """Global DK's backward for the shapes of the tensor-core forward, on its kernel-point-major
+    kernels (_mma_operands without the channels-last input): per chunk of images, columns
+    kernel-point-major too (dk_im2col), so that the kernels' gradient, grad_output @ columns^T,
+    comes out (N, C_out, K, Cg), whose (n, k) rows _resample_grad_products reads; the input's
+    through the columns' gradient and dk_col2im. (dk_kernel_grad_mma, an implicit GEMM on tensor
+    cores over the channels-last input, took 108 us at N=16, C=256, 32x32 in fp16 on an H200,
+    where dk_im2col and cuBLAS take 35 + 40.)"""
+    import cupy
+
+    workspace, _, _ = _mma_operands(x, weight, offset, geo, s, dtype, channels_last=False)
+    grad_kernels = cupy.empty((s.n, s.c_out, s.rows), np.float32)
+    chunks, cols = _columns(s, x)
+    im2col, col2im = _kernel("dk_im2col", dtype), _kernel("dk_col2im", dtype)
+    small, point_major = np.int32(_small_planes(s, geo)), np.int32(1)
+    for n0, n1 in chunks:
+        b = n1 - n0
+        chunk_args = _geometry_args(geo, x.shape, s.c_out, b)
+        launch(im2col, b * s.c_in * geo.out_size[0] * -(-geo.out_size[1] // IM2COL_RUN),
+               (x[n0:n1], small, point_major, *chunk_args, cols))
+        _gemms(go[n0:n1], workspace[n0 * s.c_out * s.rows:], cols, grad_kernels[n0:n1], b, geo, s, dtype)
+        launch(col2im, b * s.c_in * s.h * -(-s.w // IM2COL_RUN),
+               (cols, small, point_major, *chunk_args, grad_input[n0:n1]))
+    _resample_grad_products(grad_kernels, weight, offset, geo, _geometry_args(geo, x.shape, s.c_out, s.n), s, dtype,
+                            grad_offset, grad_weight)
+
+
+def _gemms(go, kernels, cols, grad_kernels, images, geo, s, dtype):
+    """The backward's two products per (image, weight group) of a chunk of `images` images:
+    grad_kernels = grad_output @ columns^T (in the accumulation type), then the columns'
+    gradient, kernels^T @ grad_output, into the columns' buffer."""
+    _blas.matmul(go, cols, grad_kernels, m=s.og, n=s.rows, k=s.L, dtype=dtype, c_dtype=np.dtype(ACC_DTYPES[dtype]).name,
+                 trans_b=True, batch=images * geo.groups, stride_a=s.og * s.L, stride_b=s.rows * s.L,
+                 stride_c=s.og * s.rows)
+    _blas.matmul(kernels, go, cols, m=s.rows, n=s.L, k=s.og, dtype=dtype, trans_a=True, batch=images * geo.groups,
+                 stride_a=s.og * s.rows, stride_b=s.og * s.L, stride_c=s.rows * s.L)
+
+
+def _resample_grad_products(grad_kernels, weight, offset, geo, geo_args, s, dtype, grad_offset, grad_weight):
+    """The backward through the resampling from grad_kernels, (N, C_out, K, Cg) in float32:
+    dk_resample_grad_sums (the weight's gradient, and partial products per chunk of SUM_COLUMNS
+    (o, c) pairs, ``G * ceil(C_out/G * Cg / SUM_COLUMNS) * N * K * S_h*S_w`` floats), then
+    dk_resample_grad_offsets."""
+    import cupy
+
+    rows = s.n * s.K
+    chunks = geo.offset_groups * -(-s.opg * s.cg // SUM_COLUMNS)
+    partial = cupy.empty(chunks * rows * s.S, np.float32)
+    launch(_kernel("dk_resample_grad_sums", dtype), chunks * -(-s.S // SCOPE_RUN) * SUM_COLUMNS,
+           (grad_kernels, weight, offset, *geo_args, partial, grad_weight), block=SUM_COLUMNS)
+    launch(_kernel("dk_resample_grad_offsets", dtype), geo.offset_groups * rows * _compile.BLOCK,
+           (partial, offset, *geo_args, grad_offset))
 
 
 def _input_grad_chunks(s) -> tuple[int, int]:
