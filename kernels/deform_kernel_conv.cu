@@ -438,7 +438,8 @@ __device__ __forceinline__ void resample_cl(const T* __restrict__ weight, const 
 
 // What dk_global_mma reads, made in one launch (two independent jobs, which then overlap): the
 // first `layout_blocks` blocks make the input channels-last (tensor_core.cuh), the others
-// resample the kernels (resample_cl). Dynamic shared memory: the larger of the two's.
+// resample the kernels (resample_cl); the backward, which reads only the kernels, launches no
+// layout blocks. Dynamic shared memory: the larger of the two's.
 template <typename T>
 __global__ void __launch_bounds__(256) dk_mma_operands(const T* __restrict__ input, const T* __restrict__ weight,
                                                        const T* __restrict__ offset, int slice, int pass,
@@ -1389,7 +1390,7 @@ __global__ void __launch_bounds__(256, 3) dk_global_resample_grad(
 // row (stored complete, as T); the products of a row group, a DK_SUM_ROWS x DK_SCOPE_RUN
 // product of the staged rows and the chunk's weights, go to product_partial[g, chunk, (n, k),
 // s], a thread per (row, 4 scope elements, quarter of the columns). (At N=16, C=256, 32x32 in
-// fp16 on an H200: 57 us, where dk_global_resample_grad took 83 and two cuBLAS products of
+// fp16 on an H200: 64 us, where dk_global_resample_grad took 83 and two cuBLAS products of
 // (N * K, C_out * Cg) rows 72 + 25.)
 #define DK_SUM_COLUMNS 256
 #define DK_SUM_ROWS 16

@@ -84,9 +84,9 @@ GRAD_TARGET_BLOCKS = 1024
 # dynamic shared memory per block: within the 48 KB every block may have, beside its static
 # arrays (3.75 KB in float64).
 SCOPE_RUN = 16
+RESAMPLE_GRAD_SHARED_BYTES = 44 * 1024
 # (o, c) pairs per block of dk_resample_grad_sums (DK_SUM_COLUMNS in the source).
 SUM_COLUMNS = 256
-RESAMPLE_GRAD_SHARED_BYTES = 44 * 1024
 # dk_local_weight_grad: threads per block (its shared memory holds a column per thread) and the
 # number of blocks to aim for when splitting the positions into chunks.
 WEIGHT_GRAD_BLOCK = 128
@@ -439,17 +439,7 @@ def _global_backward(go, x, weight, offset, geo, s, dtype, grad_input, grad_offs
     else:
         bands = 1
         grad_kernels = cupy.empty((s.n, bands, s.c_out, s.rows), acc_dtype)
-        chunks, cols = _columns(s, x)
-        im2col, col2im = _kernel("dk_im2col", dtype), _kernel("dk_col2im", dtype)
-        small = np.int32(_small_planes(s, geo))
-        for n0, n1 in chunks:
-            b = n1 - n0
-            chunk_args = _geometry_args(geo, x.shape, s.c_out, b)
-            launch(im2col, b * s.c_in * geo.out_size[0] * -(-geo.out_size[1] // IM2COL_RUN),
-                   (x[n0:n1], small, np.int32(0), *chunk_args, cols))
-            _gemms(go[n0:n1], kernels[n0:n1], cols, grad_kernels[n0:n1], b, geo, s, dtype)
-            launch(col2im, b * s.c_in * s.h * -(-s.w // IM2COL_RUN),
-                   (cols, small, np.int32(0), *chunk_args, grad_input[n0:n1]))
+        _columns_backward(go, x, kernels, grad_kernels, 0, geo, s, dtype, grad_input)
     # Through the resampling: partial sums per block of (o, c) pairs (the offsets') and per
     # chunk of images (the weight's), in one buffer, each summed by sum_partials.
     this = sys.modules[__name__]
@@ -472,40 +462,41 @@ def _global_backward(go, x, weight, offset, geo, s, dtype, grad_input, grad_offs
 
 def _mma_backward(go, x, weight, offset, geo, s, dtype, grad_input, grad_offset, grad_weight):
     """Global DK's backward for the shapes of the tensor-core forward, on its kernel-point-major
-    kernels (_mma_operands without the channels-last input): per chunk of images, columns
-    kernel-point-major too (dk_im2col), so that the kernels' gradient, grad_output @ columns^T,
-    comes out (N, C_out, K, Cg), whose (n, k) rows _resample_grad_products reads; the input's
-    through the columns' gradient and dk_col2im. (dk_kernel_grad_mma, an implicit GEMM on tensor
+    kernels (_mma_operands without the channels-last input) and columns kernel-point-major too,
+    so that the kernels' gradient, grad_output @ columns^T, comes out (N, C_out, K, Cg), whose
+    (n, k) rows _resample_grad_products reads. (dk_kernel_grad_mma, an implicit GEMM on tensor
     cores over the channels-last input, took 108 us at N=16, C=256, 32x32 in fp16 on an H200,
     where dk_im2col and cuBLAS take 35 + 40.)"""
     import cupy
 
     workspace, _, _ = _mma_operands(x, weight, offset, geo, s, dtype, channels_last=False)
     grad_kernels = cupy.empty((s.n, s.c_out, s.rows), np.float32)
+    _columns_backward(go, x, workspace.reshape(s.n, s.c_out, s.rows), grad_kernels, 1, geo, s, dtype, grad_input)
+    _resample_grad_products(grad_kernels, weight, offset, geo, _geometry_args(geo, x.shape, s.c_out, s.n), s, dtype,
+                            grad_offset, grad_weight)
+
+
+def _columns_backward(go, x, kernels, grad_kernels, point_major, geo, s, dtype, grad_input):
+    """The columns path's backward, per chunk of images (_columns): dk_im2col, then per (image,
+    weight group) grad_kernels = grad_output @ columns^T (in the accumulation type) and the
+    columns' gradient, kernels^T @ grad_output, into the same buffer, which dk_col2im gathers.
+    `kernels` and `grad_kernels` have the images first; `point_major` (0 or 1) sets the
+    columns' row order to the kernels' (ColumnRows)."""
     chunks, cols = _columns(s, x)
     im2col, col2im = _kernel("dk_im2col", dtype), _kernel("dk_col2im", dtype)
-    small, point_major = np.int32(_small_planes(s, geo)), np.int32(1)
+    small, point_major = np.int32(_small_planes(s, geo)), np.int32(point_major)
     for n0, n1 in chunks:
         b = n1 - n0
         chunk_args = _geometry_args(geo, x.shape, s.c_out, b)
         launch(im2col, b * s.c_in * geo.out_size[0] * -(-geo.out_size[1] // IM2COL_RUN),
                (x[n0:n1], small, point_major, *chunk_args, cols))
-        _gemms(go[n0:n1], workspace[n0 * s.c_out * s.rows:], cols, grad_kernels[n0:n1], b, geo, s, dtype)
+        _blas.matmul(go[n0:n1], cols, grad_kernels[n0:n1], m=s.og, n=s.rows, k=s.L, dtype=dtype,
+                     c_dtype=np.dtype(ACC_DTYPES[dtype]).name, trans_b=True, batch=b * geo.groups,
+                     stride_a=s.og * s.L, stride_b=s.rows * s.L, stride_c=s.og * s.rows)
+        _blas.matmul(kernels[n0:n1], go[n0:n1], cols, m=s.rows, n=s.L, k=s.og, dtype=dtype, trans_a=True,
+                     batch=b * geo.groups, stride_a=s.og * s.rows, stride_b=s.og * s.L, stride_c=s.rows * s.L)
         launch(col2im, b * s.c_in * s.h * -(-s.w // IM2COL_RUN),
                (cols, small, point_major, *chunk_args, grad_input[n0:n1]))
-    _resample_grad_products(grad_kernels, weight, offset, geo, _geometry_args(geo, x.shape, s.c_out, s.n), s, dtype,
-                            grad_offset, grad_weight)
-
-
-def _gemms(go, kernels, cols, grad_kernels, images, geo, s, dtype):
-    """The backward's two products per (image, weight group) of a chunk of `images` images:
-    grad_kernels = grad_output @ columns^T (in the accumulation type), then the columns'
-    gradient, kernels^T @ grad_output, into the columns' buffer."""
-    _blas.matmul(go, cols, grad_kernels, m=s.og, n=s.rows, k=s.L, dtype=dtype, c_dtype=np.dtype(ACC_DTYPES[dtype]).name,
-                 trans_b=True, batch=images * geo.groups, stride_a=s.og * s.L, stride_b=s.rows * s.L,
-                 stride_c=s.og * s.rows)
-    _blas.matmul(kernels, go, cols, m=s.rows, n=s.L, k=s.og, dtype=dtype, trans_a=True, batch=images * geo.groups,
-                 stride_a=s.og * s.rows, stride_b=s.og * s.L, stride_c=s.rows * s.L)
 
 
 def _resample_grad_products(grad_kernels, weight, offset, geo, geo_args, s, dtype, grad_offset, grad_weight):
