@@ -1101,10 +1101,13 @@ __device__ __forceinline__ void im2col_run(const T* plane, I iy0, I ix0, int cou
 // per (image, channel, output row, run of DK_IM2COL_RUN outputs of the row), so the index
 // arithmetic is shared by a run and a warp writes contiguous stretches of a row; in-plane
 // coordinates in 32 bits when every one fits (`small`). At N=16, C=256, 32x32, 3x3 on an H200:
-// fp16 35 us, fp32 45 us; a thread per output took 82 and 88 us, issuing 54 instructions per
-// point (Nsight Compute: 0.77 instructions a cycle per scheduler, bound by them).
+// fp16 35-38 us, fp32 45 us (94 registers had given 40 us in fp16: four blocks an SM now); a
+// thread per output took 82 and 88 us, issuing 54 instructions per point (Nsight Compute: 0.77
+// instructions a cycle per scheduler, bound by them). Both this and dk_col2im stay bound by
+// their instructions: bands of rows staged in shared memory with zero margins, no bounds
+// checks, took more (52 and 80 us against 38 and 50 in fp16; branch column-bands).
 template <typename T>
-__global__ void dk_im2col(const T* __restrict__ input, int small, int point_major, DK_GEOMETRY,
+__global__ void __launch_bounds__(256, 4) dk_im2col(const T* __restrict__ input, int small, int point_major, DK_GEOMETRY,
                           T* __restrict__ cols) {
     typedef typename acc<T>::type A;
     DK_GEO;

@@ -216,6 +216,21 @@ def test_gemm_path_64bit_coordinates(torch, monkeypatch, dtype, name):
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float16"])
+@pytest.mark.parametrize("warp_max", [0, None], ids=["block_per_plane", "warp_per_plane"])
+@pytest.mark.parametrize("name", ["mma_tiles", "dense3x3"])
+def test_bias_grad_launches(torch, monkeypatch, dtype, warp_max, name):
+    """plane_sums (the bias gradient, common.cuh) with a warp per plane and with a block per
+    plane (forced: long planes take it), on planes of whole 16-byte vectors (mma_tiles, L = 144;
+    dense3x3 in fp64) and not (dense3x3 in fp16, L = 84)."""
+    from cudeform.cuda import _common
+
+    if warp_max is not None:
+        monkeypatch.setattr(_common, "PLANE_WARP_MAX", warp_max)
+    tensors, exact, geo = rounded_case(torch, {**LARGE, **MMA}[name], "global", dtype, seed=48)
+    check_against_reference(torch, tensors, exact, geo, dtype, seed=49)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float16"])
 @pytest.mark.parametrize("name", ["depthwise3x3", "wide_strided", "huge_dilation", "big_pad"])
 def test_direct_path_64bit_units(torch, monkeypatch, dtype, name):
     """dk_global_conv's 64-bit unit indices, which only launches past 2**31 tiles take, forced on

@@ -11,6 +11,9 @@ from . import _compile
 from ._compile import ACC_DTYPES, launch
 
 COMMON_KERNELS = ("plane_sums", "sum_partials")
+# plane_sums gives a plane of grad_output a warp up to this many elements (a block beyond: few
+# long planes would leave the GPU idle).
+PLANE_WARP_MAX = 8192
 
 
 def image_chunks(n_images: int, bytes_per_image: int, budget: int) -> tuple[int, list]:
@@ -35,8 +38,9 @@ def bias_grad(op_module, grad_output, images: int, channels: int, L: int, dtype:
     import cupy
 
     partial = cupy.empty(images * channels, ACC_DTYPES[dtype])
-    launch(_compile.typed(op_module, "plane_sums", dtype), images * channels * _compile.BLOCK,
-           (grad_output, np.int64(images * channels), np.int64(L), partial))
+    lanes = _compile.WARP if L <= PLANE_WARP_MAX else _compile.BLOCK
+    launch(_compile.typed(op_module, "plane_sums", dtype), images * channels * lanes,
+           (grad_output, np.int64(images * channels), np.int64(L), np.int32(lanes), partial))
     out = _arrays.empty((channels,), dtype)
     sum_partials(op_module, partial, images, out, dtype)
     return out
