@@ -1107,8 +1107,8 @@ __device__ __forceinline__ void im2col_run(const T* plane, I iy0, I ix0, int cou
 // their instructions: bands of rows staged in shared memory with zero margins, no bounds
 // checks, took more (52 and 80 us against 38 and 50 in fp16; branch column-bands).
 template <typename T>
-__global__ void __launch_bounds__(256, 4) dk_im2col(const T* __restrict__ input, int small, int point_major, DK_GEOMETRY,
-                          T* __restrict__ cols) {
+__global__ void __launch_bounds__(256, 4) dk_im2col(const T* __restrict__ input, int small, int point_major,
+                                                    DK_GEOMETRY, T* __restrict__ cols) {
     typedef typename acc<T>::type A;
     DK_GEO;
     const index_t L = geo.L(), hw = geo.hw(), runs = ceil_div(out_w, (index_t)DK_IM2COL_RUN);
