@@ -186,6 +186,15 @@ def _conv_tiles(planes, out_size, kernel, stride, dilation, rows, acc_bytes, bud
     return threads, block, shared(th, tw, staged), (np.int32(th), np.int32(tw), np.int32(staged))
 
 
+def _im2col(x, point_major, geo, s, dtype, cols) -> None:
+    """dk_im2col: the rigid columns of the images of x (all of them or a chunk) into cols, their
+    rows in the kernels' order (`point_major`, ColumnRows)."""
+    images = x.shape[0]
+    launch(_kernel("dk_im2col", dtype), images * s.c_in * geo.out_size[0] * -(-geo.out_size[1] // IM2COL_RUN),
+           (x, np.int32(_small_planes(s, geo)), np.int32(point_major), *_geometry_args(geo, x.shape, s.c_out, images),
+            cols))
+
+
 def _bands(planes: int, size: int) -> int:
     """Bands per plane of `size` positions for a direct kernel with one block per band: enough
     blocks for the GPU when the planes are few, each band at least a block of positions."""
@@ -386,11 +395,9 @@ def forward(input, weight, kernel_offset, bias, *, geo, dtype):
         return out
     kernels = _resample(weight, offset, x, geo, s, dtype)
     chunks, cols = _columns(s, x)
-    im2col, small = _kernel("dk_im2col", dtype), np.int32(_small_planes(s, geo))
     for n0, n1 in chunks:
         b = n1 - n0
-        launch(im2col, b * s.c_in * geo.out_size[0] * -(-geo.out_size[1] // IM2COL_RUN),
-               (x[n0:n1], small, np.int32(0), *_geometry_args(geo, x.shape, s.c_out, b), cols))
+        _im2col(x[n0:n1], 0, geo, s, dtype, cols)
         # One product per (image, weight group): its resampled kernels times its columns.
         _blas.matmul(kernels[n0:n1], cols, out[n0:n1], m=s.og, n=s.L, k=s.rows, dtype=dtype, batch=b * geo.groups,
                      stride_a=s.og * s.rows, stride_b=s.rows * s.L, stride_c=s.og * s.L)
@@ -483,20 +490,17 @@ def _columns_backward(go, x, kernels, grad_kernels, point_major, geo, s, dtype, 
     `kernels` and `grad_kernels` have the images first; `point_major` (0 or 1) sets the
     columns' row order to the kernels' (ColumnRows)."""
     chunks, cols = _columns(s, x)
-    im2col, col2im = _kernel("dk_im2col", dtype), _kernel("dk_col2im", dtype)
-    small, point_major = np.int32(_small_planes(s, geo)), np.int32(point_major)
     for n0, n1 in chunks:
         b = n1 - n0
-        chunk_args = _geometry_args(geo, x.shape, s.c_out, b)
-        launch(im2col, b * s.c_in * geo.out_size[0] * -(-geo.out_size[1] // IM2COL_RUN),
-               (x[n0:n1], small, point_major, *chunk_args, cols))
+        _im2col(x[n0:n1], point_major, geo, s, dtype, cols)
         _blas.matmul(go[n0:n1], cols, grad_kernels[n0:n1], m=s.og, n=s.rows, k=s.L, dtype=dtype,
                      c_dtype=np.dtype(ACC_DTYPES[dtype]).name, trans_b=True, batch=b * geo.groups,
                      stride_a=s.og * s.L, stride_b=s.rows * s.L, stride_c=s.og * s.rows)
         _blas.matmul(kernels[n0:n1], go[n0:n1], cols, m=s.rows, n=s.L, k=s.og, dtype=dtype, trans_a=True,
                      batch=b * geo.groups, stride_a=s.og * s.rows, stride_b=s.og * s.L, stride_c=s.rows * s.L)
-        launch(col2im, b * s.c_in * s.h * -(-s.w // IM2COL_RUN),
-               (cols, small, point_major, *chunk_args, grad_input[n0:n1]))
+        launch(_kernel("dk_col2im", dtype), b * s.c_in * s.h * -(-s.w // IM2COL_RUN),
+               (cols, np.int32(_small_planes(s, geo)), np.int32(point_major),
+                *_geometry_args(geo, x.shape, s.c_out, b), grad_input[n0:n1]))
 
 
 def _resample_grad_products(grad_kernels, weight, offset, geo, geo_args, s, dtype, grad_offset, grad_weight):
