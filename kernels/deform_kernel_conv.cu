@@ -1379,119 +1379,209 @@ __global__ void __launch_bounds__(256, 3) dk_global_resample_grad(
     }
 }
 
+// taps[g, (n, k), s] for dk_resample_grad_sums: the weight of scope element s in kernel point k
+// of (n, g) (ScopeCorners' four corners, zero elsewhere), rounded to TF32 (the operand its MMAs
+// take), rows of S rounded up to DK_SCOPE_RUN.
+template <typename T>
+__global__ void __launch_bounds__(256) dk_scope_taps(const T* __restrict__ offset, DK_GEOMETRY,
+                                                     float* __restrict__ taps) {
+    DK_GEO;
+    const index_t K = geo.K(), S = geo.scope(), R = batch * K;
+    const index_t pitch = ceil_div(S, (index_t)DK_SCOPE_RUN) * DK_SCOPE_RUN;
+    CUDEFORM_LOOP(i, offset_groups * R) {
+        const index_t g = fast_div(i, R), r = i - g * R, n = fast_div(r, K);
+        const ScopeCorners<float> p(geo, offset + 2 * (n * offset_groups + g) * K, (int)(r - n * K), 0, 1, S);
+        for (index_t s = 0; s < pitch; ++s) {
+            float v = 0.0f;
+#pragma unroll
+            for (int c = 0; c < 4; ++c) v += p.at[c] == s ? p.tap[c] : 0.0f;  // a corner outside has tap 0
+            taps[i * pitch + s] = __uint_as_float(to_tf32(v));
+        }
+    }
+}
+
 // The backward through the resampling from the kernels' gradient of the kernel-point-major
 // columns path, (N, C_out, K, Cg) in float32: a matrix of rows (n, k) and columns (o, c),
 // element ((n, k), (o, c)) at ((n * C_out + o) * K + k) * Cg + c. Per offset group g, over its
 // (o, c) columns and per scope element s:
 //   grad_weight[(o, c), s] = sum over rows (n, k) of grad_kernels[(n, k), (o, c)] * taps[g, (n, k), s],
 //   products[g, (n, k), s] = sum over (o, c) of grad_kernels[(n, k), (o, c)] * weight[(o, c), s],
-// taps the weight of scope element s in kernel point k of (n, g) (4 corners of S). grad_offset
-// follows from the products (dk_resample_grad_offsets). Both in one pass over grad_kernels: a
-// block per (offset group, chunk of DK_SUM_COLUMNS columns), for runs of DK_SCOPE_RUN scope
-// elements, over groups of DK_SUM_ROWS rows staged in shared memory with their taps (the next
-// group's loads in flight meanwhile). A thread per column sums its weight gradient over every
-// row (stored complete, as T); the products of a row group, a DK_SUM_ROWS x DK_SCOPE_RUN
-// product of the staged rows and the chunk's weights, go to product_partial[g, chunk, (n, k),
-// s], a thread per (row, 4 scope elements, quarter of the columns). (At N=16, C=256, 32x32 in
-// fp16 on an H200: 64 us, where dk_global_resample_grad took 83 and two cuBLAS products of
-// (N * K, C_out * Cg) rows 72 + 25.)
+// taps from dk_scope_taps. grad_offset follows from the products (dk_resample_grad_offsets).
+// Both are thin matrix products over one pass of grad_kernels, run on tensor cores in TF32
+// (grad_kernels was summed in float32 from operands of the half type, which carry no more bits
+// than TF32; the weight's half values pass exactly): a block per (offset group, chunk of
+// DK_SUM_COLUMNS columns, run of DK_SCOPE_RUN scope elements), a warp per 32 of its columns,
+// over stages of dk_sums::ROWS rows that cp.async copies into shared memory two stages ahead,
+// with their taps. A warp's tile of a stage is only its own columns: the weight gradient (its
+// columns x the stage's taps) accumulates in its registers over every row and is stored once,
+// as T; the products (the stage's rows x its columns' weights, MMA operands kept in registers)
+// replace the warp's tile and are summed over the warps into product_partial[g, chunk, (n, k),
+// s]. Needs Cg % 4 == 0 (the tensor-core path's Cg % 8): 4 columns are one 16-byte copy.
+// At N=16, C=256, 32x32 in fp16 on an H200: 28 us (Nsight Compute: 0.5 instructions issued a
+// cycle per scheduler, DRAM at 28% of its peak; one stage in flight, 29 us), where a thread per
+// column on the CUDA cores, its products a 16 x 16 product per row group in shared memory, took
+// 64, latency-bound.
 #define DK_SUM_COLUMNS 256
-#define DK_SUM_ROWS 16
+namespace dk_sums {
+constexpr int WARPS = DK_SUM_COLUMNS / WARP_SIZE;
+constexpr int ROWS = 32;                         // rows of a stage
+constexpr int STAGES = 3;                        // two in flight while the tensor cores take the third
+constexpr int TILE = ROWS * WARP_SIZE;           // floats of a warp's part of a stage
+constexpr int STAGE = WARPS * TILE;
+constexpr int PITCH = DK_SCOPE_RUN + 8;          // rows of taps and products: fragment reads in distinct banks
+constexpr int SHARED_BYTES = STAGES * (STAGE + ROWS * PITCH) * 4;  // SUM_SHARED_BYTES in the host
+static_assert(DK_SCOPE_RUN == 16 && ROWS == 32, "two 8-column tiles of scope elements, two 16-row tiles of rows");
+static_assert(ROWS * DK_SCOPE_RUN / 4 <= DK_SUM_COLUMNS, "a thread copies at most one vector of a stage's taps");
+static_assert(ROWS * PITCH <= TILE, "a warp's products fit its tile");
+static_assert(SHARED_BYTES <= 113 * 1024, "two blocks fit an SM");
+
+// Element (r, c) of a warp's tile lies at r * 32 + (c ^ swizzle(r)), so that both fragment
+// reads, (row, column) = (group, lane in group) for the products and (lane in group, group) for
+// the weight gradient, fall in 32 distinct banks; 4 columns from a multiple of 4 stay together.
+__device__ __forceinline__ int swizzle(int r) { return (r & 3) * 8 + (r & 4); }
+}  // namespace dk_sums
+
 template <typename T>
 __global__ void __launch_bounds__(DK_SUM_COLUMNS, 2) dk_resample_grad_sums(
-    const float* __restrict__ grad_kernels, const T* __restrict__ weight, const T* __restrict__ offset, DK_GEOMETRY,
-    float* __restrict__ product_partial, T* __restrict__ grad_weight) {
-    static_assert(DK_SUM_COLUMNS == DK_SUM_ROWS * 4 * 4 && DK_SCOPE_RUN == 16, "the products' thread layout");
+    const float* __restrict__ grad_kernels, const T* __restrict__ weight, const float* __restrict__ scope_taps,
+    DK_GEOMETRY, float* __restrict__ product_partial, T* __restrict__ grad_weight) {
+    using namespace dk_sums;
     DK_GEO;
-    // Row pitches: a warp's 16-byte reads of the rows of two row-group rows, or of weights 4
-    // scope elements apart, fall in distinct bank groups but for the unavoidable 2 wavefronts.
-    __shared__ __align__(16) float rows[DK_SUM_ROWS][DK_SUM_COLUMNS + 16];
-    __shared__ __align__(16) float scope[DK_SCOPE_RUN][DK_SUM_COLUMNS + 4];  // the chunk's weights, transposed
-    __shared__ __align__(16) float taps[DK_SUM_ROWS][DK_SCOPE_RUN];
+    extern __shared__ __align__(16) unsigned char dk_shared[];
+    float* const stages = reinterpret_cast<float*>(dk_shared);  // [STAGES][WARPS][ROWS][32]
+    float* const taps = stages + STAGES * STAGE;                  // [STAGES][ROWS][PITCH]
     const index_t K = geo.K(), S = geo.scope(), R = batch * K, cg = geo.cg(), image = c_out * K * cg;
-    const index_t pairs = geo.opg() * cg;
-    const index_t chunks = ceil_div(pairs, (index_t)DK_SUM_COLUMNS), runs = ceil_div(S, (index_t)DK_SCOPE_RUN);
-    const int t = threadIdx.x;
-    // The products: row q, scope elements 4 * quad.., columns 4 * (16 * j + quarter)..
-    const int q = t / 16, quad = t / 4 % 4, quarter = t % 4;
+    const index_t pairs = geo.opg() * cg, taps_pitch = ceil_div(S, (index_t)DK_SCOPE_RUN) * DK_SCOPE_RUN;
+    const index_t chunks = ceil_div(pairs, (index_t)DK_SUM_COLUMNS), runs = taps_pitch / DK_SCOPE_RUN;
+    const int lane = threadIdx.x % WARP_SIZE, warp = threadIdx.x / WARP_SIZE, group = lane / 4, in_group = lane % 4;
+    const int base = warp * WARP_SIZE;  // the warp's first column in the chunk
+    // The copies: a lane takes 4 columns (quad) of every 4th row of a stage, from row `lead`.
+    const int lead = lane / 8, quad = lane % 8;
     for (index_t unit = blockIdx.x; unit < offset_groups * chunks * runs; unit += gridDim.x) {
         const index_t gc = fast_div(unit, runs), g = fast_div(gc, chunks), s0 = (unit - gc * runs) * DK_SCOPE_RUN;
         const index_t first = g * pairs + (gc - g * chunks) * DK_SUM_COLUMNS;  // the chunk's first column
         const int columns = (int)min((index_t)DK_SUM_COLUMNS, (g + 1) * pairs - first);
         const int elements = (int)min((index_t)DK_SCOPE_RUN, S - s0);
-        __syncthreads();  // the previous unit is done with the weights
-        for (int v = t; v < DK_SUM_COLUMNS * DK_SCOPE_RUN; v += DK_SUM_COLUMNS) {
-            const int col = v / DK_SCOPE_RUN, e = v % DK_SCOPE_RUN;
-            scope[e][col] = col < columns && e < elements ? to_acc(weight[(first + col) * S + s0 + e]) : 0.0f;
-        }
-        float grad[DK_SCOPE_RUN];
+        // The weights as the products' B operand: [step of 8 columns][8 scope elements][k row].
+        unsigned w[4][2][2];
 #pragma unroll
-        for (int e = 0; e < DK_SCOPE_RUN; ++e) grad[e] = 0.0f;
-        // The next row group's values of this thread's column, loaded while the block works on
-        // the current one.
-        float next[DK_SUM_ROWS];
-        const index_t o = fast_div(first + t, cg);
-        const float* const column = grad_kernels + o * K * cg + first + t - o * cg;
-        auto load_rows = [&](index_t r0) {
-            index_t n = fast_div(r0, K), k = r0 - n * K;
+        for (int step = 0; step < 4; ++step) {
 #pragma unroll
-            for (int i = 0; i < DK_SUM_ROWS; ++i) {
-                next[i] = r0 + i < R && t < columns ? column[n * image + k * cg] : 0.0f;
-                if (++k == K) k = 0, ++n;
+            for (int half = 0; half < 2; ++half) {
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const int c = base + 8 * step + in_group + 4 * h, e = 8 * half + group;
+                    w[step][half][h] =
+                        c < columns && e < elements ? to_tf32(to_acc(weight[(first + c) * S + s0 + e])) : 0u;
+                }
             }
+        }
+        const bool live = base + 4 * quad < columns;
+        const index_t o = fast_div(first + base + 4 * quad, cg);
+        // This lane's next row of grad_kernels: row r (n * K + k) of its columns at `from`. 4 rows
+        // on, n grows by 4 / K and k by 4 % K, and by one more image where k passes K.
+        index_t r = lead;
+        int k = (int)(r % K);  // K * Cg < 2^31 on the tensor-core path
+        const float* from = grad_kernels + o * K * cg + first + base + 4 * quad - o * cg + r / K * image + k * cg;
+        const int k_step = (int)(4 % K);
+        const index_t jump = 4 / K * image + k_step * cg, wrap = image - K * cg;
+        const float* const tap_rows = scope_taps + g * R * taps_pitch + s0;
+        auto copy_stage = [&](index_t r0, int buffer) {
+            float* const tile = stages + buffer * STAGE + warp * TILE;
+#pragma unroll
+            for (int i = 0; i < ROWS / 4; ++i) {
+                const int row = 4 * i + lead;
+                copy_async_16(tile + row * WARP_SIZE + ((4 * quad) ^ swizzle(row)), from, live && r < R);
+                r += 4;
+                from += jump;
+                k += k_step;
+                if (k >= (int)K) k -= (int)K, from += wrap;
+            }
+            if (threadIdx.x < ROWS * DK_SCOPE_RUN / 4) {
+                const int row = threadIdx.x / 4, e = threadIdx.x % 4 * 4;
+                copy_async_16(taps + (buffer * ROWS + row) * PITCH + e, tap_rows + (r0 + row) * taps_pitch + e,
+                              r0 + row < R);
+            }
+            copy_async_commit();
         };
-        load_rows(0);
-        for (index_t r0 = 0; r0 < R; r0 += DK_SUM_ROWS) {
-            __syncthreads();  // the previous row group's readers are done
+        float grad[2][2][4] = {};  // [16 columns][8 scope elements][fragment]
+        copy_stage(0, 0);
+        if (ROWS < R) copy_stage(ROWS, 1);
+        for (index_t r0 = 0; r0 < R; r0 += ROWS) {
+            const int buffer = (int)(r0 / ROWS % STAGES);
+            if (r0 + ROWS < R) {
+                copy_async_wait<1>();
+            } else {
+                copy_async_wait<0>();
+            }
+            // The stage's copies are visible to every warp, and the buffer two stages on is free
+            // (the last readers of the stage before this one are done).
+            __syncthreads();
+            if (r0 + 2 * ROWS < R) copy_stage(r0 + 2 * ROWS, (buffer + 2) % STAGES);
+            float* const tile = stages + buffer * STAGE + warp * TILE;
+            auto at = [&](int row, int c) { return to_tf32(tile[row * WARP_SIZE + (c ^ swizzle(row))]); };
+            float sums[2][2][4] = {};  // products: [16 rows][8 scope elements][fragment]
 #pragma unroll
-            for (int i = 0; i < DK_SUM_ROWS; ++i) rows[i][t] = next[i];
-            if (t < DK_SUM_ROWS) {
-                const index_t r = r0 + t, n = fast_div(r, K);
+            for (int step = 0; step < 4; ++step) {
 #pragma unroll
-                for (int e = 0; e < DK_SCOPE_RUN; ++e) taps[t][e] = 0.0f;
-                if (r < R) {
-                    const ScopeCorners<float> p(geo, offset + 2 * (n * offset_groups + g) * K, (int)(r - n * K), s0, 1);
+                for (int m = 0; m < 2; ++m) {
+                    const int row = 16 * m + group, c = 8 * step + in_group;
+                    const unsigned a[4] = {at(row, c), at(row + 8, c), at(row, c + 4), at(row + 8, c + 4)};
 #pragma unroll
-                    for (int c = 0; c < 4; ++c) taps[t][p.at[c]] += p.tap[c];
+                    for (int half = 0; half < 2; ++half) mma_tf32(sums[m][half], a, w[step][half]);
+                }
+            }
+            const float* const tap = taps + buffer * ROWS * PITCH;
+#pragma unroll
+            for (int step = 0; step < 4; ++step) {
+                const int row = 8 * step + in_group;
+                unsigned b[2][2];
+#pragma unroll
+                for (int half = 0; half < 2; ++half) {
+                    b[half][0] = __float_as_uint(tap[row * PITCH + 8 * half + group]);
+                    b[half][1] = __float_as_uint(tap[(row + 4) * PITCH + 8 * half + group]);
+                }
+#pragma unroll
+                for (int m = 0; m < 2; ++m) {
+                    const int c = 16 * m + group;
+                    const unsigned a[4] = {at(row, c), at(row, c + 8), at(row + 4, c), at(row + 4, c + 8)};
+#pragma unroll
+                    for (int half = 0; half < 2; ++half) mma_tf32(grad[m][half], a, b[half]);
+                }
+            }
+            // The warp's products replace its tile, which it has read.
+            __syncwarp();
+#pragma unroll
+            for (int m = 0; m < 2; ++m) {
+#pragma unroll
+                for (int half = 0; half < 2; ++half) {
+                    const int row = 16 * m + group, e = 8 * half + 2 * in_group;
+                    const float* const f = sums[m][half];
+                    *reinterpret_cast<float2*>(&tile[row * PITCH + e]) = make_float2(f[0], f[1]);
+                    *reinterpret_cast<float2*>(&tile[(row + 8) * PITCH + e]) = make_float2(f[2], f[3]);
                 }
             }
             __syncthreads();
-            if (r0 + DK_SUM_ROWS < R) load_rows(r0 + DK_SUM_ROWS);
-#pragma unroll 4
-            for (int i = 0; i < DK_SUM_ROWS; ++i) {
-                const float v = rows[i][t];
+            const float* const products = stages + buffer * STAGE;
+            for (int i = threadIdx.x; i < ROWS * DK_SCOPE_RUN; i += blockDim.x) {
+                const int row = i / DK_SCOPE_RUN, e = i % DK_SCOPE_RUN;
+                float total = 0.0f;
 #pragma unroll
-                for (int e = 0; e < DK_SCOPE_RUN; ++e) grad[e] += v * taps[i][e];
-            }
-            float sums[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll 2
-            for (int j = 0; j < DK_SUM_COLUMNS / 16; ++j) {
-                const int col = 16 * j + 4 * quarter;
-                const float4 v = *reinterpret_cast<const float4*>(&rows[q][col]);
-#pragma unroll
-                for (int u = 0; u < 4; ++u) {
-                    const float4 w = *reinterpret_cast<const float4*>(&scope[4 * quad + u][col]);
-                    sums[u] += v.x * w.x + v.y * w.y + v.z * w.z + v.w * w.w;
-                }
-            }
-#pragma unroll
-            for (int u = 0; u < 4; ++u) {
-                sums[u] += __shfl_xor_sync(0xffffffffu, sums[u], 1);
-                sums[u] += __shfl_xor_sync(0xffffffffu, sums[u], 2);
-            }
-            if (quarter == 0 && r0 + q < R) {
-                float* const dst = product_partial + (gc * R + r0 + q) * S + s0 + 4 * quad;
-#pragma unroll
-                for (int u = 0; u < 4; ++u) {
-                    if (4 * quad + u < elements) dst[u] = sums[u];
-                }
+                for (int v = 0; v < WARPS; ++v) total += products[v * TILE + row * PITCH + e];
+                if (r0 + row < R && e < elements) product_partial[(gc * R + r0 + row) * S + s0 + e] = total;
             }
         }
-        if (t < columns) {
-            T* const dst = grad_weight + (first + t) * S + s0;
 #pragma unroll
-            for (int e = 0; e < DK_SCOPE_RUN; ++e) {
-                if (e < elements) dst[e] = from_acc<T>(grad[e]);
+        for (int m = 0; m < 2; ++m) {
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+#pragma unroll
+                for (int f = 0; f < 4; ++f) {
+                    const int c = base + 16 * m + group + 8 * (f / 2), e = 8 * half + 2 * in_group + f % 2;
+                    if (c < columns && e < elements) {
+                        grad_weight[(first + c) * S + s0 + e] = from_acc<T>(grad[m][half][f]);
+                    }
+                }
             }
         }
     }

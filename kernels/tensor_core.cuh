@@ -1,6 +1,6 @@
 // Building blocks of the implicit-GEMM kernels on tensor cores (sm_80 and newer, the half
 // types): cp.async copies into shared memory, ldmatrix, mma.sync m16n8k16 with float32
-// accumulators, and the channels-last copy their operands are read from.
+// accumulators (and m16n8k8 on TF32), and the channels-last copy their operands are read from.
 // Every helper compiles to nothing below sm_80; the hosts take these paths only on sm_80+.
 #pragma once
 
@@ -32,6 +32,28 @@ template <> struct Mma<__nv_bfloat16> {
     }
 };
 
+// The TF32 value nearest v (round to nearest, ties away), as mma_tf32's operands want it: 10
+// mantissa bits, so float16 and bfloat16 values pass unchanged.
+__device__ __forceinline__ unsigned to_tf32(float v) {
+    unsigned r = 0;
+#if __CUDA_ARCH__ >= 800
+    asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(v));
+#endif
+    return r;
+}
+
+// d += a * b for one 16x8x8 tile of TF32 operands (to_tf32): a (row-major 16x8) in 4
+// registers, b (column-major 8x8) in 2, d (16x8 float) in 4, in the layout of PTX's
+// mma.m16n8k8.
+__device__ __forceinline__ void mma_tf32(float* d, const unsigned* a, const unsigned* b) {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
+}
+
 __device__ __forceinline__ unsigned shared_address(const void* p) {
     return static_cast<unsigned>(__cvta_generic_to_shared(p));
 }
@@ -51,6 +73,14 @@ __device__ __forceinline__ void copy_async_16(void* dst, const void* src, bool v
 #if __CUDA_ARCH__ >= 800
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
                  :: "r"(shared_address(dst)), "l"(src), "r"(valid ? 16 : 0) : "memory");
+#endif
+}
+
+// One float the same way (4 zero bytes when !valid).
+__device__ __forceinline__ void copy_async_4(void* dst, const void* src, bool valid) {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n"
+                 :: "r"(shared_address(dst)), "l"(src), "r"(valid ? 4 : 0) : "memory");
 #endif
 }
 

@@ -77,8 +77,9 @@ EDGES = {
 # The tensor-core path (dk_global_mma, and the backward on its kernel-point-major kernels):
 # channel counts that leave a stage half empty, outputs past one tile of 128 channels and of 128
 # positions, rows of positions that are not whole 16-byte vectors (L = 117), weight and offset
-# groups, strides, dilations, a kernel of 1 x 2, and (o, c) pairs whose chunks of 256 columns
-# in dk_resample_grad_sums straddle output channels (Cg = 136).
+# groups, strides, dilations, a kernel of 1 x 2, (o, c) pairs whose chunks of 256 columns
+# in dk_resample_grad_sums straddle output channels (Cg = 136), and (image, kernel point) rows
+# for more than its three stage buffers of 32 (108 rows; 40 rows of two kernel points).
 MMA = {
     "mma_tails": dict(N=2, C_in=24, C_out=20, groups=1, G=2, kernel=(3, 3), scope=(4, 4), H=9, W=13,
                       stride=1, padding=1, dilation=1),
@@ -90,6 +91,10 @@ MMA = {
                        stride=1, padding=0, dilation=1),
     "mma_wide": dict(N=1, C_in=136, C_out=8, groups=1, G=1, kernel=(3, 3), scope=(4, 4), H=6, W=7,
                      stride=1, padding=1, dilation=1),
+    "mma_rows": dict(N=12, C_in=16, C_out=24, groups=1, G=2, kernel=(3, 3), scope=(4, 4), H=5, W=6,
+                     stride=1, padding=1, dilation=1),
+    "mma_points": dict(N=20, C_in=40, C_out=8, groups=1, G=1, kernel=(1, 2), scope=(2, 3), H=4, W=5,
+                       stride=1, padding=0, dilation=1),
 }
 
 

@@ -48,7 +48,8 @@ _KERNELS = ("dk_resample", "dk_global_input_grad", "dk_im2col",
 COMPILED_SIZES = (0, 3)
 # The tensor-core path (tensor_core.cuh's mma.sync) exists for the half types only.
 TENSOR_CORE_DTYPES = ("float16", "bfloat16")
-_TENSOR_CORE_KERNELS = ("dk_global_mma", "dk_mma_operands", "dk_resample_grad_sums", "dk_resample_grad_offsets")
+_TENSOR_CORE_KERNELS = ("dk_global_mma", "dk_mma_operands", "dk_scope_taps", "dk_resample_grad_sums",
+                        "dk_resample_grad_offsets")
 NAME_EXPRESSIONS = ([f"{k}<{t}>" for t in CXX_TYPES.values() for k in _KERNELS]
                     + [f"{k}<{t}, {size}>" for t in CXX_TYPES.values() for size in COMPILED_SIZES
                        for k in ("dk_global_conv", "dk_global_kernel_grad")]
@@ -85,8 +86,10 @@ GRAD_TARGET_BLOCKS = 1024
 # arrays (3.75 KB in float64).
 SCOPE_RUN = 16
 RESAMPLE_GRAD_SHARED_BYTES = 44 * 1024
-# (o, c) pairs per block of dk_resample_grad_sums (DK_SUM_COLUMNS in the source).
+# (o, c) pairs per block of dk_resample_grad_sums (DK_SUM_COLUMNS in the source), and its dynamic
+# shared memory (dk_sums::SHARED_BYTES): three stages of 32 rows of its columns and their taps.
 SUM_COLUMNS = 256
+SUM_SHARED_BYTES = 3 * (SUM_COLUMNS * 32 + 32 * (SCOPE_RUN + 8)) * 4
 # dk_local_weight_grad: threads per block (its shared memory holds a column per thread) and the
 # number of blocks to aim for when splitting the positions into chunks.
 WEIGHT_GRAD_BLOCK = 128
@@ -505,16 +508,21 @@ def _columns_backward(go, x, kernels, grad_kernels, point_major, geo, s, dtype, 
 
 def _resample_grad_products(grad_kernels, weight, offset, geo, geo_args, s, dtype, grad_offset, grad_weight):
     """The backward through the resampling from grad_kernels, (N, C_out, K, Cg) in float32:
-    dk_resample_grad_sums (the weight's gradient, and partial products per chunk of SUM_COLUMNS
-    (o, c) pairs, ``G * ceil(C_out/G * Cg / SUM_COLUMNS) * N * K * S_h*S_w`` floats), then
-    dk_resample_grad_offsets."""
+    dk_scope_taps (the scope's taps per (offset group, image, kernel point), ``G * N * K *
+    ceil(S_h*S_w / SCOPE_RUN) * SCOPE_RUN`` floats), dk_resample_grad_sums (the weight's
+    gradient, and partial products per chunk of SUM_COLUMNS (o, c) pairs, ``G * ceil(C_out/G *
+    Cg / SUM_COLUMNS) * N * K * S_h*S_w`` floats), then dk_resample_grad_offsets."""
     import cupy
 
     rows = s.n * s.K
+    runs = -(-s.S // SCOPE_RUN)
+    taps = cupy.empty(geo.offset_groups * rows * runs * SCOPE_RUN, np.float32)
+    launch(_kernel("dk_scope_taps", dtype), geo.offset_groups * rows, (offset, *geo_args, taps))
     chunks = geo.offset_groups * -(-s.opg * s.cg // SUM_COLUMNS)
     partial = cupy.empty(chunks * rows * s.S, np.float32)
-    launch(_kernel("dk_resample_grad_sums", dtype), chunks * -(-s.S // SCOPE_RUN) * SUM_COLUMNS,
-           (grad_kernels, weight, offset, *geo_args, partial, grad_weight), block=SUM_COLUMNS)
+    launch(_kernel("dk_resample_grad_sums", dtype, SUM_SHARED_BYTES), chunks * runs * SUM_COLUMNS,
+           (grad_kernels, weight, taps, *geo_args, partial, grad_weight), block=SUM_COLUMNS,
+           shared_mem=SUM_SHARED_BYTES)
     launch(_kernel("dk_resample_grad_offsets", dtype), geo.offset_groups * rows * _compile.BLOCK,
            (partial, offset, *geo_args, grad_offset))
 
