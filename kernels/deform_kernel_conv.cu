@@ -436,22 +436,31 @@ __device__ __forceinline__ void resample_cl(const T* __restrict__ weight, const 
     }
 }
 
-// What dk_global_mma reads, made in one launch (two independent jobs, which then overlap): the
-// first `layout_blocks` blocks make the input channels-last (tensor_core.cuh), the others
-// resample the kernels (resample_cl); the backward, which reads only the kernels, launches no
-// layout blocks. Dynamic shared memory: the larger of the two's.
+// The backward's table of the scope's taps for dk_resample_grad_sums (below, beside it).
+template <typename T>
+__device__ void scope_taps(const T* __restrict__ offset, const DkGeometry& geo, float* __restrict__ taps,
+                           index_t first, index_t step);
+
+// What dk_global_mma reads, made in one launch (independent jobs, which then overlap): the
+// first `lead_blocks` blocks make the input channels-last (tensor_core.cuh), or, in the
+// backward, which reads only the kernels (input_cl null), the scope's taps (scope_taps); the
+// others resample the kernels (resample_cl). Dynamic shared memory: the larger of the jobs'.
 template <typename T>
 __global__ void __launch_bounds__(256) dk_mma_operands(const T* __restrict__ input, const T* __restrict__ weight,
                                                        const T* __restrict__ offset, int slice, int pass,
-                                                       int layout_blocks, DK_GEOMETRY, T* __restrict__ input_cl,
-                                                       T* __restrict__ kernels) {
+                                                       int lead_blocks, DK_GEOMETRY, T* __restrict__ input_cl,
+                                                       T* __restrict__ kernels, float* __restrict__ taps) {
     DK_GEO;
     extern __shared__ __align__(16) unsigned char dk_shared[];
-    if ((int)blockIdx.x < layout_blocks) {
-        channels_last(input, batch, channels, geo.hw(), input_cl, dk_shared, blockIdx.x, layout_blocks);
+    if ((int)blockIdx.x < lead_blocks) {
+        if (input_cl != nullptr) {
+            channels_last(input, batch, channels, geo.hw(), input_cl, dk_shared, blockIdx.x, lead_blocks);
+        } else {
+            scope_taps(offset, geo, taps, blockIdx.x, lead_blocks);
+        }
     } else {
-        resample_cl(weight, offset, slice, pass, geo, kernels, dk_shared, blockIdx.x - layout_blocks,
-                    gridDim.x - layout_blocks);
+        resample_cl(weight, offset, slice, pass, geo, kernels, dk_shared, blockIdx.x - lead_blocks,
+                    gridDim.x - lead_blocks);
     }
 }
 
@@ -1381,16 +1390,16 @@ __global__ void __launch_bounds__(256, 3) dk_global_resample_grad(
 
 // taps[g, (n, k), s] for dk_resample_grad_sums: the weight of scope element s in kernel point k
 // of (n, g) (ScopeCorners' four corners, zero elsewhere), rounded to TF32 (the operand its MMAs
-// take), rows of S rounded up to DK_SCOPE_RUN.
+// take), rows of S rounded up to DK_SCOPE_RUN. A thread per (g, (n, k)) of blocks first,
+// first + step, ...
 template <typename T>
-__global__ void __launch_bounds__(256) dk_scope_taps(const T* __restrict__ offset, DK_GEOMETRY,
-                                                     float* __restrict__ taps) {
-    DK_GEO;
-    const index_t K = geo.K(), S = geo.scope(), R = batch * K;
+__device__ void scope_taps(const T* __restrict__ offset, const DkGeometry& geo, float* __restrict__ taps,
+                           index_t first, index_t step) {
+    const index_t K = geo.K(), S = geo.scope(), R = geo.batch * K;
     const index_t pitch = ceil_div(S, (index_t)DK_SCOPE_RUN) * DK_SCOPE_RUN;
-    CUDEFORM_LOOP(i, offset_groups * R) {
+    for (index_t i = first * blockDim.x + threadIdx.x; i < geo.offset_groups * R; i += step * blockDim.x) {
         const index_t g = fast_div(i, R), r = i - g * R, n = fast_div(r, K);
-        const ScopeCorners<float> p(geo, offset + 2 * (n * offset_groups + g) * K, (int)(r - n * K), 0, 1, S);
+        const ScopeCorners<float> p(geo, offset + 2 * (n * geo.offset_groups + g) * K, (int)(r - n * K), 0, 1, S);
         for (index_t s = 0; s < pitch; ++s) {
             float v = 0.0f;
 #pragma unroll
@@ -1406,7 +1415,7 @@ __global__ void __launch_bounds__(256) dk_scope_taps(const T* __restrict__ offse
 // (o, c) columns and per scope element s:
 //   grad_weight[(o, c), s] = sum over rows (n, k) of grad_kernels[(n, k), (o, c)] * taps[g, (n, k), s],
 //   products[g, (n, k), s] = sum over (o, c) of grad_kernels[(n, k), (o, c)] * weight[(o, c), s],
-// taps from dk_scope_taps. grad_offset follows from the products (dk_resample_grad_offsets).
+// taps from scope_taps. grad_offset follows from the products (dk_resample_grad_offsets).
 // Both are thin matrix products over one pass of grad_kernels, run on tensor cores in TF32
 // (grad_kernels was summed in float32 from operands of the half type, which carry no more bits
 // than TF32; the weight's half values pass exactly): a block per (offset group, chunk of
@@ -1443,7 +1452,7 @@ __device__ __forceinline__ int swizzle(int r) { return (r & 3) * 8 + (r & 4); }
 
 template <typename T>
 __global__ void __launch_bounds__(DK_SUM_COLUMNS, 2) dk_resample_grad_sums(
-    const float* __restrict__ grad_kernels, const T* __restrict__ weight, const float* __restrict__ scope_taps,
+    const float* __restrict__ grad_kernels, const T* __restrict__ weight, const float* __restrict__ tap_table,
     DK_GEOMETRY, float* __restrict__ product_partial, T* __restrict__ grad_weight) {
     using namespace dk_sums;
     DK_GEO;
@@ -1485,7 +1494,7 @@ __global__ void __launch_bounds__(DK_SUM_COLUMNS, 2) dk_resample_grad_sums(
         const float* from = grad_kernels + o * K * cg + first + base + 4 * quad - o * cg + r / K * image + k * cg;
         const int k_step = (int)(4 % K);
         const index_t jump = 4 / K * image + k_step * cg, wrap = image - K * cg;
-        const float* const tap_rows = scope_taps + g * R * taps_pitch + s0;
+        const float* const tap_rows = tap_table + g * R * taps_pitch + s0;
         auto copy_stage = [&](index_t r0, int buffer) {
             float* const tile = stages + buffer * STAGE + warp * TILE;
 #pragma unroll

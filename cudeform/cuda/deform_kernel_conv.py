@@ -48,8 +48,7 @@ _KERNELS = ("dk_resample", "dk_global_input_grad", "dk_im2col",
 COMPILED_SIZES = (0, 3)
 # The tensor-core path (tensor_core.cuh's mma.sync) exists for the half types only.
 TENSOR_CORE_DTYPES = ("float16", "bfloat16")
-_TENSOR_CORE_KERNELS = ("dk_global_mma", "dk_mma_operands", "dk_scope_taps", "dk_resample_grad_sums",
-                        "dk_resample_grad_offsets")
+_TENSOR_CORE_KERNELS = ("dk_global_mma", "dk_mma_operands", "dk_resample_grad_sums", "dk_resample_grad_offsets")
 NAME_EXPRESSIONS = ([f"{k}<{t}>" for t in CXX_TYPES.values() for k in _KERNELS]
                     + [f"{k}<{t}, {size}>" for t in CXX_TYPES.values() for size in COMPILED_SIZES
                        for k in ("dk_global_conv", "dk_global_kernel_grad")]
@@ -272,21 +271,24 @@ def _mma_plan(s, groups: int):
             max(resample_shared, CHANNELS_LAST_SHARED_BYTES), tiles * MMA_THREADS)
 
 
-def _mma_operands(x, weight, offset, geo, s, dtype, channels_last=True):
-    """The input made channels-last, (N, H, W, C_in) (unless not `channels_last`), and the
-    kernels resampled kernel-point-major, (N, C_out, K, Cg), in one launch (dk_mma_operands):
-    one workspace array, and the two as Pointers into it (the first None when not made)."""
-    cl_size, blocks, (slice_, pass_, layout_blocks), operand_shared, _ = _mma_plan(s, geo.groups)
-    if not channels_last:
-        blocks, layout_blocks, cl_size = blocks - layout_blocks, np.int32(0), 0
+def _mma_operands(x, weight, offset, geo, s, dtype, taps=None):
+    """The kernels resampled kernel-point-major, (N, C_out, K, Cg), and either the input made
+    channels-last, (N, H, W, C_in) (the forward), or, given `taps` (a Pointer to room for
+    dk_resample_grad_sums' taps: the backward), those taps, in one launch (dk_mma_operands):
+    one workspace array, and the input and the kernels as Pointers into it (the input None in
+    the backward)."""
+    cl_size, blocks, (slice_, pass_, lead_blocks), operand_shared, _ = _mma_plan(s, geo.groups)
+    if taps is not None:
+        taps_blocks = -(-geo.offset_groups * s.n * s.K // _compile.BLOCK)  # a thread per table row
+        blocks, lead_blocks, cl_size = blocks - lead_blocks + taps_blocks, np.int32(taps_blocks), 0
     workspace = _arrays.empty(cl_size + s.n * s.c_out * s.K * s.cg, dtype)
     # cl_size is a multiple of 8 elements: both parts are aligned to 16-byte vectors.
-    x_cl = _compile.Pointer(workspace.data.ptr)
-    kernels = _compile.Pointer(x_cl + cl_size * workspace.itemsize)
+    x_cl = _compile.Pointer(workspace.data.ptr if taps is None else 0)
+    kernels = _compile.Pointer(workspace.data.ptr + cl_size * workspace.itemsize)
     launch(_kernel("dk_mma_operands", dtype), blocks * _compile.BLOCK,
-           (x, weight, offset, slice_, pass_, layout_blocks, *_geometry_args(geo, x.shape, s.c_out, s.n), x_cl,
-            kernels), shared_mem=operand_shared)
-    return workspace, x_cl if channels_last else None, kernels
+           (x, weight, offset, slice_, pass_, lead_blocks, *_geometry_args(geo, x.shape, s.c_out, s.n), x_cl,
+            kernels, _compile.Pointer(0) if taps is None else taps), shared_mem=operand_shared)
+    return workspace, x_cl if taps is None else None, kernels
 
 
 def _mma_forward(x, weight, offset, bias_arg, use_bias, geo, s, dtype, out):
@@ -472,18 +474,32 @@ def _global_backward(go, x, weight, offset, geo, s, dtype, grad_input, grad_offs
 
 def _mma_backward(go, x, weight, offset, geo, s, dtype, grad_input, grad_offset, grad_weight):
     """Global DK's backward for the shapes of the tensor-core forward, on its kernel-point-major
-    kernels (_mma_operands without the channels-last input) and columns kernel-point-major too,
-    so that the kernels' gradient, grad_output @ columns^T, comes out (N, C_out, K, Cg), whose
-    (n, k) rows _resample_grad_products reads. (dk_kernel_grad_mma, an implicit GEMM on tensor
-    cores over the channels-last input, took 108 us at N=16, C=256, 32x32 in fp16 on an H200,
-    where dk_im2col and cuBLAS take 35 + 40.)"""
+    kernels (_mma_operands, which makes dk_resample_grad_sums' taps instead of the channels-last
+    input) and columns kernel-point-major too, so that the kernels' gradient, grad_output @
+    columns^T, comes out (N, C_out, K, Cg): a matrix of (n, k) rows that dk_resample_grad_sums
+    reduces both ways, into the weight's gradient and partial products per chunk of SUM_COLUMNS
+    (o, c) pairs, which dk_resample_grad_offsets finishes. Workspace beside the columns: the
+    kernels, their gradient in float32, ``G * N * K * ceil(S_h*S_w / SCOPE_RUN) * SCOPE_RUN``
+    taps and ``G * ceil(C_out/G * Cg / SUM_COLUMNS) * N * K * S_h*S_w`` partial products.
+    (dk_kernel_grad_mma, an implicit GEMM on tensor cores over the channels-last input, took
+    108 us at N=16, C=256, 32x32 in fp16 on an H200, where dk_im2col and cuBLAS take 35 + 40.)"""
     import cupy
 
-    workspace, _, _ = _mma_operands(x, weight, offset, geo, s, dtype, channels_last=False)
+    rows, runs = s.n * s.K, -(-s.S // SCOPE_RUN)
+    taps_size = geo.offset_groups * rows * runs * SCOPE_RUN
+    chunks = geo.offset_groups * -(-s.opg * s.cg // SUM_COLUMNS)
+    scratch = cupy.empty(taps_size + chunks * rows * s.S, np.float32)  # the taps, the partial products
+    taps = _compile.Pointer(scratch.data.ptr)
+    workspace, _, _ = _mma_operands(x, weight, offset, geo, s, dtype, taps=taps)
     grad_kernels = cupy.empty((s.n, s.c_out, s.rows), np.float32)
     _columns_backward(go, x, workspace.reshape(s.n, s.c_out, s.rows), grad_kernels, 1, geo, s, dtype, grad_input)
-    _resample_grad_products(grad_kernels, weight, offset, geo, _geometry_args(geo, x.shape, s.c_out, s.n), s, dtype,
-                            grad_offset, grad_weight)
+    geo_args = _geometry_args(geo, x.shape, s.c_out, s.n)
+    partial = _compile.Pointer(taps + 4 * taps_size)
+    launch(_kernel("dk_resample_grad_sums", dtype, SUM_SHARED_BYTES), chunks * runs * SUM_COLUMNS,
+           (grad_kernels, weight, taps, *geo_args, partial, grad_weight), block=SUM_COLUMNS,
+           shared_mem=SUM_SHARED_BYTES)
+    launch(_kernel("dk_resample_grad_offsets", dtype), geo.offset_groups * rows * _compile.BLOCK,
+           (partial, offset, *geo_args, grad_offset))
 
 
 def _columns_backward(go, x, kernels, grad_kernels, point_major, geo, s, dtype, grad_input):
@@ -495,36 +511,18 @@ def _columns_backward(go, x, kernels, grad_kernels, point_major, geo, s, dtype, 
     chunks, cols = _columns(s, x)
     for n0, n1 in chunks:
         b = n1 - n0
-        _im2col(x[n0:n1], point_major, geo, s, dtype, cols)
-        _blas.matmul(go[n0:n1], cols, grad_kernels[n0:n1], m=s.og, n=s.rows, k=s.L, dtype=dtype,
+        # One chunk (the usual case) takes the arrays whole: each slice costs host time.
+        images = (lambda a: a) if b == s.n else (lambda a: a[n0:n1])  # noqa: E731
+        g = images(go)
+        _im2col(images(x), point_major, geo, s, dtype, cols)
+        _blas.matmul(g, cols, images(grad_kernels), m=s.og, n=s.rows, k=s.L, dtype=dtype,
                      c_dtype=np.dtype(ACC_DTYPES[dtype]).name, trans_b=True, batch=b * geo.groups,
                      stride_a=s.og * s.L, stride_b=s.rows * s.L, stride_c=s.og * s.rows)
-        _blas.matmul(kernels[n0:n1], go[n0:n1], cols, m=s.rows, n=s.L, k=s.og, dtype=dtype, trans_a=True,
+        _blas.matmul(images(kernels), g, cols, m=s.rows, n=s.L, k=s.og, dtype=dtype, trans_a=True,
                      batch=b * geo.groups, stride_a=s.og * s.rows, stride_b=s.og * s.L, stride_c=s.rows * s.L)
         launch(_kernel("dk_col2im", dtype), b * s.c_in * s.h * -(-s.w // IM2COL_RUN),
                (cols, np.int32(_small_planes(s, geo)), np.int32(point_major),
-                *_geometry_args(geo, x.shape, s.c_out, b), grad_input[n0:n1]))
-
-
-def _resample_grad_products(grad_kernels, weight, offset, geo, geo_args, s, dtype, grad_offset, grad_weight):
-    """The backward through the resampling from grad_kernels, (N, C_out, K, Cg) in float32:
-    dk_scope_taps (the scope's taps per (offset group, image, kernel point), ``G * N * K *
-    ceil(S_h*S_w / SCOPE_RUN) * SCOPE_RUN`` floats), dk_resample_grad_sums (the weight's
-    gradient, and partial products per chunk of SUM_COLUMNS (o, c) pairs, ``G * ceil(C_out/G *
-    Cg / SUM_COLUMNS) * N * K * S_h*S_w`` floats), then dk_resample_grad_offsets."""
-    import cupy
-
-    rows = s.n * s.K
-    runs = -(-s.S // SCOPE_RUN)
-    taps = cupy.empty(geo.offset_groups * rows * runs * SCOPE_RUN, np.float32)
-    launch(_kernel("dk_scope_taps", dtype), geo.offset_groups * rows, (offset, *geo_args, taps))
-    chunks = geo.offset_groups * -(-s.opg * s.cg // SUM_COLUMNS)
-    partial = cupy.empty(chunks * rows * s.S, np.float32)
-    launch(_kernel("dk_resample_grad_sums", dtype, SUM_SHARED_BYTES), chunks * runs * SUM_COLUMNS,
-           (grad_kernels, weight, taps, *geo_args, partial, grad_weight), block=SUM_COLUMNS,
-           shared_mem=SUM_SHARED_BYTES)
-    launch(_kernel("dk_resample_grad_offsets", dtype), geo.offset_groups * rows * _compile.BLOCK,
-           (partial, offset, *geo_args, grad_offset))
+                *_geometry_args(geo, x.shape, s.c_out, b), images(grad_input)))
 
 
 def _input_grad_chunks(s) -> tuple[int, int]:
