@@ -76,14 +76,6 @@ __device__ __forceinline__ void copy_async_16(void* dst, const void* src, bool v
 #endif
 }
 
-// One float the same way (4 zero bytes when !valid).
-__device__ __forceinline__ void copy_async_4(void* dst, const void* src, bool valid) {
-#if __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n"
-                 :: "r"(shared_address(dst)), "l"(src), "r"(valid ? 4 : 0) : "memory");
-#endif
-}
-
 __device__ __forceinline__ void copy_async_commit() {
 #if __CUDA_ARCH__ >= 800
     asm volatile("cp.async.commit_group;\n" ::: "memory");
