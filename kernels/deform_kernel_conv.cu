@@ -1487,11 +1487,10 @@ __global__ void __launch_bounds__(DK_SUM_COLUMNS, 2) dk_resample_grad_sums(
         }
         const bool live = base + 4 * quad < columns;
         const index_t o = fast_div(first + base + 4 * quad, cg);
-        // This lane's next row of grad_kernels: row r (n * K + k) of its columns at `from`. 4 rows
-        // on, n grows by 4 / K and k by 4 % K, and by one more image where k passes K.
-        index_t r = lead;
-        int k = (int)(r % K);  // K * Cg < 2^31 on the tensor-core path
-        const float* from = grad_kernels + o * K * cg + first + base + 4 * quad - o * cg + r / K * image + k * cg;
+        // This lane's next row of grad_kernels, n * K + k, its columns at `from`. 4 rows on, n
+        // grows by 4 / K and k by 4 % K, and by one more image where k passes K.
+        int k = lead % (int)K;  // K * Cg < 2^31 on the tensor-core path
+        const float* from = grad_kernels + o * K * cg + first + base + 4 * quad - o * cg + lead / K * image + k * cg;
         const int k_step = (int)(4 % K);
         const index_t jump = 4 / K * image + k_step * cg, wrap = image - K * cg;
         const float* const tap_rows = tap_table + g * R * taps_pitch + s0;
@@ -1500,8 +1499,7 @@ __global__ void __launch_bounds__(DK_SUM_COLUMNS, 2) dk_resample_grad_sums(
 #pragma unroll
             for (int i = 0; i < ROWS / 4; ++i) {
                 const int row = 4 * i + lead;
-                copy_async_16(tile + row * WARP_SIZE + ((4 * quad) ^ swizzle(row)), from, live && r < R);
-                r += 4;
+                copy_async_16(tile + row * WARP_SIZE + ((4 * quad) ^ swizzle(row)), from, live && r0 + row < R);
                 from += jump;
                 k += k_step;
                 if (k >= (int)K) k -= (int)K, from += wrap;

@@ -494,7 +494,7 @@ def _mma_backward(go, x, weight, offset, geo, s, dtype, grad_input, grad_offset,
     grad_kernels = cupy.empty((s.n, s.c_out, s.rows), np.float32)
     _columns_backward(go, x, workspace.reshape(s.n, s.c_out, s.rows), grad_kernels, 1, geo, s, dtype, grad_input)
     geo_args = _geometry_args(geo, x.shape, s.c_out, s.n)
-    partial = _compile.Pointer(taps + 4 * taps_size)
+    partial = _compile.Pointer(taps + taps_size * scratch.itemsize)
     launch(_kernel("dk_resample_grad_sums", dtype, SUM_SHARED_BYTES), chunks * runs * SUM_COLUMNS,
            (grad_kernels, weight, taps, *geo_args, partial, grad_weight), block=SUM_COLUMNS,
            shared_mem=SUM_SHARED_BYTES)
