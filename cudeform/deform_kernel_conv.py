@@ -184,7 +184,9 @@ def deform_kernel_conv2d_backward(grad_output, input, weight, kernel_offset, bia
     kh*kw`` and fewer than ``(262144 + C_out * C_in/groups) * S_h*S_w`` elements; where the
     forward runs on tensor cores, instead ``G * ceil(C_out/G * C_in/groups / 256) * N * kh*kw
     * S_h*S_w`` floats, and the scope's taps, ``G * N * kh*kw * ceil(S_h*S_w / 16) * 16``
-    floats); local DK, on the GPU, per-block partial sums of the weight gradient
+    floats; there, at stride 1 with ``C_out/groups`` a multiple of 8, the input gradient is a
+    convolution of a channels-last copy of grad_output, and the columns serve only the
+    kernels' gradient); local DK, on the GPU, per-block partial sums of the weight gradient
     (fewer than ``(4096 + C_out * C_in/groups) * S_h*S_w`` elements), nothing on the CPU. A
     bias adds ``N * C_out`` partial sums on the GPU.
     """

@@ -367,6 +367,12 @@ constexpr int SHARED_BYTES = STAGES * 2 * TILE * 2;  // MMA_SHARED_BYTES in the 
 static_assert(BM == BN && BM * OUT_PITCH <= STAGES * 2 * TILE, "the output tile fits the pipeline's memory");
 static_assert(SHARED_BYTES <= 113 * 1024, "two blocks fit an SM (sm_80 and sm_90: 227 KiB)");
 static_assert(NI % 2 == 0, "an ldmatrix_x4 reads the B fragments of two 8-column tiles");
+// The input gradient's A tile (TRANSPOSED) is stored k-major, [BK][T_PITCH]: 272-byte rows,
+// so the 8 rows one ldmatrix reads again fall in 8 distinct bank groups; a thread copies rows
+// T_ROWS_APART apart, 8 output channels each.
+constexpr int T_PITCH = BM + 8;
+constexpr int T_ROWS_APART = THREADS / (BM / 8);
+static_assert(BK * T_PITCH <= TILE && BK / T_ROWS_APART == COPIES, "the transposed tile fits, in as many copies");
 }  // namespace dk_mma
 
 // kernels[n, o, k, c], kernel-point-major for dk_global_mma: dk_resample's samples. A block per
@@ -442,25 +448,27 @@ __device__ void scope_taps(const T* __restrict__ offset, const DkGeometry& geo, 
                            index_t first, index_t step);
 
 // What dk_global_mma reads, made in one launch (independent jobs, which then overlap): the
-// first `lead_blocks` blocks make the input channels-last (tensor_core.cuh), or, in the
-// backward, which reads only the kernels (input_cl null), the scope's taps (scope_taps); the
-// others resample the kernels (resample_cl). Dynamic shared memory: the larger of the jobs'.
+// first `layout_blocks` blocks make `planes`, (N, plane_channels, plane_positions), channels-last
+// (tensor_core.cuh): the input for the forward, grad_output for the backward's input gradient;
+// the next `taps_blocks` (the backward) make the scope's taps (scope_taps); the others resample
+// the kernels (resample_cl). Dynamic shared memory: the larger of the jobs'.
 template <typename T>
-__global__ void __launch_bounds__(256) dk_mma_operands(const T* __restrict__ input, const T* __restrict__ weight,
+__global__ void __launch_bounds__(256) dk_mma_operands(const T* __restrict__ planes, index_t plane_channels,
+                                                       index_t plane_positions, const T* __restrict__ weight,
                                                        const T* __restrict__ offset, int slice, int pass,
-                                                       int lead_blocks, DK_GEOMETRY, T* __restrict__ input_cl,
-                                                       T* __restrict__ kernels, float* __restrict__ taps) {
+                                                       int layout_blocks, int taps_blocks, DK_GEOMETRY,
+                                                       T* __restrict__ planes_cl, T* __restrict__ kernels,
+                                                       float* __restrict__ taps) {
     DK_GEO;
     extern __shared__ __align__(16) unsigned char dk_shared[];
-    if ((int)blockIdx.x < lead_blocks) {
-        if (input_cl != nullptr) {
-            channels_last(input, batch, channels, geo.hw(), input_cl, dk_shared, blockIdx.x, lead_blocks);
-        } else {
-            scope_taps(offset, geo, taps, blockIdx.x, lead_blocks);
-        }
+    const int block = (int)blockIdx.x;
+    if (block < layout_blocks) {
+        channels_last(planes, batch, plane_channels, plane_positions, planes_cl, dk_shared, block, layout_blocks);
+    } else if (block < layout_blocks + taps_blocks) {
+        scope_taps(offset, geo, taps, block - layout_blocks, taps_blocks);
     } else {
-        resample_cl(weight, offset, slice, pass, geo, kernels, dk_shared, blockIdx.x - lead_blocks,
-                    gridDim.x - lead_blocks);
+        const int lead = layout_blocks + taps_blocks;
+        resample_cl(weight, offset, slice, pass, geo, kernels, dk_shared, block - lead, gridDim.x - lead);
     }
 }
 
@@ -470,7 +478,13 @@ __global__ void __launch_bounds__(256) dk_mma_operands(const T* __restrict__ inp
 // Each thread copies the same rows of every stage; it keeps their source pointers and moves
 // them by BK channels a stage, recomputing the input's only at a new kernel point (address
 // arithmetic per copy and stage was two thirds of the loop's instructions).
-template <typename T>
+// TRANSPOSED: the backward's input gradient at stride 1, the convolution of grad_output (made
+// channels-last) with the kernels flipped and transposed within each group, read in place from
+// the forward's layout: the geometry is the transposed convolution's (channels = C_out, c_out
+// = C_in, padding (k - 1) * dilation - padding, out_size the input's; _transposed in the host),
+// and A's tile is a run of og input channels of BK rows (output channels of the forward),
+// copied as it lies and read by ldmatrix.trans. No bias.
+template <typename T, bool TRANSPOSED>
 __global__ void __launch_bounds__(dk_mma::THREADS, 2)
 dk_global_mma(const T* __restrict__ input, const T* __restrict__ kernels, const T* __restrict__ bias, int use_bias,
               DK_GEOMETRY, T* __restrict__ out) {
@@ -490,8 +504,13 @@ dk_global_mma(const T* __restrict__ input, const T* __restrict__ kernels, const 
     // This thread's copies of every stage: rows row + ROWS_APART * t of both tiles, 8 channels
     // from `chunk`.
     const int row = tid / (BK / 8), chunk = tid % (BK / 8) * 8;
-    // Where warp lane reads its ldmatrix rows: A (row-major) and B (column-major) fragments.
-    const int a_read = (warp_m * WM + (lane & 15)) * PITCH + (lane >> 4) * 8;
+    // TRANSPOSED: this thread's copies of A, rows a_row + T_ROWS_APART * t, 8 channels from a_chunk.
+    const int a_row = tid / (BM / 8), a_chunk = tid % (BM / 8) * 8;
+    // Where warp lane reads its ldmatrix rows: A (row-major, or k-major for ldmatrix.trans) and B
+    // (column-major) fragments; the steps to the next 16 rows and to column kk of A.
+    const int a_read = TRANSPOSED ? ((lane & 7) + ((lane >> 4) << 3)) * T_PITCH + warp_m * WM + ((lane >> 3) & 1) * 8
+                                  : (warp_m * WM + (lane & 15)) * PITCH + (lane >> 4) * 8;
+    constexpr int a_mi = TRANSPOSED ? 16 : 16 * PITCH, a_kk = TRANSPOSED ? T_PITCH : 1;
     const int b_read = (warp_n * WN + (lane & 7) + ((lane >> 4) << 3)) * PITCH + ((lane >> 3) & 1) * 8;
 
     for (index_t tile = blockIdx.x; tile < batch * groups * m_tiles * n_tiles; tile += gridDim.x) {
@@ -507,8 +526,9 @@ dk_global_mma(const T* __restrict__ input, const T* __restrict__ kernels, const 
         }
         __syncthreads();
 
-        const T* const a_src = kernels + ((n * c_out + g * og + o0 + row) * K) * cg + chunk;
-        const index_t a_step = (index_t)ROWS_APART * K * cg;  // between this thread's rows
+        const T* const a_src = TRANSPOSED ? kernels + ((n * channels + g * cg + a_row) * K) * og + o0 + a_chunk
+                                          : kernels + ((n * c_out + g * og + o0 + row) * K) * cg + chunk;
+        const index_t a_step = TRANSPOSED ? (index_t)T_ROWS_APART * K * og : (index_t)ROWS_APART * K * cg;
         const int a_rows = (int)min((index_t)BM, og - o0);
         const T* const b_src = input + n * height * width * channels + g * cg + chunk;
         int b_off[COPIES];  // of this thread's input rows from b_src (an image fits 32 bits)
@@ -529,13 +549,29 @@ dk_global_mma(const T* __restrict__ input, const T* __restrict__ kernels, const 
         point();
         auto load_next = [&](int buf) {
             const bool c_ok = c0 + chunk < cg;
-            const int a_off = k * (int)cg + c0;
-            T* const a_dst = a_base + buf * TILE + row * PITCH + chunk;
             T* const b_dst = b_base + buf * TILE + row * PITCH + chunk;
+            if constexpr (TRANSPOSED) {
+                // Rows c0 + a_row + T_ROWS_APART * t of kernel point K - 1 - k (the flip).
+                const index_t a_off = ((index_t)c0 * K + (K - 1 - k)) * og;
+                T* const a_dst = a_base + buf * TILE + a_row * T_PITCH + a_chunk;
+                const bool cols_ok = a_chunk < a_rows;
+#pragma unroll
+                for (int t = 0; t < COPIES; ++t) {
+                    const bool a = cols_ok && c0 + a_row + T_ROWS_APART * t < cg;
+                    copy_async_16(a_dst + T_ROWS_APART * t * T_PITCH, a ? a_src + t * a_step + a_off : kernels, a);
+                }
+            } else {
+                const int a_off = k * (int)cg + c0;
+                T* const a_dst = a_base + buf * TILE + row * PITCH + chunk;
+#pragma unroll
+                for (int t = 0; t < COPIES; ++t) {
+                    const bool a = c_ok && row + ROWS_APART * t < a_rows;
+                    copy_async_16(a_dst + ROWS_APART * t * PITCH, a ? a_src + t * a_step + a_off : kernels, a);
+                }
+            }
 #pragma unroll
             for (int t = 0; t < COPIES; ++t) {
-                const bool a = c_ok && row + ROWS_APART * t < a_rows, b = c_ok && (b_valid >> t & 1);
-                copy_async_16(a_dst + ROWS_APART * t * PITCH, a ? a_src + t * a_step + a_off : kernels, a);
+                const bool b = c_ok && (b_valid >> t & 1);
                 copy_async_16(b_dst + ROWS_APART * t * PITCH, b ? b_src + b_off[t] + c0 : input, b);
             }
             c0 += BK;
@@ -563,7 +599,13 @@ dk_global_mma(const T* __restrict__ input, const T* __restrict__ kernels, const 
         unsigned af[2][MI][4], bf[2][NI][2];
         auto fragments = [&](const T* a_tile, const T* b_tile, int kk, int f) {
 #pragma unroll
-            for (int mi = 0; mi < MI; ++mi) ldmatrix_x4(af[f][mi], a_tile + a_read + mi * 16 * PITCH + kk);
+            for (int mi = 0; mi < MI; ++mi) {
+                if constexpr (TRANSPOSED) {
+                    ldmatrix_x4_trans(af[f][mi], a_tile + a_read + mi * a_mi + kk * a_kk);
+                } else {
+                    ldmatrix_x4(af[f][mi], a_tile + a_read + mi * a_mi + kk * a_kk);
+                }
+            }
 #pragma unroll
             for (int nj = 0; nj < NI / 2; ++nj) {
                 unsigned r[4];
@@ -624,6 +666,177 @@ dk_global_mma(const T* __restrict__ input, const T* __restrict__ kernels, const 
             }
         }
     }
+}
+
+// dk_global_mma on Hopper's warpgroup MMA (sm_90a): the same tiles of BM x BN outputs and stages
+// of BK channels of one kernel point, 2 warpgroups (64 output channels each, the tile's 128
+// positions), the stages in shared memory in wgmma's 128-byte swizzle instead of padded rows.
+namespace dk_wgmma {
+constexpr int BM = 128, BN = 128, BK = 64, STAGES = 3;
+constexpr int THREADS = 256;
+constexpr int TILE_BYTES = BM * BK * 2;  // one operand's tile of a stage (BN == BM)
+constexpr int COPIES = BM * BK / 8 / THREADS;        // 16-byte copies of a tile per thread and stage
+constexpr int ROWS_APART = THREADS / (BK / 8);       // between one thread's copies (K-major rows)
+constexpr int T_ROWS_APART = THREADS / (BM / 8);     // the same for TRANSPOSED's A (rows of K)
+constexpr int OUT_PITCH = BN + 8;
+// 1024 bytes of slack to align the tiles to the swizzle's atoms, then the stages, then `rigid`.
+constexpr int SHARED_BYTES = 1024 + STAGES * 2 * TILE_BYTES + BN * 8;
+static_assert(BM * OUT_PITCH * 2 <= STAGES * 2 * TILE_BYTES, "the output tile fits the pipeline's memory");
+static_assert(SHARED_BYTES <= 113 * 1024, "two blocks fit an SM");
+static_assert(BK / T_ROWS_APART == COPIES, "as many copies transposed");
+}  // namespace dk_wgmma
+
+template <typename T, bool TRANSPOSED>
+__global__ void __launch_bounds__(dk_wgmma::THREADS, 2)
+dk_global_wgmma(const T* __restrict__ input, const T* __restrict__ kernels, const T* __restrict__ bias, int use_bias,
+                DK_GEOMETRY, T* __restrict__ out) {
+#if CUDEFORM_WGMMA
+    using namespace dk_wgmma;
+    DK_GEO;
+    extern __shared__ __align__(16) unsigned char dk_shared[];
+    unsigned char* const aligned = dk_shared + ((1024 - (shared_address(dk_shared) & 1023)) & 1023);
+    T* const a_base = reinterpret_cast<T*>(aligned);                 // STAGES tiles of kernels
+    T* const b_base = a_base + STAGES * BM * BK;                     // STAGES tiles of the input
+    int2* const rigid = reinterpret_cast<int2*>(b_base + STAGES * BN * BK);
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wg = warp >> 2;
+    const index_t cg = geo.cg(), og = geo.og(), L = geo.L();
+    const int K = kh * kw;
+    const index_t m_tiles = (og + BM - 1) / BM, n_tiles = (L + BN - 1) / BN;
+    const int stages = K * (int)((cg + BK - 1) / BK);
+    const int row = tid / (BK / 8), chunk = tid % (BK / 8) * 8;
+    const int a_row = tid / (BM / 8), a_chunk = tid % (BM / 8) * 8;  // TRANSPOSED's A copies
+    // Where this thread's copies land in a stage's tiles (swizzled; the same for every t).
+    const int b_at = swizzled(row, chunk);
+    const int a_at = TRANSPOSED ? (a_chunk >> 6) * 64 * BK + swizzled(a_row, a_chunk & 63) : b_at;
+
+    for (index_t tile = blockIdx.x; tile < batch * groups * m_tiles * n_tiles; tile += gridDim.x) {
+        const index_t ngm = fast_div(tile, n_tiles), ng = fast_div(ngm, m_tiles);
+        const index_t n = fast_div(ng, groups), g = ng - n * groups;
+        const index_t o0 = (ngm - ng * m_tiles) * BM, l0 = (tile - ngm * n_tiles) * BN;
+
+        __syncthreads();
+        for (int p = tid; p < BN; p += THREADS) {
+            const index_t l = l0 + p;
+            const int y = (int)(l / out_w), x = (int)(l - (index_t)y * out_w);
+            rigid[p] = l < L ? make_int2(y * sh - ph, x * sw - pw) : make_int2(-(1 << 30), 0);
+        }
+        __syncthreads();
+
+        const T* const a_src = TRANSPOSED ? kernels + ((n * channels + g * cg + a_row) * K) * og + o0 + a_chunk
+                                          : kernels + ((n * c_out + g * og + o0 + row) * K) * cg + chunk;
+        const index_t a_step = TRANSPOSED ? (index_t)T_ROWS_APART * K * og : (index_t)ROWS_APART * K * cg;
+        const int a_rows = (int)min((index_t)BM, og - o0);
+        const T* const b_src = input + n * height * width * channels + g * cg + chunk;
+        int b_off[COPIES];
+        unsigned b_valid = 0;
+        int k = 0, c0 = 0;
+        auto point = [&]() {
+            const int i = k / kw, j = k - i * kw;
+            b_valid = 0;
+#pragma unroll
+            for (int t = 0; t < COPIES; ++t) {
+                const int2 p = rigid[row + ROWS_APART * t];
+                const int iy = p.x + i * dh, ix = p.y + j * dw;
+                const bool ok = iy >= 0 && iy < (int)height && ix >= 0 && ix < (int)width;
+                b_off[t] = ok ? (iy * (int)width + ix) * (int)channels : 0;
+                b_valid |= (unsigned)ok << t;
+            }
+        };
+        point();
+        auto load_next = [&](int buf) {
+            const bool c_ok = c0 + chunk < cg;
+            T* const a_dst = a_base + buf * BM * BK + a_at;
+            T* const b_dst = b_base + buf * BN * BK + b_at;
+            if constexpr (TRANSPOSED) {
+                const index_t a_off = ((index_t)c0 * K + (K - 1 - k)) * og;
+                const bool cols_ok = a_chunk < a_rows;
+#pragma unroll
+                for (int t = 0; t < COPIES; ++t) {
+                    const bool a = cols_ok && c0 + a_row + T_ROWS_APART * t < cg;
+                    copy_async_16(a_dst + T_ROWS_APART * t * 64, a ? a_src + t * a_step + a_off : kernels, a);
+                }
+            } else {
+                const int a_off = k * (int)cg + c0;
+#pragma unroll
+                for (int t = 0; t < COPIES; ++t) {
+                    const bool a = c_ok && row + ROWS_APART * t < a_rows;
+                    copy_async_16(a_dst + ROWS_APART * t * 64, a ? a_src + t * a_step + a_off : kernels, a);
+                }
+            }
+#pragma unroll
+            for (int t = 0; t < COPIES; ++t) {
+                const bool b = c_ok && (b_valid >> t & 1);
+                copy_async_16(b_dst + ROWS_APART * t * 64, b ? b_src + b_off[t] + c0 : input, b);
+            }
+            c0 += BK;
+            if (c0 >= cg) {
+                c0 = 0;
+                if (++k < K) point();
+            }
+        };
+
+#pragma unroll
+        for (int s = 0; s < STAGES - 1; ++s) {
+            if (s < stages) load_next(s);
+            copy_async_commit();
+        }
+        float accum[64];
+#pragma unroll
+        for (int e = 0; e < 64; ++e) accum[e] = 0.0f;
+
+        for (int s = 0; s < stages; ++s) {
+            copy_async_wait<STAGES - 2>();
+            fence_proxy_async();
+            // Stage s has landed for every thread; every warpgroup is done with stage s - 1.
+            __syncthreads();
+            if (s + STAGES - 1 < stages) load_next((s + STAGES - 1) % STAGES);
+            copy_async_commit();
+            const T* const a_tile = a_base + (s % STAGES) * BM * BK;
+            const T* const b_tile = b_base + (s % STAGES) * BN * BK;
+            // This warpgroup's 64 rows of A: K-major, the next 16 channels 32 bytes on; MN-major
+            // (TRANSPOSED), its own 64-column half, the next 16 rows 2 atoms on.
+            const unsigned long long a_desc = wgmma_desc(a_tile + wg * 64 * BK, 1024);
+            const unsigned long long b_desc = wgmma_desc(b_tile, 1024);
+#pragma unroll
+            for (int e = 0; e < 64; ++e) wgmma_operand(accum[e]);
+            wgmma_fence();
+#pragma unroll
+            for (int kk = 0; kk < BK / 16; ++kk)
+                Wgmma<T, TRANSPOSED>::run(accum, a_desc + (TRANSPOSED ? kk * 128 : kk * 2), b_desc + kk * 2);
+            wgmma_commit();
+            wgmma_wait<0>();
+#pragma unroll
+            for (int e = 0; e < 64; ++e) wgmma_operand(accum[e]);
+        }
+
+        copy_async_wait<0>();
+        __syncthreads();
+        T* const out_tile = a_base;
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            const int r = wg * 64 + (warp & 3) * 16 + (lane >> 2) + half * 8;
+            const float add = use_bias && o0 + r < og ? to_acc(bias[g * og + o0 + r]) : 0.0f;
+#pragma unroll
+            for (int j = 0; j < 16; ++j)
+#pragma unroll
+                for (int e = 0; e < 2; ++e)
+                    out_tile[r * OUT_PITCH + j * 8 + (lane & 3) * 2 + e] = from_acc<T>(accum[4 * j + half * 2 + e] + add);
+        }
+        __syncthreads();
+        const bool vectors = L % 8 == 0;
+        for (int v = tid; v < BM * BN / 8; v += THREADS) {
+            const int r = v / (BN / 8), col = v % (BN / 8) * 8;
+            if (o0 + r >= og || l0 + col >= L) continue;
+            T* const dst = out + (n * c_out + g * og + o0 + r) * L + l0 + col;
+            const T* const src = out_tile + r * OUT_PITCH + col;
+            if (vectors) {
+                *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+            } else {
+                for (int e = 0; e < 8 && l0 + col + e < L; ++e) dst[e] = src[e];
+            }
+        }
+    }
+#endif
 }
 
 // Where dk_global_conv reads one channel's input window of its tile: `at(r, q)` is the element

@@ -67,6 +67,15 @@ __device__ __forceinline__ void ldmatrix_x4(unsigned* r, const void* p) {
 #endif
 }
 
+// The same, each matrix transposed: lane i gives the address of row i % 8 of stored matrix
+// i / 8, whose column j the lanes receive as row j (an A fragment from a tile stored k-major).
+__device__ __forceinline__ void ldmatrix_x4_trans(unsigned* r, const void* p) {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(shared_address(p)));
+#endif
+}
+
 // 16 bytes global -> shared without passing through registers; 16 zero bytes when !valid
 // (src is then not read, but must still be a global address).
 __device__ __forceinline__ void copy_async_16(void* dst, const void* src, bool valid) {
@@ -89,6 +98,89 @@ __device__ __forceinline__ void copy_async_wait() {
     asm volatile("cp.async.wait_group %0;\n" :: "n"(pending) : "memory");
 #endif
 }
+
+// Hopper's warpgroup MMA (wgmma, sm_90a only: __CUDA_ARCH_FEAT_SM90_ALL; elsewhere these
+// compile to nothing and the hosts never launch their kernels). Operands in shared memory,
+// described by wgmma_desc; float32 accumulators in registers, 64 per thread for a 64 x 128
+// tile of a warpgroup (4 consecutive warps, the first a multiple of 4).
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define CUDEFORM_WGMMA 1
+#endif
+
+// The descriptor of a tile in the 128-byte swizzle: rows of 128 bytes (64 16-bit elements)
+// whose 16-byte chunk q of row r lies at chunk q ^ (r % 8), in atoms of 8 rows (1024 bytes,
+// the tile aligned to 1024). K-major (the rows are M or N, the elements K): the next 8 rows
+// are `atom_stride` bytes on. MN-major (rows of K, elements M or N): the next 8 K rows are.
+__device__ __forceinline__ unsigned long long wgmma_desc(const void* tile, unsigned atom_stride) {
+    return (unsigned long long)((shared_address(tile) & 0x3FFFF) >> 4) | (1ull << 16)
+           | ((unsigned long long)(atom_stride >> 4) << 32) | (1ull << 62);
+}
+
+// Where element (r, c) of such a tile lies, in elements from its start.
+__device__ __forceinline__ int swizzled(int r, int c) { return r * 64 + ((((c >> 3) ^ r) & 7) << 3) + (c & 7); }
+
+__device__ __forceinline__ void wgmma_fence() {
+#if CUDEFORM_WGMMA
+    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wgmma_commit() {
+#if CUDEFORM_WGMMA
+    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#endif
+}
+template <int pending>
+__device__ __forceinline__ void wgmma_wait() {
+#if CUDEFORM_WGMMA
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" :: "n"(pending) : "memory");
+#endif
+}
+// Shared memory written by the threads' (generic) stores and cp.async, made visible to wgmma's
+// reads (the async proxy): each writer fences before the barrier that publishes its writes.
+__device__ __forceinline__ void fence_proxy_async() {
+#if CUDEFORM_WGMMA
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+// Keeps the compiler from moving accesses of v across the asynchronous MMAs.
+__device__ __forceinline__ void wgmma_operand(float& v) { asm volatile("" : "+f"(v)::"memory"); }
+
+// d (64 x 128, float32) += a (64 x 16) * b (16 x 128): a K-major, or MN-major where TRANS_A; b
+// K-major (its rows are the 128 columns of d).
+#define CUDEFORM_WGMMA_D64                                                                                    \
+    "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, "    \
+    "%22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, " \
+    "%43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}"
+#define CUDEFORM_WGMMA_OUTS(d)                                                                                 \
+    "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),           \
+    "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),     \
+    "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),   \
+    "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),   \
+    "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),   \
+    "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),   \
+    "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),   \
+    "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+template <typename T, int TRANS_A> struct Wgmma;
+template <int TRANS_A> struct Wgmma<__half, TRANS_A> {
+    static __device__ __forceinline__ void run(float* d, unsigned long long a, unsigned long long b) {
+#if CUDEFORM_WGMMA
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 " CUDEFORM_WGMMA_D64
+                     ", %64, %65, p, 1, 1, %67, 0;\n}\n"
+                     : CUDEFORM_WGMMA_OUTS(d) : "l"(a), "l"(b), "r"(1), "n"(TRANS_A));
+#endif
+    }
+};
+template <int TRANS_A> struct Wgmma<__nv_bfloat16, TRANS_A> {
+    static __device__ __forceinline__ void run(float* d, unsigned long long a, unsigned long long b) {
+#if CUDEFORM_WGMMA
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " CUDEFORM_WGMMA_D64
+                     ", %64, %65, p, 1, 1, %67, 0;\n}\n"
+                     : CUDEFORM_WGMMA_OUTS(d) : "l"(a), "l"(b), "r"(1), "n"(TRANS_A));
+#endif
+    }
+};
 
 }  // namespace cudeform
 

@@ -58,8 +58,9 @@ def _pool(op, args, geo):
 
 # A global DK convolution with Cg * K > DIRECT_MAX_REDUCTION (72 > 64) takes the GEMM path; its
 # 12 images make 108 (image, kernel point) rows, more than dk_resample_grad_sums' three stages
-# of 32 in flight.
-DK_GEMM = dict(N=12, C_in=8, C_out=4, groups=1, G=2, kernel=(3, 3), scope=(4, 5), H=7, W=8, stride=1, padding=1,
+# of 32 in flight; in the half types its 8 output channels (a 16-byte vector) send the input
+# gradient through dk_global_mma's transposed convolution.
+DK_GEMM = dict(N=12, C_in=8, C_out=8, groups=1, G=2, kernel=(3, 3), scope=(4, 5), H=7, W=8, stride=1, padding=1,
                dilation=1)
 # A scope (9 x 8) wider than one float64 shared-memory tile of the local weight gradient.
 DK_WIDE_SCOPE = dict(N=2, C_in=4, C_out=4, groups=2, G=2, kernel=(3, 2), scope=(9, 8), H=20, W=19, stride=1,

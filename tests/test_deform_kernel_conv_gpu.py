@@ -79,7 +79,11 @@ EDGES = {
 # positions, rows of positions that are not whole 16-byte vectors (L = 117), weight and offset
 # groups, strides, dilations, a kernel of 1 x 2, (o, c) pairs whose chunks of 256 columns
 # in dk_resample_grad_sums straddle output channels (Cg = 136), and (image, kernel point) rows
-# for more than its three stage buffers of 32 (108 rows; 40 rows of two kernel points).
+# for more than its three stage buffers of 32 (108 rows; 40 rows of two kernel points). Where
+# the stride is 1 and C_out/groups a multiple of 8, the input gradient is dk_global_mma's
+# transposed convolution (every config but mma_tails and mma_groups, which take cuBLAS and
+# dk_col2im), mma_flipped's with weight groups, a dilation and a padding larger than the
+# kernel's extent (the transposed convolution's padding is negative).
 MMA = {
     "mma_tails": dict(N=2, C_in=24, C_out=20, groups=1, G=2, kernel=(3, 3), scope=(4, 4), H=9, W=13,
                       stride=1, padding=1, dilation=1),
@@ -95,6 +99,8 @@ MMA = {
                      stride=1, padding=1, dilation=1),
     "mma_points": dict(N=20, C_in=40, C_out=8, groups=1, G=1, kernel=(1, 2), scope=(2, 3), H=4, W=5,
                        stride=1, padding=0, dilation=1),
+    "mma_flipped": dict(N=2, C_in=32, C_out=16, groups=2, G=4, kernel=(3, 2), scope=(5, 4), H=10, W=12,
+                        stride=1, padding=(3, 1), dilation=(1, 2)),
 }
 
 
@@ -149,20 +155,29 @@ def test_both_global_paths(torch, monkeypatch, dtype, path, limit, name):
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("wgmma", [True, False], ids=["wgmma", "mma_sync"])
 @pytest.mark.parametrize("name", list(MMA) + ["dense3x3"])
-def test_tensor_core_path(torch, monkeypatch, dtype, name):
-    """dk_global_mma and the backward on its kernels (kernel-point-major columns, the products
-    through the resampling) against float64, and against the other columns path of the same
-    rounded inputs."""
+def test_tensor_core_path(torch, monkeypatch, dtype, wgmma, name):
+    """dk_global_mma (dk_global_wgmma on sm_90, unless turned off) and the backward on its
+    kernels (kernel-point-major columns, the products through the resampling; the input
+    gradient by the transposed convolution or by dk_col2im) against float64, and against the
+    other columns path of the same rounded inputs."""
     from cudeform.cuda import deform_kernel_conv as gpu
+
+    monkeypatch.setattr(gpu, "WGMMA", wgmma)
 
     calls = []
     for step in ("_mma_forward", "_mma_backward"):
         monkeypatch.setattr(gpu, step, lambda *a, f=getattr(gpu, step), step=step: calls.append(step) or f(*a))
+    gathers = []  # per backward: whether _columns_backward gathered the input gradient (dk_col2im)
+    monkeypatch.setattr(gpu, "_columns_backward",
+                        lambda *a, f=gpu._columns_backward: gathers.append(a[-1] is not None) or f(*a))
     cfg = {**MMA, **LARGE}[name]
     tensors, exact, geo = rounded_case(torch, cfg, "global", dtype, seed=46)
     check_against_reference(torch, tensors, exact, geo, dtype, seed=47)
     assert calls == ["_mma_forward", "_mma_backward"], "the tensor-core path was not taken"
+    transposed = cfg["stride"] in (1, (1, 1)) and cfg["C_out"] // cfg["groups"] % 8 == 0
+    assert gathers == [not transposed]
     out = cudeform.deform_kernel_conv2d(**tensors, **geo)
     go = torch.randn(out.shape, device="cuda", generator=torch.Generator("cuda").manual_seed(48)).to(out.dtype)
     grads = cudeform.deform_kernel_conv2d_backward(go, **tensors, **geo)

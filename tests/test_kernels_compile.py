@@ -38,9 +38,9 @@ def test_digest_follows_every_header(tmp_path, monkeypatch):
         (tmp_path / path.name).write_bytes(path.read_bytes())
     monkeypatch.setattr(_compile, "kernel_dir", lambda: tmp_path)
     _compile.sources_digest.cache_clear()
-    before = _compile.options()
+    before = _compile.options(90)
     (tmp_path / "common.cuh").write_text((tmp_path / "common.cuh").read_text() + "\n// edited\n")
     _compile.sources_digest.cache_clear()
-    after = _compile.options()
+    after = _compile.options(90)
     _compile.sources_digest.cache_clear()
     assert before != after

@@ -69,9 +69,12 @@ def sources_digest() -> str:
     return digest.hexdigest()[:16]
 
 
-def options() -> tuple:
-    """Our NVRTC options; CuPy adds its include paths, the architecture and its defaults."""
-    return ("--std=c++17", f"-I{kernel_dir()}", f"-DCUDEFORM_SOURCES_DIGEST=0x{sources_digest()}")
+def options(arch: int) -> tuple:
+    """Our NVRTC options for a device of compute capability ``arch`` (e.g. 90); CuPy adds its
+    include paths, the architecture and its defaults. On sm_90 the target is sm_90a, whose
+    wgmma instructions the Hopper kernels use (NVRTC takes sm_90a over CuPy's -arch=sm_90)."""
+    target = ("-arch=sm_90a",) if arch == 90 else ()
+    return ("--std=c++17", f"-I{kernel_dir()}", f"-DCUDEFORM_SOURCES_DIGEST=0x{sources_digest()}", *target)
 
 
 def template_args(*dtypes: str) -> str:
@@ -85,7 +88,7 @@ def _device_getter():
     return cupy.cuda.runtime.getDevice
 
 
-def _current_device() -> int:
+def current_device() -> int:
     """CuPy's current device: the lookup of every launch, so without the import statement and
     attribute chain (microseconds a call)."""
     return _device_getter()()
@@ -97,7 +100,7 @@ def function(op_module, expression: str, *, dynamic_shared: int = 0) -> "Kernel"
     device compiles the whole source (or loads it from CuPy's cache); later calls are a lookup.
     ``dynamic_shared``: the most dynamic shared memory the kernel is launched with, in bytes
     (above 48 KiB a kernel must opt in, once)."""
-    key = (op_module.SOURCE, _current_device(), expression)
+    key = (op_module.SOURCE, current_device(), expression)
     kernel = _functions.get(key)
     if kernel is None:
         import cupy
@@ -106,7 +109,7 @@ def function(op_module, expression: str, *, dynamic_shared: int = 0) -> "Kernel"
             module = _modules.get(key[:2])
             if module is None:
                 code = (kernel_dir() / op_module.SOURCE).read_text()
-                module = cupy.RawModule(code=code, options=options(),
+                module = cupy.RawModule(code=code, options=options(_compute_capability(key[1])),
                                         name_expressions=tuple(op_module.NAME_EXPRESSIONS))
                 module.compile()
                 _modules[key[:2]] = module
@@ -205,7 +208,13 @@ def _compute_capability(device: int) -> int:
 
 def has_tensor_cores() -> bool:
     """Whether the current device runs the mma.sync kernels of tensor_core.cuh (sm_80+)."""
-    return _compute_capability(_current_device()) >= 80
+    return _compute_capability(current_device()) >= 80
+
+
+def has_wgmma() -> bool:
+    """Whether the current device runs the wgmma kernels of tensor_core.cuh (sm_90, compiled
+    for sm_90a)."""
+    return _compute_capability(current_device()) == 90
 
 
 def launch(kernel: Kernel, threads: int, args: tuple, *, block: int = BLOCK, shared_mem: int = 0) -> None:
@@ -232,7 +241,7 @@ def compile_for_arch(op_module, arch: str) -> bytes:
     from cupy_backends.cuda.libs import nvrtc
 
     code = (kernel_dir() / op_module.SOURCE).read_text()
-    opts = assemble_cupy_compiler_options(options()) + (
+    opts = assemble_cupy_compiler_options(options(int(arch))) + (
         f"-arch=sm_{arch}", "--device-as-default-execution-space", "-ftz=true",
     )
     prog = nvrtc.createProgram(code, op_module.SOURCE, [], [])

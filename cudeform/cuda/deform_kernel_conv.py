@@ -19,7 +19,8 @@ kernels' gradient, ``dk_global_resample_grad`` (a thread per (o, c) pair and chu
 whose partial sums ``sum_partials`` adds up. The backward of the tensor-core forward's shapes
 (``_mma_backward``) takes its kernel-point-major kernels and columns instead, so that the
 kernels' gradient is a matrix of (image, kernel point) rows that ``dk_resample_grad_sums``
-reduces both ways in one pass.
+reduces both ways in one pass; at stride 1 its input gradient is ``dk_global_mma``'s
+transposed convolution of grad_output (made channels-last), with no columns' gradient.
 
 Local DK: fused kernels that sample the scope at every output position, each thread for a chunk
 of CHUNK channels that share the position's bilinear taps; the weight gradient is reduced inside
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import sys
+from typing import NamedTuple
 
 import numpy as np
 
@@ -48,11 +50,13 @@ _KERNELS = ("dk_resample", "dk_global_input_grad", "dk_im2col",
 COMPILED_SIZES = (0, 3)
 # The tensor-core path (tensor_core.cuh's mma.sync) exists for the half types only.
 TENSOR_CORE_DTYPES = ("float16", "bfloat16")
-_TENSOR_CORE_KERNELS = ("dk_global_mma", "dk_mma_operands", "dk_resample_grad_sums", "dk_resample_grad_offsets")
+_TENSOR_CORE_KERNELS = ("dk_mma_operands", "dk_resample_grad_sums", "dk_resample_grad_offsets")
 NAME_EXPRESSIONS = ([f"{k}<{t}>" for t in CXX_TYPES.values() for k in _KERNELS]
                     + [f"{k}<{t}, {size}>" for t in CXX_TYPES.values() for size in COMPILED_SIZES
                        for k in ("dk_global_conv", "dk_global_kernel_grad")]
-                    + [f"{k}<{CXX_TYPES[t]}>" for t in TENSOR_CORE_DTYPES for k in _TENSOR_CORE_KERNELS])
+                    + [f"{k}<{CXX_TYPES[t]}>" for t in TENSOR_CORE_DTYPES for k in _TENSOR_CORE_KERNELS]
+                    + [f"{k}<{CXX_TYPES[t]}, {b}>" for t in TENSOR_CORE_DTYPES for b in ("false", "true")
+                       for k in ("dk_global_mma", "dk_global_wgmma")])
 
 # The columns buffer of the GEMM path: at most this many bytes (at least one image), in chunks
 # of equal size (_common.image_chunks). Its cuBLAS products ran best over a whole batch: global
@@ -100,14 +104,21 @@ WEIGHT_GRAD_TARGET_BLOCKS = 4096
 # columns and cuBLAS. False: the columns everywhere (the tests compare the two).
 TENSOR_CORES = True
 MMA_THREADS = 128  # dk_mma::THREADS
-MMA_TILE = 128  # dk_mma::BM and dk_mma::BN
+MMA_TILE = 128  # dk_mma::BM and dk_mma::BN, dk_wgmma's too
 MMA_SHARED_BYTES = 3 * 2 * MMA_TILE * (64 + 8) * 2  # dk_mma::SHARED_BYTES
+# On sm_90 the same tiles on Hopper's warpgroup MMA: dk_global_wgmma. False: dk_global_mma
+# there too (the tests run both).
+WGMMA = True
+WGMMA_THREADS = 256  # dk_wgmma::THREADS
+WGMMA_SHARED_BYTES = 1024 + 3 * 2 * MMA_TILE * 64 * 2 + MMA_TILE * 8  # dk_wgmma::SHARED_BYTES
 TAP_BYTES = 32  # sizeof(ScopeTap<float>)
 RESAMPLE_BLOCKS = 1024
 # dk_mma_operands' channels-last copy: at most this many blocks (grid-stride over the 64 x 64
 # tiles beyond), each with CHANNELS_LAST_SHARED (tensor_core.cuh) bytes of shared memory.
 LAYOUT_BLOCKS = 4096
 CHANNELS_LAST_SHARED_BYTES = 64 * 65 * 2
+# dk_mma_operands' scope taps (the backward): at most this many blocks, a thread per table row.
+TAPS_BLOCKS = 1024
 
 
 def _kernel(name: str, dtype: str, dynamic_shared: int = 0):
@@ -259,44 +270,90 @@ def _resample_cl_launch(n: int, c_out: int, cg: int, K: int, S: int):
     return np.int32(slice_), np.int32(pass_), blocks, pass_ * K * TAP_BYTES + slice_ * S * 2
 
 
+class _MmaPlan(NamedTuple):
+    """The launches of the tensor-core path for one shape and direction, made once (their
+    arguments cost more to build than the launches)."""
+    layout_size: int  # elements of the channels-last copy (0: none)
+    layout: tuple  # its source's (channels, positions) per image, as kernel arguments
+    operand_blocks: int  # dk_mma_operands': every job's
+    operand_args: tuple  # (slice, pass, layout blocks, taps blocks)
+    operand_shared: int
+    mma_tiles: int  # dk_global_mma's: the forward's, or the backward's input gradient's (0: none)
+
+
+def _mma_tiles(s, groups: int, outputs: int, positions: int) -> int:
+    """dk_global_mma's tiles for `outputs` channels of `positions` positions per image."""
+    return s.n * groups * -(-outputs // groups // MMA_TILE) * -(-positions // MMA_TILE)
+
+
 @functools.lru_cache(maxsize=256)
-def _mma_plan(s, groups: int):
-    """The launches of _mma_forward for one shape, made once (their arguments cost more to
-    build than the launches): the channels-last copy's size, dk_mma_operands' (blocks, the
-    arguments before the geometry, shared bytes) and dk_global_mma's threads."""
+def _mma_plan(s, geo, backward: bool) -> _MmaPlan:
+    """The forward's plan: dk_mma_operands makes the input channels-last and resamples the
+    kernels, dk_global_mma convolves. The backward's: dk_mma_operands resamples the kernels and
+    makes dk_resample_grad_sums' taps, and, where dk_global_mma takes the input gradient
+    (_mma_input_grad), makes grad_output channels-last for it."""
     slice_, pass_, resample_blocks, resample_shared = _resample_cl_launch(s.n, s.c_out, s.cg, s.K, s.S)
-    layout_blocks = min(s.n * -(-s.c_in // 64) * -(-s.hw // 64), LAYOUT_BLOCKS)  # tiles of 64 x 64
-    tiles = s.n * groups * -(-s.og // MMA_TILE) * -(-s.L // MMA_TILE)
-    return (s.n * s.hw * s.c_in, layout_blocks + resample_blocks, (slice_, pass_, np.int32(layout_blocks)),
-            max(resample_shared, CHANNELS_LAST_SHARED_BYTES), tiles * MMA_THREADS)
+    if not backward:
+        planes, mma_tiles = (s.c_in, s.hw), _mma_tiles(s, geo.groups, s.c_out, s.L)
+    elif _mma_input_grad(s, geo):
+        planes, mma_tiles = (s.c_out, s.L), _mma_tiles(s, geo.groups, s.c_in, s.hw)
+    else:
+        planes, mma_tiles = (0, 0), 0
+    layout_blocks = min(s.n * -(-planes[0] // 64) * -(-planes[1] // 64), LAYOUT_BLOCKS)  # tiles of 64 x 64
+    taps_blocks = min(-(-geo.offset_groups * s.n * s.K // _compile.BLOCK), TAPS_BLOCKS) if backward else 0
+    return _MmaPlan(s.n * planes[0] * planes[1], (np.int64(planes[0]), np.int64(planes[1])),
+                    layout_blocks + taps_blocks + resample_blocks,
+                    (slice_, pass_, np.int32(layout_blocks), np.int32(taps_blocks)),
+                    max(resample_shared, CHANNELS_LAST_SHARED_BYTES), mma_tiles)
 
 
-def _mma_operands(x, weight, offset, geo, s, dtype, taps=None):
-    """The kernels resampled kernel-point-major, (N, C_out, K, Cg), and either the input made
-    channels-last, (N, H, W, C_in) (the forward), or, given `taps` (a Pointer to room for
-    dk_resample_grad_sums' taps: the backward), those taps, in one launch (dk_mma_operands):
-    one workspace array, and the input and the kernels as Pointers into it (the input None in
-    the backward)."""
-    cl_size, blocks, (slice_, pass_, lead_blocks), operand_shared, _ = _mma_plan(s, geo.groups)
-    if taps is not None:
-        taps_blocks = -(-geo.offset_groups * s.n * s.K // _compile.BLOCK)  # a thread per table row
-        blocks, lead_blocks, cl_size = blocks - lead_blocks + taps_blocks, np.int32(taps_blocks), 0
-    workspace = _arrays.empty(cl_size + s.n * s.c_out * s.K * s.cg, dtype)
-    # cl_size is a multiple of 8 elements: both parts are aligned to 16-byte vectors.
-    x_cl = _compile.Pointer(workspace.data.ptr if taps is None else 0)
-    kernels = _compile.Pointer(workspace.data.ptr + cl_size * workspace.itemsize)
-    launch(_kernel("dk_mma_operands", dtype), blocks * _compile.BLOCK,
-           (x, weight, offset, slice_, pass_, lead_blocks, *_geometry_args(geo, x.shape, s.c_out, s.n), x_cl,
-            kernels, _compile.Pointer(0) if taps is None else taps), shared_mem=operand_shared)
-    return workspace, x_cl if taps is None else None, kernels
+@functools.lru_cache(maxsize=256)
+def _mma_input_grad(s, geo) -> bool:
+    """Whether the tensor-core backward's input gradient is dk_global_mma's transposed
+    convolution of grad_output (stride 1; whole 16-byte vectors of its channels per group, a
+    plane of them within 32-bit indices) rather than cuBLAS and dk_col2im."""
+    return geo.stride == (1, 1) and s.og % 8 == 0 and s.L * s.c_out < 2**31
+
+
+def _mma(tiles: int, transposed: bool, args: tuple, dtype: str) -> None:
+    """dk_global_mma (dk_global_wgmma on sm_90) over `tiles` tiles: the forward, or the input
+    gradient's transposed convolution."""
+    kernel, block, shared = _mma_kernel(dtype, transposed, WGMMA and _compile.has_wgmma(), _compile.current_device())
+    launch(kernel, tiles * block, args, block=block, shared_mem=shared)
+
+
+@functools.lru_cache(maxsize=64)
+def _mma_kernel(dtype: str, transposed: bool, wgmma: bool, device: int):
+    """_mma's (kernel, block, shared bytes) on `device`, looked up once."""
+    name, block, shared = (("dk_global_wgmma", WGMMA_THREADS, WGMMA_SHARED_BYTES) if wgmma
+                           else ("dk_global_mma", MMA_THREADS, MMA_SHARED_BYTES))
+    kernel = _compile.function(sys.modules[__name__], f"{name}<{CXX_TYPES[dtype]}, {str(transposed).lower()}>",
+                               dynamic_shared=shared)
+    return kernel, block, shared
+
+
+def _mma_operands(planes, x_shape, weight, offset, geo, s, dtype, plan, taps=None):
+    """dk_mma_operands by `plan` (_mma_plan): the kernels resampled kernel-point-major, (N,
+    C_out, K, Cg), after the channels-last copy of `planes` (the input or grad_output; none where
+    the plan has none) in one workspace array; given `taps` (a Pointer to room for
+    dk_resample_grad_sums' taps: the backward), those taps too. Returns the workspace, and the
+    copy and the kernels as Pointers into it."""
+    workspace = _arrays.empty(plan.layout_size + s.n * s.c_out * s.K * s.cg, dtype)
+    # The copy's size is a multiple of 8 elements: both parts are aligned to 16-byte vectors.
+    planes_cl = _compile.Pointer(workspace.data.ptr)
+    kernels = _compile.Pointer(workspace.data.ptr + plan.layout_size * workspace.itemsize)
+    launch(_kernel("dk_mma_operands", dtype), plan.operand_blocks * _compile.BLOCK,
+           (planes, *plan.layout, weight, offset, *plan.operand_args, *_geometry_args(geo, x_shape, s.c_out, s.n),
+            planes_cl, kernels, _compile.Pointer(0) if taps is None else taps), shared_mem=plan.operand_shared)
+    return workspace, planes_cl, kernels
 
 
 def _mma_forward(x, weight, offset, bias_arg, use_bias, geo, s, dtype, out):
     """Global DK's forward: _mma_operands, then dk_global_mma."""
-    _, x_cl, kernels = _mma_operands(x, weight, offset, geo, s, dtype)
-    launch(_kernel("dk_global_mma", dtype, MMA_SHARED_BYTES), _mma_plan(s, geo.groups)[-1],
-           (x_cl, kernels, bias_arg, use_bias, *_geometry_args(geo, x.shape, s.c_out, s.n), out),
-           block=MMA_THREADS, shared_mem=MMA_SHARED_BYTES)
+    plan = _mma_plan(s, geo, False)
+    _, x_cl, kernels = _mma_operands(x, x.shape, weight, offset, geo, s, dtype, plan)
+    _mma(plan.mma_tiles, False, (x_cl, kernels, bias_arg, use_bias, *_geometry_args(geo, x.shape, s.c_out, s.n), out),
+         dtype)
 
 
 @functools.lru_cache(maxsize=256)
@@ -474,25 +531,38 @@ def _global_backward(go, x, weight, offset, geo, s, dtype, grad_input, grad_offs
 
 def _mma_backward(go, x, weight, offset, geo, s, dtype, grad_input, grad_offset, grad_weight):
     """Global DK's backward for the shapes of the tensor-core forward, on its kernel-point-major
-    kernels (_mma_operands, which makes dk_resample_grad_sums' taps instead of the channels-last
-    input) and columns kernel-point-major too, so that the kernels' gradient, grad_output @
-    columns^T, comes out (N, C_out, K, Cg): a matrix of (n, k) rows that dk_resample_grad_sums
-    reduces both ways, into the weight's gradient and partial products per chunk of SUM_COLUMNS
-    (o, c) pairs, which dk_resample_grad_offsets finishes. Workspace beside the columns: the
-    kernels, their gradient in float32, ``G * N * K * ceil(S_h*S_w / SCOPE_RUN) * SCOPE_RUN``
-    taps and ``G * ceil(C_out/G * Cg / SUM_COLUMNS) * N * K * S_h*S_w`` partial products.
-    (dk_kernel_grad_mma, an implicit GEMM on tensor cores over the channels-last input, took
-    108 us at N=16, C=256, 32x32 in fp16 on an H200, where dk_im2col and cuBLAS take 35 + 40.)"""
+    kernels (_mma_operands, which also makes dk_resample_grad_sums' taps and, at stride 1,
+    grad_output channels-last). The input gradient at stride 1 (_mma_input_grad) is
+    dk_global_mma's transposed convolution of grad_output; otherwise the columns' gradient,
+    kernels^T @ grad_output (cuBLAS), gathered by dk_col2im. The kernels' gradient is grad_output
+    @ columns^T over kernel-point-major columns, so it comes out (N, C_out, K, Cg): a matrix of
+    (n, k) rows that dk_resample_grad_sums reduces both ways, into the weight's gradient and
+    partial products per chunk of SUM_COLUMNS (o, c) pairs, which dk_resample_grad_offsets
+    finishes. Workspace beside the columns: the kernels, their gradient in float32, at stride 1
+    grad_output's channels-last copy, ``G * N * K * ceil(S_h*S_w / SCOPE_RUN) * SCOPE_RUN`` taps
+    and ``G * ceil(C_out/G * Cg / SUM_COLUMNS) * N * K * S_h*S_w`` partial products.
+    At N=16, C=256, 32x32 in fp16 on an H200 the transposed convolution took 68 us (+6 us for
+    the copy) where cuBLAS and dk_col2im took 41 + 50. (dk_kernel_grad_mma, an implicit GEMM on
+    tensor cores for the kernels' gradient over the channels-last input, took 108 us where
+    dk_im2col and cuBLAS take 35 + 40.)"""
     import cupy
 
+    plan = _mma_plan(s, geo, True)
     rows, runs = s.n * s.K, -(-s.S // SCOPE_RUN)
     taps_size = geo.offset_groups * rows * runs * SCOPE_RUN
     chunks = geo.offset_groups * -(-s.opg * s.cg // SUM_COLUMNS)
-    scratch = cupy.empty(taps_size + chunks * rows * s.S, np.float32)  # the taps, the partial products
-    taps = _compile.Pointer(scratch.data.ptr)
-    workspace, _, _ = _mma_operands(x, weight, offset, geo, s, dtype, taps=taps)
-    grad_kernels = cupy.empty((s.n, s.c_out, s.rows), np.float32)
-    _columns_backward(go, x, workspace.reshape(s.n, s.c_out, s.rows), grad_kernels, 1, geo, s, dtype, grad_input)
+    # One allocation: the kernels' gradient, the taps, the partial products.
+    scratch = cupy.empty(s.n * s.c_out * s.rows + taps_size + chunks * rows * s.S, np.float32)
+    grad_kernels = scratch[:s.n * s.c_out * s.rows].reshape(s.n, s.c_out, s.rows)
+    taps = _compile.Pointer(scratch.data.ptr + grad_kernels.nbytes)
+    workspace, go_cl, kernels = _mma_operands(go, x.shape, weight, offset, geo, s, dtype, plan, taps=taps)
+    if plan.mma_tiles:
+        t = _transposed(geo, s.h, s.w)
+        _mma(plan.mma_tiles, True, (go_cl, kernels, go, np.int32(0), *_geometry_args(t, go.shape, s.c_in, s.n),
+                                    grad_input), dtype)
+        _columns_backward(go, x, None, grad_kernels, 1, geo, s, dtype, None)
+    else:  # the workspace is the kernels alone
+        _columns_backward(go, x, workspace.reshape(s.n, s.c_out, s.rows), grad_kernels, 1, geo, s, dtype, grad_input)
     geo_args = _geometry_args(geo, x.shape, s.c_out, s.n)
     partial = _compile.Pointer(taps + taps_size * scratch.itemsize)
     launch(_kernel("dk_resample_grad_sums", dtype, SUM_SHARED_BYTES), chunks * runs * SUM_COLUMNS,
@@ -504,10 +574,11 @@ def _mma_backward(go, x, weight, offset, geo, s, dtype, grad_input, grad_offset,
 
 def _columns_backward(go, x, kernels, grad_kernels, point_major, geo, s, dtype, grad_input):
     """The columns path's backward, per chunk of images (_columns): dk_im2col, then per (image,
-    weight group) grad_kernels = grad_output @ columns^T (in the accumulation type) and the
-    columns' gradient, kernels^T @ grad_output, into the same buffer, which dk_col2im gathers.
-    `kernels` and `grad_kernels` have the images first; `point_major` (0 or 1) sets the
-    columns' row order to the kernels' (ColumnRows)."""
+    weight group) grad_kernels = grad_output @ columns^T (in the accumulation type) and, unless
+    grad_input is None (the kernels' gradient alone), the columns' gradient, kernels^T @
+    grad_output, into the same buffer, which dk_col2im gathers. `kernels` and `grad_kernels`
+    have the images first; `point_major` (0 or 1) sets the columns' row order to the kernels'
+    (ColumnRows)."""
     chunks, cols = _columns(s, x)
     for n0, n1 in chunks:
         b = n1 - n0
@@ -518,6 +589,8 @@ def _columns_backward(go, x, kernels, grad_kernels, point_major, geo, s, dtype, 
         _blas.matmul(g, cols, images(grad_kernels), m=s.og, n=s.rows, k=s.L, dtype=dtype,
                      c_dtype=np.dtype(ACC_DTYPES[dtype]).name, trans_b=True, batch=b * geo.groups,
                      stride_a=s.og * s.L, stride_b=s.rows * s.L, stride_c=s.og * s.rows)
+        if grad_input is None:
+            continue
         _blas.matmul(images(kernels), g, cols, m=s.rows, n=s.L, k=s.og, dtype=dtype, trans_a=True,
                      batch=b * geo.groups, stride_a=s.og * s.rows, stride_b=s.og * s.L, stride_c=s.rows * s.L)
         launch(_kernel("dk_col2im", dtype), b * s.c_in * s.h * -(-s.w // IM2COL_RUN),
