@@ -448,22 +448,29 @@ __device__ void scope_taps(const T* __restrict__ offset, const DkGeometry& geo, 
                            index_t first, index_t step);
 
 // What dk_global_mma reads, made in one launch (independent jobs, which then overlap): the
-// first `layout_blocks` blocks make `planes`, (N, plane_channels, plane_positions), channels-last
-// (tensor_core.cuh): the input for the forward, grad_output for the backward's input gradient;
-// the next `taps_blocks` (the backward) make the scope's taps (scope_taps); the others resample
-// the kernels (resample_cl). Dynamic shared memory: the larger of the jobs'.
+// first `layout_blocks` blocks make the input channels-last (tensor_core.cuh), into input_cl
+// unless null, then grad_output (N, C_out, H_out, W_out), into grad_output_cl unless null: the
+// forward's input, the backward's grad_output for its input gradient and input for its
+// kernels' gradient (dk_global_wgmma); the next `taps_blocks` (the backward) make the scope's
+// taps (scope_taps); the others resample the kernels (resample_cl). Dynamic shared memory: the
+// larger of the jobs'.
 template <typename T>
-__global__ void __launch_bounds__(256) dk_mma_operands(const T* __restrict__ planes, index_t plane_channels,
-                                                       index_t plane_positions, const T* __restrict__ weight,
-                                                       const T* __restrict__ offset, int slice, int pass,
-                                                       int layout_blocks, int taps_blocks, DK_GEOMETRY,
-                                                       T* __restrict__ planes_cl, T* __restrict__ kernels,
+__global__ void __launch_bounds__(256) dk_mma_operands(const T* __restrict__ input, const T* __restrict__ grad_output,
+                                                       const T* __restrict__ weight, const T* __restrict__ offset,
+                                                       int slice, int pass, int layout_blocks, int taps_blocks,
+                                                       DK_GEOMETRY, T* __restrict__ input_cl,
+                                                       T* __restrict__ grad_output_cl, T* __restrict__ kernels,
                                                        float* __restrict__ taps) {
     DK_GEO;
     extern __shared__ __align__(16) unsigned char dk_shared[];
     const int block = (int)blockIdx.x;
     if (block < layout_blocks) {
-        channels_last(planes, batch, plane_channels, plane_positions, planes_cl, dk_shared, block, layout_blocks);
+        if (input_cl != nullptr) {
+            channels_last(input, batch, channels, geo.hw(), input_cl, dk_shared, block, layout_blocks);
+        }
+        if (grad_output_cl != nullptr) {
+            channels_last(grad_output, batch, c_out, geo.L(), grad_output_cl, dk_shared, block, layout_blocks);
+        }
     } else if (block < layout_blocks + taps_blocks) {
         scope_taps(offset, geo, taps, block - layout_blocks, taps_blocks);
     } else {
@@ -668,110 +675,165 @@ dk_global_mma(const T* __restrict__ input, const T* __restrict__ kernels, const 
     }
 }
 
-// dk_global_mma on Hopper's warpgroup MMA (sm_90a): the same tiles of BM x BN outputs and stages
-// of BK channels of one kernel point, 2 warpgroups (64 output channels each, the tile's 128
-// positions), the stages in shared memory in wgmma's 128-byte swizzle instead of padded rows.
+// dk_global_mma on Hopper's warpgroup MMA (sm_90a), and the backward's two other products as
+// implicit GEMMs of the same shape: tiles of BM x BN outputs, reductions in stages of BK,
+// 2 warpgroups (64 rows of the tile each), the stages in shared memory in wgmma's 128-byte
+// swizzle. DK_WG_MODE:
+// - FORWARD: out[n, o, l] = sum over (k, c) of kernels[n, o, k, c] * input[n, l moved by k, c]:
+//   `a` the kernels (N, C_out, K, Cg), `b` the input channels-last (N, H, W, C_in), `out` T
+//   (N, C_out, H_out, W_out); stages of BK channels of one kernel point.
+// - INPUT_GRAD: the transposed convolution of dk_global_mma's TRANSPOSED: `a` the same kernels,
+//   read as a run of og input channels by BK rows (MN-major), `b` grad_output channels-last, the
+//   transposed geometry, no bias.
+// - KERNEL_GRAD: grad_kernels[n, o, k, c] = sum over l of grad_output[n, o, l] * input[n, l moved
+//   by k, c]: `a` grad_output (N, C_out, L) with L a multiple of 8 (rows of 16-byte vectors), `b`
+//   the input channels-last (rows of positions, MN-major), `out` float (N, C_out, K, Cg); a tile
+//   is BM output channels by BN channels of one kernel point, its stages BK positions.
+enum DkWgMode { DK_WG_FORWARD = 0, DK_WG_INPUT_GRAD = 1, DK_WG_KERNEL_GRAD = 2 };
 namespace dk_wgmma {
 constexpr int BM = 128, BN = 128, BK = 64, STAGES = 3;
 constexpr int THREADS = 256;
-constexpr int TILE_BYTES = BM * BK * 2;  // one operand's tile of a stage (BN == BM)
-constexpr int COPIES = BM * BK / 8 / THREADS;        // 16-byte copies of a tile per thread and stage
-constexpr int ROWS_APART = THREADS / (BK / 8);       // between one thread's copies (K-major rows)
-constexpr int T_ROWS_APART = THREADS / (BM / 8);     // the same for TRANSPOSED's A (rows of K)
-constexpr int OUT_PITCH = BN + 8;
+constexpr int TILE = BM * BK;  // elements of one operand's tile of a stage (BN == BM)
+// A thread's 16-byte copies of a tile per stage, rows ROWS_APART apart in a K-major tile (rows
+// of BK elements) and MN_ROWS_APART apart in an MN-major one (rows of BM, two 64-wide halves).
+constexpr int COPIES = TILE / 8 / THREADS;
+constexpr int ROWS_APART = THREADS / (BK / 8), MN_ROWS_APART = THREADS / (BM / 8);
+constexpr int HALF = 64 * BK;  // an MN-major tile's second half of 64 columns starts here
 // 1024 bytes of slack to align the tiles to the swizzle's atoms, then the stages, then `rigid`.
-constexpr int SHARED_BYTES = 1024 + STAGES * 2 * TILE_BYTES + BN * 8;
-static_assert(BM * OUT_PITCH * 2 <= STAGES * 2 * TILE_BYTES, "the output tile fits the pipeline's memory");
+constexpr int SHARED_BYTES = 1024 + STAGES * 2 * TILE * 2 + BN * 8;  // WGMMA_SHARED_BYTES in the host
+static_assert(BM == BN && ROWS_APART * COPIES == BM && MN_ROWS_APART * COPIES == BK, "both mappings copy whole tiles");
 static_assert(SHARED_BYTES <= 113 * 1024, "two blocks fit an SM");
-static_assert(BK / T_ROWS_APART == COPIES, "as many copies transposed");
+static_assert(BM * (BN + 4) * 4 <= STAGES * 2 * TILE * 2, "the output tile (float) fits the pipeline's memory");
 }  // namespace dk_wgmma
 
-template <typename T, bool TRANSPOSED>
+template <typename T, int MODE>
 __global__ void __launch_bounds__(dk_wgmma::THREADS, 2)
-dk_global_wgmma(const T* __restrict__ input, const T* __restrict__ kernels, const T* __restrict__ bias, int use_bias,
-                DK_GEOMETRY, T* __restrict__ out) {
+dk_global_wgmma(const T* __restrict__ b_in, const T* __restrict__ a_in, const T* __restrict__ bias, int use_bias,
+                DK_GEOMETRY, void* __restrict__ out) {
 #if CUDEFORM_WGMMA
     using namespace dk_wgmma;
+    constexpr bool A_MN = MODE == DK_WG_INPUT_GRAD, B_MN = MODE == DK_WG_KERNEL_GRAD;
     DK_GEO;
     extern __shared__ __align__(16) unsigned char dk_shared[];
-    unsigned char* const aligned = dk_shared + ((1024 - (shared_address(dk_shared) & 1023)) & 1023);
-    T* const a_base = reinterpret_cast<T*>(aligned);                 // STAGES tiles of kernels
-    T* const b_base = a_base + STAGES * BM * BK;                     // STAGES tiles of the input
-    int2* const rigid = reinterpret_cast<int2*>(b_base + STAGES * BN * BK);
+    T* const a_base = reinterpret_cast<T*>(dk_shared + ((1024 - (shared_address(dk_shared) & 1023)) & 1023));
+    T* const b_base = a_base + STAGES * TILE;
+    // Input row and column of kernel point (0, 0) for each output position of the tile (the
+    // reduction's positions of the stage in KERNEL_GRAD); past L, a row no point brings inside.
+    int2* const rigid = reinterpret_cast<int2*>(b_base + STAGES * TILE);
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wg = warp >> 2;
     const index_t cg = geo.cg(), og = geo.og(), L = geo.L();
     const int K = kh * kw;
-    const index_t m_tiles = (og + BM - 1) / BM, n_tiles = (L + BN - 1) / BN;
-    const int stages = K * (int)((cg + BK - 1) / BK);
-    const int row = tid / (BK / 8), chunk = tid % (BK / 8) * 8;
-    const int a_row = tid / (BM / 8), a_chunk = tid % (BM / 8) * 8;  // TRANSPOSED's A copies
-    // Where this thread's copies land in a stage's tiles (swizzled; the same for every t).
-    const int b_at = swizzled(row, chunk);
-    const int a_at = TRANSPOSED ? (a_chunk >> 6) * 64 * BK + swizzled(a_row, a_chunk & 63) : b_at;
+    // A K-major tile's copies: rows k_row + ROWS_APART * t, 8 elements from k_chunk; an MN-major
+    // one's: rows mn_row + MN_ROWS_APART * t, 8 elements from mn_chunk. Where they land (the
+    // same for every t: the swizzle repeats every 8 rows).
+    const int k_row = tid / (BK / 8), k_chunk = tid % (BK / 8) * 8;
+    const int mn_row = tid / (BM / 8), mn_chunk = tid % (BM / 8) * 8;
+    const int k_at = swizzled(k_row, k_chunk), mn_at = (mn_chunk >> 6) * HALF + swizzled(mn_row, mn_chunk & 63);
+    const int b_row = B_MN ? mn_row : k_row, b_rows_apart = B_MN ? MN_ROWS_APART : ROWS_APART;
+    const int b_chunk = B_MN ? mn_chunk : k_chunk;
+    const index_t m_tiles = (og + BM - 1) / BM;
+    const index_t c_tiles = (cg + BN - 1) / BN;  // KERNEL_GRAD's tiles of one kernel point
+    const index_t n_tiles = MODE == DK_WG_KERNEL_GRAD ? K * c_tiles : (L + BN - 1) / BN;
+    const int stages = MODE == DK_WG_KERNEL_GRAD ? (int)((L + BK - 1) / BK) : K * (int)((cg + BK - 1) / BK);
 
     for (index_t tile = blockIdx.x; tile < batch * groups * m_tiles * n_tiles; tile += gridDim.x) {
         const index_t ngm = fast_div(tile, n_tiles), ng = fast_div(ngm, m_tiles);
         const index_t n = fast_div(ng, groups), g = ng - n * groups;
-        const index_t o0 = (ngm - ng * m_tiles) * BM, l0 = (tile - ngm * n_tiles) * BN;
-
-        __syncthreads();
-        for (int p = tid; p < BN; p += THREADS) {
-            const index_t l = l0 + p;
-            const int y = (int)(l / out_w), x = (int)(l - (index_t)y * out_w);
-            rigid[p] = l < L ? make_int2(y * sh - ph, x * sw - pw) : make_int2(-(1 << 30), 0);
-        }
-        __syncthreads();
-
-        const T* const a_src = TRANSPOSED ? kernels + ((n * channels + g * cg + a_row) * K) * og + o0 + a_chunk
-                                          : kernels + ((n * c_out + g * og + o0 + row) * K) * cg + chunk;
-        const index_t a_step = TRANSPOSED ? (index_t)T_ROWS_APART * K * og : (index_t)ROWS_APART * K * cg;
+        const index_t o0 = (ngm - ng * m_tiles) * BM, nt = tile - ngm * n_tiles;
         const int a_rows = (int)min((index_t)BM, og - o0);
-        const T* const b_src = input + n * height * width * channels + g * cg + chunk;
+        // FORWARD, INPUT_GRAD: positions l0 + [0, BN) of the outputs; KERNEL_GRAD: channels c0n
+        // + [0, BN) of kernel point kt.
+        const int kt = MODE == DK_WG_KERNEL_GRAD ? (int)fast_div(nt, c_tiles) : 0;
+        const index_t l0 = MODE == DK_WG_KERNEL_GRAD ? 0 : nt * BN;
+        const index_t c0n = MODE == DK_WG_KERNEL_GRAD ? (nt - kt * c_tiles) * BN : 0;
+
+        auto rigid_rows = [&](index_t first) {  // rigid[p] for positions first + p
+            __syncthreads();  // the previous users of rigid are done
+            for (int p = tid; p < BN; p += THREADS) {
+                const index_t l = first + p;
+                const int y = (int)(l / out_w), x = (int)(l - (index_t)y * out_w);
+                rigid[p] = l < L ? make_int2(y * sh - ph, x * sw - pw) : make_int2(-(1 << 30), 0);
+            }
+            __syncthreads();
+        };
+        if (MODE != DK_WG_KERNEL_GRAD) rigid_rows(l0);
+
+        // The sources of this thread's copies: A's rows and B's (their offsets from b_src moved
+        // to the next kernel point, or the next stage's positions in KERNEL_GRAD).
+        const T* a_src;
+        index_t a_step;
+        if constexpr (MODE == DK_WG_FORWARD) {
+            a_src = a_in + ((n * c_out + g * og + o0 + k_row) * K) * cg + k_chunk, a_step = (index_t)ROWS_APART * K * cg;
+        } else if constexpr (MODE == DK_WG_INPUT_GRAD) {
+            a_src = a_in + ((n * channels + g * cg + mn_row) * K) * og + o0 + mn_chunk;
+            a_step = (index_t)MN_ROWS_APART * K * og;
+        } else {
+            a_src = a_in + (n * c_out + g * og + o0 + k_row) * L + k_chunk, a_step = (index_t)ROWS_APART * L;
+        }
+        const T* const b_src = b_in + n * height * width * channels + g * cg + b_chunk + c0n;
         int b_off[COPIES];
         unsigned b_valid = 0;
-        int k = 0, c0 = 0;
-        auto point = [&]() {
+        int k = MODE == DK_WG_KERNEL_GRAD ? kt : 0, c0 = 0;  // the next stage: kernel point, channel
+        index_t p0 = 0;                                     // KERNEL_GRAD: the next stage's positions
+        auto point = [&]() {  // b_off and b_valid of B's rows at kernel point k
             const int i = k / kw, j = k - i * kw;
             b_valid = 0;
 #pragma unroll
             for (int t = 0; t < COPIES; ++t) {
-                const int2 p = rigid[row + ROWS_APART * t];
+                const int2 p = rigid[(MODE == DK_WG_KERNEL_GRAD ? (int)(p0 & (2 * BK - 1)) : 0) + b_row
+                                     + b_rows_apart * t];
                 const int iy = p.x + i * dh, ix = p.y + j * dw;
                 const bool ok = iy >= 0 && iy < (int)height && ix >= 0 && ix < (int)width;
                 b_off[t] = ok ? (iy * (int)width + ix) * (int)channels : 0;
                 b_valid |= (unsigned)ok << t;
             }
         };
-        point();
+        if (MODE != DK_WG_KERNEL_GRAD) point();
         auto load_next = [&](int buf) {
-            const bool c_ok = c0 + chunk < cg;
-            T* const a_dst = a_base + buf * BM * BK + a_at;
-            T* const b_dst = b_base + buf * BN * BK + b_at;
-            if constexpr (TRANSPOSED) {
-                const index_t a_off = ((index_t)c0 * K + (K - 1 - k)) * og;
-                const bool cols_ok = a_chunk < a_rows;
+            T* const a_dst = a_base + buf * TILE + (A_MN ? mn_at : k_at);
+            T* const b_dst = b_base + buf * TILE + (B_MN ? mn_at : k_at);
+            if constexpr (MODE == DK_WG_KERNEL_GRAD) {
+                // rigid holds two stages' positions, BK each, refreshed every other stage.
+                if ((p0 & (2 * BK - 1)) == 0) rigid_rows(p0);
+                point();
+                const bool c_ok = c0n + b_chunk < cg;
 #pragma unroll
                 for (int t = 0; t < COPIES; ++t) {
-                    const bool a = cols_ok && c0 + a_row + T_ROWS_APART * t < cg;
-                    copy_async_16(a_dst + T_ROWS_APART * t * 64, a ? a_src + t * a_step + a_off : kernels, a);
+                    const bool a = k_row + ROWS_APART * t < a_rows && p0 + k_chunk < L;
+                    copy_async_16(a_dst + ROWS_APART * t * 64, a ? a_src + t * a_step + p0 : a_in, a);
+                    const bool b = c_ok && (b_valid >> t & 1);
+                    copy_async_16(b_dst + MN_ROWS_APART * t * 64, b ? b_src + b_off[t] : b_in, b);
                 }
+                p0 += BK;
+                return;
             } else {
-                const int a_off = k * (int)cg + c0;
+                const bool c_ok = c0 + k_chunk < cg;
+                if constexpr (A_MN) {
+                    // Rows c0 + mn_row + MN_ROWS_APART * t of kernel point K - 1 - k (the flip).
+                    const index_t a_off = ((index_t)c0 * K + (K - 1 - k)) * og;
+#pragma unroll
+                    for (int t = 0; t < COPIES; ++t) {
+                        const bool a = mn_chunk < a_rows && c0 + mn_row + MN_ROWS_APART * t < cg;
+                        copy_async_16(a_dst + MN_ROWS_APART * t * 64, a ? a_src + t * a_step + a_off : a_in, a);
+                    }
+                } else {
+                    const int a_off = k * (int)cg + c0;
+#pragma unroll
+                    for (int t = 0; t < COPIES; ++t) {
+                        const bool a = c_ok && k_row + ROWS_APART * t < a_rows;
+                        copy_async_16(a_dst + ROWS_APART * t * 64, a ? a_src + t * a_step + a_off : a_in, a);
+                    }
+                }
 #pragma unroll
                 for (int t = 0; t < COPIES; ++t) {
-                    const bool a = c_ok && row + ROWS_APART * t < a_rows;
-                    copy_async_16(a_dst + ROWS_APART * t * 64, a ? a_src + t * a_step + a_off : kernels, a);
+                    const bool b = c_ok && (b_valid >> t & 1);
+                    copy_async_16(b_dst + ROWS_APART * t * 64, b ? b_src + b_off[t] + c0 : b_in, b);
                 }
-            }
-#pragma unroll
-            for (int t = 0; t < COPIES; ++t) {
-                const bool b = c_ok && (b_valid >> t & 1);
-                copy_async_16(b_dst + ROWS_APART * t * 64, b ? b_src + b_off[t] + c0 : input, b);
-            }
-            c0 += BK;
-            if (c0 >= cg) {
-                c0 = 0;
-                if (++k < K) point();
+                c0 += BK;
+                if (c0 >= cg) {
+                    c0 = 0;
+                    if (++k < K) point();
+                }
             }
         };
 
@@ -791,48 +853,72 @@ dk_global_wgmma(const T* __restrict__ input, const T* __restrict__ kernels, cons
             __syncthreads();
             if (s + STAGES - 1 < stages) load_next((s + STAGES - 1) % STAGES);
             copy_async_commit();
-            const T* const a_tile = a_base + (s % STAGES) * BM * BK;
-            const T* const b_tile = b_base + (s % STAGES) * BN * BK;
-            // This warpgroup's 64 rows of A: K-major, the next 16 channels 32 bytes on; MN-major
-            // (TRANSPOSED), its own 64-column half, the next 16 rows 2 atoms on.
-            const unsigned long long a_desc = wgmma_desc(a_tile + wg * 64 * BK, 1024);
-            const unsigned long long b_desc = wgmma_desc(b_tile, 1024);
+            // This warpgroup's 64 rows of A (K-major: the next 16 of the reduction 32 bytes on;
+            // MN-major: its own half, the next 16 rows 2 atoms on), and all of B (MN-major: its
+            // second half of columns HALF elements on).
+            const unsigned long long a_desc = wgmma_desc(a_base + (s % STAGES) * TILE + wg * 64 * BK, 1024, 16);
+            const unsigned long long b_desc = wgmma_desc(b_base + (s % STAGES) * TILE, 1024, B_MN ? HALF * 2 : 16);
 #pragma unroll
             for (int e = 0; e < 64; ++e) wgmma_operand(accum[e]);
             wgmma_fence();
 #pragma unroll
             for (int kk = 0; kk < BK / 16; ++kk)
-                Wgmma<T, TRANSPOSED>::run(accum, a_desc + (TRANSPOSED ? kk * 128 : kk * 2), b_desc + kk * 2);
+                Wgmma<T, A_MN, B_MN>::run(accum, a_desc + (A_MN ? kk * 128 : kk * 2), b_desc + (B_MN ? kk * 128 : kk * 2));
             wgmma_commit();
             wgmma_wait<0>();
 #pragma unroll
             for (int e = 0; e < 64; ++e) wgmma_operand(accum[e]);
         }
 
+        // Epilogue: the accumulators (thread: rows r and r + 8 of its warp's 16, two columns of
+        // each 8) into a shared tile, then stored a row at a time in 16-byte vectors where rows
+        // are whole vectors.
         copy_async_wait<0>();
         __syncthreads();
-        T* const out_tile = a_base;
+        const int r_lane = wg * 64 + (warp & 3) * 16 + (lane >> 2), c_lane = (lane & 3) * 2;
+        if constexpr (MODE == DK_WG_KERNEL_GRAD) {
+            constexpr int PITCH = BN + 4;
+            float* const tile_out = reinterpret_cast<float*>(a_base);
 #pragma unroll
-        for (int half = 0; half < 2; ++half) {
-            const int r = wg * 64 + (warp & 3) * 16 + (lane >> 2) + half * 8;
-            const float add = use_bias && o0 + r < og ? to_acc(bias[g * og + o0 + r]) : 0.0f;
+            for (int half = 0; half < 2; ++half)
 #pragma unroll
-            for (int j = 0; j < 16; ++j)
+                for (int j = 0; j < 16; ++j)
+                    *reinterpret_cast<float2*>(tile_out + (r_lane + half * 8) * PITCH + j * 8 + c_lane) =
+                        make_float2(accum[4 * j + half * 2], accum[4 * j + half * 2 + 1]);
+            __syncthreads();
+            float* const grad = static_cast<float*>(out);
+            for (int v = tid; v < BM * BN / 4; v += THREADS) {
+                const int r = v / (BN / 4), col = v % (BN / 4) * 4;
+                if (o0 + r >= og || c0n + col >= cg) continue;
+                *reinterpret_cast<float4*>(grad + ((n * c_out + g * og + o0 + r) * K + kt) * cg + c0n + col) =
+                    *reinterpret_cast<const float4*>(tile_out + r * PITCH + col);
+            }
+        } else {
+            constexpr int PITCH = BN + 8;
+            T* const tile_out = a_base;
 #pragma unroll
-                for (int e = 0; e < 2; ++e)
-                    out_tile[r * OUT_PITCH + j * 8 + (lane & 3) * 2 + e] = from_acc<T>(accum[4 * j + half * 2 + e] + add);
-        }
-        __syncthreads();
-        const bool vectors = L % 8 == 0;
-        for (int v = tid; v < BM * BN / 8; v += THREADS) {
-            const int r = v / (BN / 8), col = v % (BN / 8) * 8;
-            if (o0 + r >= og || l0 + col >= L) continue;
-            T* const dst = out + (n * c_out + g * og + o0 + r) * L + l0 + col;
-            const T* const src = out_tile + r * OUT_PITCH + col;
-            if (vectors) {
-                *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
-            } else {
-                for (int e = 0; e < 8 && l0 + col + e < L; ++e) dst[e] = src[e];
+            for (int half = 0; half < 2; ++half) {
+                const int r = r_lane + half * 8;
+                const float add = use_bias && o0 + r < og ? to_acc(bias[g * og + o0 + r]) : 0.0f;
+#pragma unroll
+                for (int j = 0; j < 16; ++j)
+#pragma unroll
+                    for (int e = 0; e < 2; ++e)
+                        tile_out[r * PITCH + j * 8 + c_lane + e] = from_acc<T>(accum[4 * j + half * 2 + e] + add);
+            }
+            __syncthreads();
+            T* const dst_base = static_cast<T*>(out);
+            const bool vectors = L % 8 == 0;
+            for (int v = tid; v < BM * BN / 8; v += THREADS) {
+                const int r = v / (BN / 8), col = v % (BN / 8) * 8;
+                if (o0 + r >= og || l0 + col >= L) continue;
+                T* const dst = dst_base + (n * c_out + g * og + o0 + r) * L + l0 + col;
+                const T* const src = tile_out + r * PITCH + col;
+                if (vectors) {
+                    *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+                } else {
+                    for (int e = 0; e < 8 && l0 + col + e < L; ++e) dst[e] = src[e];
+                }
             }
         }
     }

@@ -110,10 +110,13 @@ __device__ __forceinline__ void copy_async_wait() {
 // The descriptor of a tile in the 128-byte swizzle: rows of 128 bytes (64 16-bit elements)
 // whose 16-byte chunk q of row r lies at chunk q ^ (r % 8), in atoms of 8 rows (1024 bytes,
 // the tile aligned to 1024). K-major (the rows are M or N, the elements K): the next 8 rows
-// are `atom_stride` bytes on. MN-major (rows of K, elements M or N): the next 8 K rows are.
-__device__ __forceinline__ unsigned long long wgmma_desc(const void* tile, unsigned atom_stride) {
-    return (unsigned long long)((shared_address(tile) & 0x3FFFF) >> 4) | (1ull << 16)
-           | ((unsigned long long)(atom_stride >> 4) << 32) | (1ull << 62);
+// are `atom_stride` bytes on. MN-major (rows of K, elements M or N): the next 8 K rows are, and
+// the next 64 columns of M or N `column_stride` bytes on (unused within 64).
+__device__ __forceinline__ unsigned long long wgmma_desc(const void* tile, unsigned atom_stride,
+                                                         unsigned column_stride) {
+    return (unsigned long long)((shared_address(tile) & 0x3FFFF) >> 4)
+           | ((unsigned long long)(column_stride >> 4) << 16) | ((unsigned long long)(atom_stride >> 4) << 32)
+           | (1ull << 62);
 }
 
 // Where element (r, c) of such a tile lies, in elements from its start.
@@ -145,8 +148,8 @@ __device__ __forceinline__ void fence_proxy_async() {
 // Keeps the compiler from moving accesses of v across the asynchronous MMAs.
 __device__ __forceinline__ void wgmma_operand(float& v) { asm volatile("" : "+f"(v)::"memory"); }
 
-// d (64 x 128, float32) += a (64 x 16) * b (16 x 128): a K-major, or MN-major where TRANS_A; b
-// K-major (its rows are the 128 columns of d).
+// d (64 x 128, float32) += a (64 x 16) * b (16 x 128): each K-major (b's rows the 128 columns
+// of d), or MN-major where TRANS_A / TRANS_B.
 #define CUDEFORM_WGMMA_D64                                                                                    \
     "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, "    \
     "%22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, " \
@@ -160,24 +163,24 @@ __device__ __forceinline__ void wgmma_operand(float& v) { asm volatile("" : "+f"
     "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),   \
     "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),   \
     "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-template <typename T, int TRANS_A> struct Wgmma;
-template <int TRANS_A> struct Wgmma<__half, TRANS_A> {
+template <typename T, int TRANS_A, int TRANS_B> struct Wgmma;
+template <int TRANS_A, int TRANS_B> struct Wgmma<__half, TRANS_A, TRANS_B> {
     static __device__ __forceinline__ void run(float* d, unsigned long long a, unsigned long long b) {
 #if CUDEFORM_WGMMA
         asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
                      "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 " CUDEFORM_WGMMA_D64
-                     ", %64, %65, p, 1, 1, %67, 0;\n}\n"
-                     : CUDEFORM_WGMMA_OUTS(d) : "l"(a), "l"(b), "r"(1), "n"(TRANS_A));
+                     ", %64, %65, p, 1, 1, %67, %68;\n}\n"
+                     : CUDEFORM_WGMMA_OUTS(d) : "l"(a), "l"(b), "r"(1), "n"(TRANS_A), "n"(TRANS_B));
 #endif
     }
 };
-template <int TRANS_A> struct Wgmma<__nv_bfloat16, TRANS_A> {
+template <int TRANS_A, int TRANS_B> struct Wgmma<__nv_bfloat16, TRANS_A, TRANS_B> {
     static __device__ __forceinline__ void run(float* d, unsigned long long a, unsigned long long b) {
 #if CUDEFORM_WGMMA
         asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
                      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " CUDEFORM_WGMMA_D64
-                     ", %64, %65, p, 1, 1, %67, 0;\n}\n"
-                     : CUDEFORM_WGMMA_OUTS(d) : "l"(a), "l"(b), "r"(1), "n"(TRANS_A));
+                     ", %64, %65, p, 1, 1, %67, %68;\n}\n"
+                     : CUDEFORM_WGMMA_OUTS(d) : "l"(a), "l"(b), "r"(1), "n"(TRANS_A), "n"(TRANS_B));
 #endif
     }
 };

@@ -83,7 +83,11 @@ EDGES = {
 # the stride is 1 and C_out/groups a multiple of 8, the input gradient is dk_global_mma's
 # transposed convolution (every config but mma_tails and mma_groups, which take cuBLAS and
 # dk_col2im), mma_flipped's with weight groups, a dilation and a padding larger than the
-# kernel's extent (the transposed convolution's padding is negative).
+# kernel's extent (the transposed convolution's padding is negative). On sm_90, where H_out *
+# W_out is a multiple of 8, dk_global_wgmma takes the kernels' gradient too (mma_tiles: a second,
+# partial tile of output channels, a last stage of 16 positions; mma_groups: weight groups, a
+# stride and a dilation; mma_kernel_grad: a second tile of 8 input channels; mma_points,
+# mma_flipped).
 MMA = {
     "mma_tails": dict(N=2, C_in=24, C_out=20, groups=1, G=2, kernel=(3, 3), scope=(4, 4), H=9, W=13,
                       stride=1, padding=1, dilation=1),
@@ -101,6 +105,8 @@ MMA = {
                        stride=1, padding=0, dilation=1),
     "mma_flipped": dict(N=2, C_in=32, C_out=16, groups=2, G=4, kernel=(3, 2), scope=(5, 4), H=10, W=12,
                         stride=1, padding=(3, 1), dilation=(1, 2)),
+    "mma_kernel_grad": dict(N=2, C_in=136, C_out=16, groups=1, G=2, kernel=(3, 3), scope=(4, 4), H=8, W=9,
+                            stride=1, padding=1, dilation=1),
 }
 
 
@@ -162,23 +168,24 @@ def test_tensor_core_path(torch, monkeypatch, dtype, wgmma, name):
     kernels (kernel-point-major columns, the products through the resampling; the input
     gradient by the transposed convolution or by dk_col2im) against float64, and against the
     other columns path of the same rounded inputs."""
-    from cudeform.cuda import deform_kernel_conv as gpu
+    from cudeform.cuda import _compile, deform_kernel_conv as gpu
 
     monkeypatch.setattr(gpu, "WGMMA", wgmma)
 
     calls = []
     for step in ("_mma_forward", "_mma_backward"):
         monkeypatch.setattr(gpu, step, lambda *a, f=getattr(gpu, step), step=step: calls.append(step) or f(*a))
-    gathers = []  # per backward: whether _columns_backward gathered the input gradient (dk_col2im)
-    monkeypatch.setattr(gpu, "_columns_backward",
-                        lambda *a, f=gpu._columns_backward: gathers.append(a[-1] is not None) or f(*a))
+    taken = []  # per backward: the (kernels' gradient, input gradient) that the columns took
+    monkeypatch.setattr(gpu, "_columns_backward", lambda *a, f=gpu._columns_backward:
+                        taken.append((a[3] is not None, a[-1] is not None)) or f(*a))
     cfg = {**MMA, **LARGE}[name]
     tensors, exact, geo = rounded_case(torch, cfg, "global", dtype, seed=46)
     check_against_reference(torch, tensors, exact, geo, dtype, seed=47)
     assert calls == ["_mma_forward", "_mma_backward"], "the tensor-core path was not taken"
-    transposed = cfg["stride"] in (1, (1, 1)) and cfg["C_out"] // cfg["groups"] % 8 == 0
-    assert gathers == [not transposed]
     out = cudeform.deform_kernel_conv2d(**tensors, **geo)
+    transposed = cfg["stride"] in (1, (1, 1)) and cfg["C_out"] // cfg["groups"] % 8 == 0
+    kernel_grad = wgmma and _compile.has_wgmma() and out.shape[2] * out.shape[3] % 8 == 0
+    assert taken == ([] if transposed and kernel_grad else [(not kernel_grad, not transposed)])
     go = torch.randn(out.shape, device="cuda", generator=torch.Generator("cuda").manual_seed(48)).to(out.dtype)
     grads = cudeform.deform_kernel_conv2d_backward(go, **tensors, **geo)
     monkeypatch.setattr(gpu, "TENSOR_CORES", False)

@@ -55,8 +55,8 @@ NAME_EXPRESSIONS = ([f"{k}<{t}>" for t in CXX_TYPES.values() for k in _KERNELS]
                     + [f"{k}<{t}, {size}>" for t in CXX_TYPES.values() for size in COMPILED_SIZES
                        for k in ("dk_global_conv", "dk_global_kernel_grad")]
                     + [f"{k}<{CXX_TYPES[t]}>" for t in TENSOR_CORE_DTYPES for k in _TENSOR_CORE_KERNELS]
-                    + [f"{k}<{CXX_TYPES[t]}, {b}>" for t in TENSOR_CORE_DTYPES for b in ("false", "true")
-                       for k in ("dk_global_mma", "dk_global_wgmma")])
+                    + [f"dk_global_mma<{CXX_TYPES[t]}, {b}>" for t in TENSOR_CORE_DTYPES for b in ("false", "true")]
+                    + [f"dk_global_wgmma<{CXX_TYPES[t]}, {mode}>" for t in TENSOR_CORE_DTYPES for mode in range(3)])
 
 # The columns buffer of the GEMM path: at most this many bytes (at least one image), in chunks
 # of equal size (_common.image_chunks). Its cuBLAS products ran best over a whole batch: global
@@ -273,12 +273,13 @@ def _resample_cl_launch(n: int, c_out: int, cg: int, K: int, S: int):
 class _MmaPlan(NamedTuple):
     """The launches of the tensor-core path for one shape and direction, made once (their
     arguments cost more to build than the launches)."""
-    layout_size: int  # elements of the channels-last copy (0: none)
-    layout: tuple  # its source's (channels, positions) per image, as kernel arguments
+    input_cl: int  # elements of the input's channels-last copy (0: none)
+    grad_output_cl: int  # the same for grad_output
     operand_blocks: int  # dk_mma_operands': every job's
     operand_args: tuple  # (slice, pass, layout blocks, taps blocks)
     operand_shared: int
-    mma_tiles: int  # dk_global_mma's: the forward's, or the backward's input gradient's (0: none)
+    mma_tiles: int  # the forward's, or the backward's input gradient's (0: not on tensor cores)
+    kernel_grad_tiles: int  # the backward's kernels' gradient's on dk_global_wgmma (0: not there)
 
 
 def _mma_tiles(s, groups: int, outputs: int, positions: int) -> int:
@@ -287,24 +288,30 @@ def _mma_tiles(s, groups: int, outputs: int, positions: int) -> int:
 
 
 @functools.lru_cache(maxsize=256)
-def _mma_plan(s, geo, backward: bool) -> _MmaPlan:
+def _mma_plan(s, geo, backward: bool, wgmma: bool) -> _MmaPlan:
     """The forward's plan: dk_mma_operands makes the input channels-last and resamples the
-    kernels, dk_global_mma convolves. The backward's: dk_mma_operands resamples the kernels and
-    makes dk_resample_grad_sums' taps, and, where dk_global_mma takes the input gradient
-    (_mma_input_grad), makes grad_output channels-last for it."""
+    kernels, dk_global_mma (dk_global_wgmma where `wgmma`) convolves. The backward's:
+    dk_mma_operands resamples the kernels and makes dk_resample_grad_sums' taps; where the
+    transposed convolution takes the input gradient (_mma_input_grad) it makes grad_output
+    channels-last for it, and where dk_global_wgmma takes the kernels' gradient
+    (_wgmma_kernel_grad) the input."""
     slice_, pass_, resample_blocks, resample_shared = _resample_cl_launch(s.n, s.c_out, s.cg, s.K, s.S)
-    if not backward:
-        planes, mma_tiles = (s.c_in, s.hw), _mma_tiles(s, geo.groups, s.c_out, s.L)
-    elif _mma_input_grad(s, geo):
-        planes, mma_tiles = (s.c_out, s.L), _mma_tiles(s, geo.groups, s.c_in, s.hw)
-    else:
-        planes, mma_tiles = (0, 0), 0
-    layout_blocks = min(s.n * -(-planes[0] // 64) * -(-planes[1] // 64), LAYOUT_BLOCKS)  # tiles of 64 x 64
+    input_grad = backward and _mma_input_grad(s, geo)
+    kernel_grad = backward and wgmma and _wgmma_kernel_grad(s)
+    input_cl = s.n * s.hw * s.c_in if not backward or kernel_grad else 0
+    grad_output_cl = s.n * s.L * s.c_out if input_grad else 0
+    copy_tiles = ((s.n * -(-s.c_in // 64) * -(-s.hw // 64) if input_cl else 0)
+                  + (s.n * -(-s.c_out // 64) * -(-s.L // 64) if grad_output_cl else 0))  # of 64 x 64
+    layout_blocks = min(copy_tiles, LAYOUT_BLOCKS)
     taps_blocks = min(-(-geo.offset_groups * s.n * s.K // _compile.BLOCK), TAPS_BLOCKS) if backward else 0
-    return _MmaPlan(s.n * planes[0] * planes[1], (np.int64(planes[0]), np.int64(planes[1])),
-                    layout_blocks + taps_blocks + resample_blocks,
+    if not backward:
+        mma_tiles = _mma_tiles(s, geo.groups, s.c_out, s.L)
+    else:
+        mma_tiles = _mma_tiles(s, geo.groups, s.c_in, s.hw) if input_grad else 0
+    kernel_grad_tiles = _mma_tiles(s, geo.groups, s.c_out, MMA_TILE) * s.K * -(-s.cg // MMA_TILE) if kernel_grad else 0
+    return _MmaPlan(input_cl, grad_output_cl, layout_blocks + taps_blocks + resample_blocks,
                     (slice_, pass_, np.int32(layout_blocks), np.int32(taps_blocks)),
-                    max(resample_shared, CHANNELS_LAST_SHARED_BYTES), mma_tiles)
+                    max(resample_shared, CHANNELS_LAST_SHARED_BYTES), mma_tiles, kernel_grad_tiles)
 
 
 @functools.lru_cache(maxsize=256)
@@ -315,45 +322,65 @@ def _mma_input_grad(s, geo) -> bool:
     return geo.stride == (1, 1) and s.og % 8 == 0 and s.L * s.c_out < 2**31
 
 
-def _mma(tiles: int, transposed: bool, args: tuple, dtype: str) -> None:
-    """dk_global_mma (dk_global_wgmma on sm_90) over `tiles` tiles: the forward, or the input
-    gradient's transposed convolution."""
-    kernel, block, shared = _mma_kernel(dtype, transposed, WGMMA and _compile.has_wgmma(), _compile.current_device())
+def _wgmma_kernel_grad(s) -> bool:
+    """Whether dk_global_wgmma can take the kernels' gradient, grad_output @ the input's
+    columns^T with no columns (rather than dk_im2col and cuBLAS): grad_output's rows whole
+    16-byte vectors."""
+    return s.L % 8 == 0
+
+
+# dk_global_wgmma's modes (DkWgMode in the source); dk_global_mma's TRANSPOSED is INPUT_GRAD.
+FORWARD, INPUT_GRAD, KERNEL_GRAD = 0, 1, 2
+
+
+def _wgmma() -> bool:
+    """Whether the tensor-core path runs dk_global_wgmma (see WGMMA)."""
+    return WGMMA and _compile.has_wgmma()
+
+
+def _mma(tiles: int, mode: int, args: tuple, dtype: str) -> None:
+    """dk_global_mma or dk_global_wgmma (_wgmma) over `tiles` tiles in `mode` (KERNEL_GRAD on
+    dk_global_wgmma only)."""
+    kernel, block, shared = _mma_kernel(dtype, mode, _wgmma(), _compile.current_device())
     launch(kernel, tiles * block, args, block=block, shared_mem=shared)
 
 
 @functools.lru_cache(maxsize=64)
-def _mma_kernel(dtype: str, transposed: bool, wgmma: bool, device: int):
+def _mma_kernel(dtype: str, mode: int, wgmma: bool, device: int):
     """_mma's (kernel, block, shared bytes) on `device`, looked up once."""
-    name, block, shared = (("dk_global_wgmma", WGMMA_THREADS, WGMMA_SHARED_BYTES) if wgmma
-                           else ("dk_global_mma", MMA_THREADS, MMA_SHARED_BYTES))
-    kernel = _compile.function(sys.modules[__name__], f"{name}<{CXX_TYPES[dtype]}, {str(transposed).lower()}>",
-                               dynamic_shared=shared)
-    return kernel, block, shared
+    if wgmma:
+        expression, block, shared = f"dk_global_wgmma<{CXX_TYPES[dtype]}, {mode}>", WGMMA_THREADS, WGMMA_SHARED_BYTES
+    else:
+        expression, block, shared = (f"dk_global_mma<{CXX_TYPES[dtype]}, {str(mode == INPUT_GRAD).lower()}>",
+                                     MMA_THREADS, MMA_SHARED_BYTES)
+    return _compile.function(sys.modules[__name__], expression, dynamic_shared=shared), block, shared
 
 
-def _mma_operands(planes, x_shape, weight, offset, geo, s, dtype, plan, taps=None):
+def _mma_operands(x, go, weight, offset, geo, s, dtype, plan, taps=None):
     """dk_mma_operands by `plan` (_mma_plan): the kernels resampled kernel-point-major, (N,
-    C_out, K, Cg), after the channels-last copy of `planes` (the input or grad_output; none where
-    the plan has none) in one workspace array; given `taps` (a Pointer to room for
+    C_out, K, Cg), after the plan's channels-last copies of the input and of grad_output (`go`,
+    None in the forward) in one workspace array; given `taps` (a Pointer to room for
     dk_resample_grad_sums' taps: the backward), those taps too. Returns the workspace, and the
-    copy and the kernels as Pointers into it."""
-    workspace = _arrays.empty(plan.layout_size + s.n * s.c_out * s.K * s.cg, dtype)
-    # The copy's size is a multiple of 8 elements: both parts are aligned to 16-byte vectors.
-    planes_cl = _compile.Pointer(workspace.data.ptr)
-    kernels = _compile.Pointer(workspace.data.ptr + plan.layout_size * workspace.itemsize)
+    copies (Pointer(0) where none) and the kernels as Pointers into it."""
+    workspace = _arrays.empty(plan.input_cl + plan.grad_output_cl + s.n * s.c_out * s.K * s.cg, dtype)
+    # The copies' sizes are multiples of 8 elements: every part is aligned to 16-byte vectors.
+    start, item = workspace.data.ptr, workspace.itemsize
+    x_cl = _compile.Pointer(start if plan.input_cl else 0)
+    go_cl = _compile.Pointer(start + plan.input_cl * item if plan.grad_output_cl else 0)
+    kernels = _compile.Pointer(start + (plan.input_cl + plan.grad_output_cl) * item)
     launch(_kernel("dk_mma_operands", dtype), plan.operand_blocks * _compile.BLOCK,
-           (planes, *plan.layout, weight, offset, *plan.operand_args, *_geometry_args(geo, x_shape, s.c_out, s.n),
-            planes_cl, kernels, _compile.Pointer(0) if taps is None else taps), shared_mem=plan.operand_shared)
-    return workspace, planes_cl, kernels
+           (x, x if go is None else go, weight, offset, *plan.operand_args,
+            *_geometry_args(geo, x.shape, s.c_out, s.n), x_cl, go_cl, kernels,
+            _compile.Pointer(0) if taps is None else taps), shared_mem=plan.operand_shared)
+    return workspace, x_cl, go_cl, kernels
 
 
 def _mma_forward(x, weight, offset, bias_arg, use_bias, geo, s, dtype, out):
     """Global DK's forward: _mma_operands, then dk_global_mma."""
-    plan = _mma_plan(s, geo, False)
-    _, x_cl, kernels = _mma_operands(x, x.shape, weight, offset, geo, s, dtype, plan)
-    _mma(plan.mma_tiles, False, (x_cl, kernels, bias_arg, use_bias, *_geometry_args(geo, x.shape, s.c_out, s.n), out),
-         dtype)
+    plan = _mma_plan(s, geo, False, _wgmma())
+    _, x_cl, _, kernels = _mma_operands(x, None, weight, offset, geo, s, dtype, plan)
+    _mma(plan.mma_tiles, FORWARD, (x_cl, kernels, bias_arg, use_bias, *_geometry_args(geo, x.shape, s.c_out, s.n),
+                                   out), dtype)
 
 
 @functools.lru_cache(maxsize=256)
@@ -531,23 +558,24 @@ def _global_backward(go, x, weight, offset, geo, s, dtype, grad_input, grad_offs
 
 def _mma_backward(go, x, weight, offset, geo, s, dtype, grad_input, grad_offset, grad_weight):
     """Global DK's backward for the shapes of the tensor-core forward, on its kernel-point-major
-    kernels (_mma_operands, which also makes dk_resample_grad_sums' taps and, at stride 1,
-    grad_output channels-last). The input gradient at stride 1 (_mma_input_grad) is
-    dk_global_mma's transposed convolution of grad_output; otherwise the columns' gradient,
-    kernels^T @ grad_output (cuBLAS), gathered by dk_col2im. The kernels' gradient is grad_output
-    @ columns^T over kernel-point-major columns, so it comes out (N, C_out, K, Cg): a matrix of
-    (n, k) rows that dk_resample_grad_sums reduces both ways, into the weight's gradient and
-    partial products per chunk of SUM_COLUMNS (o, c) pairs, which dk_resample_grad_offsets
-    finishes. Workspace beside the columns: the kernels, their gradient in float32, at stride 1
-    grad_output's channels-last copy, ``G * N * K * ceil(S_h*S_w / SCOPE_RUN) * SCOPE_RUN`` taps
-    and ``G * ceil(C_out/G * Cg / SUM_COLUMNS) * N * K * S_h*S_w`` partial products.
-    At N=16, C=256, 32x32 in fp16 on an H200 the transposed convolution took 68 us (+6 us for
-    the copy) where cuBLAS and dk_col2im took 41 + 50. (dk_kernel_grad_mma, an implicit GEMM on
-    tensor cores for the kernels' gradient over the channels-last input, took 108 us where
-    dk_im2col and cuBLAS take 35 + 40.)"""
+    kernels (_mma_operands, which also makes dk_resample_grad_sums' taps and the channels-last
+    copies that _mma_plan asks for). The input gradient at stride 1 (_mma_input_grad) is the
+    transposed convolution of grad_output on tensor cores; otherwise the columns' gradient,
+    kernels^T @ grad_output (cuBLAS), gathered by dk_col2im. The kernels' gradient, grad_output
+    @ columns^T, is dk_global_wgmma's KERNEL_GRAD on sm_90 (_wgmma_kernel_grad), no columns;
+    otherwise dk_im2col's kernel-point-major columns and cuBLAS. It comes out (N, C_out, K, Cg):
+    a matrix of (n, k) rows that dk_resample_grad_sums reduces both ways, into the weight's
+    gradient and partial products per chunk of SUM_COLUMNS (o, c) pairs, which
+    dk_resample_grad_offsets finishes. Workspace beside any columns: the kernels, their
+    gradient in float32, the channels-last copies, ``G * N * K * ceil(S_h*S_w / SCOPE_RUN) *
+    SCOPE_RUN`` taps and ``G * ceil(C_out/G * Cg / SUM_COLUMNS) * N * K * S_h*S_w`` partial
+    products. At N=16, C=256, 32x32 in fp16 on an H200 the transposed convolution took 68 us
+    on dk_global_mma, 47 on dk_global_wgmma (+6 us for the copy) where cuBLAS and dk_col2im
+    took 41 + 50. (dk_kernel_grad_mma, an implicit GEMM for the kernels' gradient on mma.sync,
+    took 108 us where dk_im2col and cuBLAS take 35 + 40.)"""
     import cupy
 
-    plan = _mma_plan(s, geo, True)
+    plan = _mma_plan(s, geo, True, _wgmma())
     rows, runs = s.n * s.K, -(-s.S // SCOPE_RUN)
     taps_size = geo.offset_groups * rows * runs * SCOPE_RUN
     chunks = geo.offset_groups * -(-s.opg * s.cg // SUM_COLUMNS)
@@ -555,14 +583,20 @@ def _mma_backward(go, x, weight, offset, geo, s, dtype, grad_input, grad_offset,
     scratch = cupy.empty(s.n * s.c_out * s.rows + taps_size + chunks * rows * s.S, np.float32)
     grad_kernels = scratch[:s.n * s.c_out * s.rows].reshape(s.n, s.c_out, s.rows)
     taps = _compile.Pointer(scratch.data.ptr + grad_kernels.nbytes)
-    workspace, go_cl, kernels = _mma_operands(go, x.shape, weight, offset, geo, s, dtype, plan, taps=taps)
+    workspace, x_cl, go_cl, kernels = _mma_operands(x, go, weight, offset, geo, s, dtype, plan, taps=taps)
     if plan.mma_tiles:
         t = _transposed(geo, s.h, s.w)
-        _mma(plan.mma_tiles, True, (go_cl, kernels, go, np.int32(0), *_geometry_args(t, go.shape, s.c_in, s.n),
-                                    grad_input), dtype)
-        _columns_backward(go, x, None, grad_kernels, 1, geo, s, dtype, None)
-    else:  # the workspace is the kernels alone
-        _columns_backward(go, x, workspace.reshape(s.n, s.c_out, s.rows), grad_kernels, 1, geo, s, dtype, grad_input)
+        _mma(plan.mma_tiles, INPUT_GRAD, (go_cl, kernels, go, np.int32(0), *_geometry_args(t, go.shape, s.c_in, s.n),
+                                          grad_input), dtype)
+    if plan.kernel_grad_tiles:
+        _mma(plan.kernel_grad_tiles, KERNEL_GRAD,
+             (x_cl, go, go, np.int32(0), *_geometry_args(geo, x.shape, s.c_out, s.n), grad_kernels), dtype)
+    if not (plan.mma_tiles and plan.kernel_grad_tiles):
+        # What the tensor cores did not take; the workspace is then the kernels alone, or after
+        # the input's copy.
+        kernels_array = workspace[plan.input_cl:].reshape(s.n, s.c_out, s.rows) if not plan.mma_tiles else None
+        _columns_backward(go, x, kernels_array, None if plan.kernel_grad_tiles else grad_kernels, 1, geo, s, dtype,
+                          None if plan.mma_tiles else grad_input)
     geo_args = _geometry_args(geo, x.shape, s.c_out, s.n)
     partial = _compile.Pointer(taps + taps_size * scratch.itemsize)
     launch(_kernel("dk_resample_grad_sums", dtype, SUM_SHARED_BYTES), chunks * runs * SUM_COLUMNS,
@@ -573,9 +607,9 @@ def _mma_backward(go, x, weight, offset, geo, s, dtype, grad_input, grad_offset,
 
 
 def _columns_backward(go, x, kernels, grad_kernels, point_major, geo, s, dtype, grad_input):
-    """The columns path's backward, per chunk of images (_columns): dk_im2col, then per (image,
-    weight group) grad_kernels = grad_output @ columns^T (in the accumulation type) and, unless
-    grad_input is None (the kernels' gradient alone), the columns' gradient, kernels^T @
+    """The columns path's backward, per chunk of images (_columns): unless grad_kernels is None,
+    dk_im2col, then per (image, weight group) grad_kernels = grad_output @ columns^T (in the
+    accumulation type); unless grad_input is None, the columns' gradient, kernels^T @
     grad_output, into the same buffer, which dk_col2im gathers. `kernels` and `grad_kernels`
     have the images first; `point_major` (0 or 1) sets the columns' row order to the kernels'
     (ColumnRows)."""
@@ -585,10 +619,11 @@ def _columns_backward(go, x, kernels, grad_kernels, point_major, geo, s, dtype, 
         # One chunk (the usual case) takes the arrays whole: each slice costs host time.
         images = (lambda a: a) if b == s.n else (lambda a: a[n0:n1])  # noqa: E731
         g = images(go)
-        _im2col(images(x), point_major, geo, s, dtype, cols)
-        _blas.matmul(g, cols, images(grad_kernels), m=s.og, n=s.rows, k=s.L, dtype=dtype,
-                     c_dtype=np.dtype(ACC_DTYPES[dtype]).name, trans_b=True, batch=b * geo.groups,
-                     stride_a=s.og * s.L, stride_b=s.rows * s.L, stride_c=s.og * s.rows)
+        if grad_kernels is not None:
+            _im2col(images(x), point_major, geo, s, dtype, cols)
+            _blas.matmul(g, cols, images(grad_kernels), m=s.og, n=s.rows, k=s.L, dtype=dtype,
+                         c_dtype=np.dtype(ACC_DTYPES[dtype]).name, trans_b=True, batch=b * geo.groups,
+                         stride_a=s.og * s.L, stride_b=s.rows * s.L, stride_c=s.og * s.rows)
         if grad_input is None:
             continue
         _blas.matmul(images(kernels), g, cols, m=s.rows, n=s.L, k=s.og, dtype=dtype, trans_a=True,
