@@ -186,7 +186,8 @@ def deform_kernel_conv2d_backward(grad_output, input, weight, kernel_offset, bia
     * S_h*S_w`` floats, and the scope's taps, ``G * N * kh*kw * ceil(S_h*S_w / 16) * 16``
     floats; there, at stride 1 with ``C_out/groups`` a multiple of 8, the input gradient is a
     convolution of a channels-last copy of grad_output, and the columns serve only the
-    kernels' gradient); local DK, on the GPU, per-block partial sums of the weight gradient
+    kernels' gradient, which on sm_90 with ``H_out*W_out`` a multiple of 8 needs none: a
+    channels-last copy of the input instead); local DK, on the GPU, per-block partial sums of the weight gradient
     (fewer than ``(4096 + C_out * C_in/groups) * S_h*S_w`` elements), nothing on the CPU. A
     bias adds ``N * C_out`` partial sums on the GPU.
     """

@@ -20,7 +20,10 @@ whose partial sums ``sum_partials`` adds up. The backward of the tensor-core for
 (``_mma_backward``) takes its kernel-point-major kernels and columns instead, so that the
 kernels' gradient is a matrix of (image, kernel point) rows that ``dk_resample_grad_sums``
 reduces both ways in one pass; at stride 1 its input gradient is ``dk_global_mma``'s
-transposed convolution of grad_output (made channels-last), with no columns' gradient.
+transposed convolution of grad_output (made channels-last), with no columns' gradient. On sm_90
+(compiled for sm_90a) these GEMMs run ``dk_global_wgmma`` on Hopper's warpgroup MMA, which also
+takes the backward's kernels' gradient as an implicit GEMM over the channels-last input: no
+columns at all.
 
 Local DK: fused kernels that sample the scope at every output position, each thread for a chunk
 of CHUNK channels that share the position's bilinear taps; the weight gradient is reduced inside
