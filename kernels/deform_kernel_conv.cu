@@ -344,6 +344,27 @@ __global__ void dk_resample(const T* __restrict__ weight, const T* __restrict__ 
 // past the last channel) STAGES - 1 stages ahead of the tensor cores.
 // ---------------------------------------------------------------------------------------------
 
+// The tensor-core kernels' epilogue: a staged tile of rows x cols outputs (rows `pitch` elements
+// apart in shared memory) stored at out[row0 + r, l0 + col] of planes of L positions, a row at a
+// time by the block's `threads` threads, in 16-byte vectors where the planes' rows are whole
+// vectors; rows past `rows_valid` and positions past L are left alone.
+template <typename T>
+__device__ __forceinline__ void store_tile(const T* tile, int pitch, int rows, int cols, int rows_valid,
+                                           T* __restrict__ out, index_t row0, index_t l0, index_t L, int threads) {
+    const bool vectors = L % 8 == 0;
+    for (int v = threadIdx.x; v < rows * cols / 8; v += threads) {
+        const int r = v / (cols / 8), col = v % (cols / 8) * 8;
+        if (r >= rows_valid || l0 + col >= L) continue;
+        T* const dst = out + (row0 + r) * L + l0 + col;
+        const T* const src = tile + r * pitch + col;
+        if (vectors) {
+            *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+        } else {
+            for (int e = 0; e < 8 && l0 + col + e < L; ++e) dst[e] = src[e];
+        }
+    }
+}
+
 namespace dk_mma {
 constexpr int BM = 128;  // output channels of a block tile
 constexpr int BN = 128;  // output positions of a block tile
@@ -660,18 +681,7 @@ dk_global_mma(const T* __restrict__ input, const T* __restrict__ kernels, const 
                             from_acc<T>(accum[mi][ni][half * 2 + e] + add);
             }
         __syncthreads();
-        const bool vectors = L % 8 == 0;
-        for (int v = tid; v < BM * BN / 8; v += THREADS) {
-            const int r = v / (BN / 8), col = v % (BN / 8) * 8;
-            if (o0 + r >= og || l0 + col >= L) continue;
-            T* const dst = out + (n * c_out + g * og + o0 + r) * L + l0 + col;
-            const T* const src = out_tile + r * OUT_PITCH + col;
-            if (vectors) {
-                *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
-            } else {
-                for (int e = 0; e < 8 && l0 + col + e < L; ++e) dst[e] = src[e];
-            }
-        }
+        store_tile(out_tile, OUT_PITCH, BM, BN, a_rows, out, n * c_out + g * og + o0, l0, L, THREADS);
     }
 }
 
@@ -763,12 +773,14 @@ dk_global_wgmma(const T* __restrict__ b_in, const T* __restrict__ a_in, const T*
         const T* a_src;
         index_t a_step;
         if constexpr (MODE == DK_WG_FORWARD) {
-            a_src = a_in + ((n * c_out + g * og + o0 + k_row) * K) * cg + k_chunk, a_step = (index_t)ROWS_APART * K * cg;
+            a_src = a_in + ((n * c_out + g * og + o0 + k_row) * K) * cg + k_chunk;
+            a_step = (index_t)ROWS_APART * K * cg;
         } else if constexpr (MODE == DK_WG_INPUT_GRAD) {
             a_src = a_in + ((n * channels + g * cg + mn_row) * K) * og + o0 + mn_chunk;
             a_step = (index_t)MN_ROWS_APART * K * og;
         } else {
-            a_src = a_in + (n * c_out + g * og + o0 + k_row) * L + k_chunk, a_step = (index_t)ROWS_APART * L;
+            a_src = a_in + (n * c_out + g * og + o0 + k_row) * L + k_chunk;
+            a_step = (index_t)ROWS_APART * L;
         }
         const T* const b_src = b_in + n * height * width * channels + g * cg + b_chunk + c0n;
         int b_off[COPIES];
@@ -863,7 +875,8 @@ dk_global_wgmma(const T* __restrict__ b_in, const T* __restrict__ a_in, const T*
             wgmma_fence();
 #pragma unroll
             for (int kk = 0; kk < BK / 16; ++kk)
-                Wgmma<T, A_MN, B_MN>::run(accum, a_desc + (A_MN ? kk * 128 : kk * 2), b_desc + (B_MN ? kk * 128 : kk * 2));
+                Wgmma<T, A_MN, B_MN>::run(accum, a_desc + (A_MN ? kk * 128 : kk * 2),
+                                          b_desc + (B_MN ? kk * 128 : kk * 2));
             wgmma_commit();
             wgmma_wait<0>();
 #pragma unroll
@@ -907,19 +920,8 @@ dk_global_wgmma(const T* __restrict__ b_in, const T* __restrict__ a_in, const T*
                         tile_out[r * PITCH + j * 8 + c_lane + e] = from_acc<T>(accum[4 * j + half * 2 + e] + add);
             }
             __syncthreads();
-            T* const dst_base = static_cast<T*>(out);
-            const bool vectors = L % 8 == 0;
-            for (int v = tid; v < BM * BN / 8; v += THREADS) {
-                const int r = v / (BN / 8), col = v % (BN / 8) * 8;
-                if (o0 + r >= og || l0 + col >= L) continue;
-                T* const dst = dst_base + (n * c_out + g * og + o0 + r) * L + l0 + col;
-                const T* const src = tile_out + r * PITCH + col;
-                if (vectors) {
-                    *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
-                } else {
-                    for (int e = 0; e < 8 && l0 + col + e < L; ++e) dst[e] = src[e];
-                }
-            }
+            store_tile(tile_out, PITCH, BM, BN, a_rows, static_cast<T*>(out), n * c_out + g * og + o0, l0, L,
+                       THREADS);
         }
     }
 #endif
