@@ -7,7 +7,8 @@
 // (the forward pads pitch for aligned GEMM rows; the backward uses pitch = L), so one GEMM per
 // weight group multiplies them.
 // Every kernel is templated on the storage type T and computes in acc<T>::type.
-#include "common.cuh"
+// The half types' forward on sm_90 is dcn_fused_wgmma instead (at the end): no columns.
+#include "tensor_core.cuh"
 
 using namespace cudeform;
 
@@ -238,4 +239,252 @@ __global__ void dcn_gather_grad_output(const T* __restrict__ grad_output, index_
         const index_t r = fast_div(idx, L), l = idx - r * L, o = fast_div(r, batch), n = r - o * batch;
         buffer[idx] = grad_output[(n0 + n) * c_out * L + o * L + l];
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The fused forward on tensor cores (sm_90a, the half types; host: _fused_forward): an implicit
+// GEMM, out[n, o, l] = sum over (k, c) of weight[o, c, k] * mask * sample(input[n, c], p(l, k)),
+// with no columns. A block tile is BM output channels (of one weight group) by BN positions (of
+// one image); the reduction goes in stages of BK channels of one kernel point. A, the weight
+// reordered (C_out, K, Cg), is copied by cp.async; B, the stage's samples (rows: positions,
+// elements: channels), is gathered and blended by the threads straight into shared memory,
+// while the tensor cores multiply the previous stage. Both are K-major in wgmma's 128-byte
+// swizzle, two stages deep.
+// The sampling: a thread blends 8 channels (one 16-byte vector per corner, the input made
+// channels-last) of 2 positions a stage, keeping each position's corners and bilinear weights
+// (the mask folded in) from one kernel point (and offset group) to the next; float32 blends,
+// rounded once.
+// ---------------------------------------------------------------------------------------------
+namespace dcn_fused {
+// 4 warpgroups, each 64 output channels of the tile by all its BN positions (128, or 64 where
+// 128 leaves SMs idle): the gather of a stage serves 256 output channels (at 128 by 128 it
+// took as long as the MMAs it fed), and 16 warps keep more of it in flight.
+constexpr int BM = 256, BK = 64, THREADS = 512;
+constexpr int A_TILE = BM * BK, B_TILE_MAX = 128 * BK;  // elements of a stage's tiles
+// A thread's rows of a tile (A's output channels, B's positions): row + ROWS_APART * t.
+constexpr int ROWS_APART = THREADS / (BK / 8), A_COPIES = BM / ROWS_APART;
+constexpr int STAGES = 2;
+// 1024 bytes of slack to align the tiles to the swizzle's atoms, then the stages of A and B.
+constexpr int SHARED_BYTES = 1024 + STAGES * (A_TILE + B_TILE_MAX) * 2;  // FUSED_SHARED_BYTES in the host
+static_assert(A_COPIES * ROWS_APART == BM, "a thread's rows cover whole tiles");
+static_assert(BM * (128 + 8) <= STAGES * (A_TILE + B_TILE_MAX), "the output tile fits the pipeline's memory");
+static_assert(SHARED_BYTES <= 227 * 1024, "a block fits an SM");
+}  // namespace dcn_fused
+
+// What dcn_fused_wgmma reads, made in one launch: the first `layout_blocks` blocks make the
+// input channels-last (tensor_core.cuh), the others reorder the weight (C_out, Cg, K) into
+// weight_r (C_out, K, Cg), a slice of 64 channels of an output channel at a time through
+// shared memory (16-byte loads and stores; a thread per element, reading a K-strided column,
+// took 10 us for 512 x 512 x 3 x 3 on an H200). Dynamic shared memory: the larger of
+// CHANNELS_LAST_SHARED and 64 * K elements.
+template <typename T>
+__global__ void __launch_bounds__(256) dcn_fused_operands(const T* __restrict__ input, const T* __restrict__ weight,
+                                                          int layout_blocks, index_t batch, index_t channels,
+                                                          index_t hw, index_t c_out, int cg, int K,
+                                                          T* __restrict__ input_cl, T* __restrict__ weight_r) {
+    extern __shared__ __align__(16) unsigned char dcn_shared[];
+    if ((int)blockIdx.x < layout_blocks) {
+        channels_last(input, batch, channels, hw, input_cl, dcn_shared, blockIdx.x, layout_blocks);
+        return;
+    }
+    T* const slab = reinterpret_cast<T*>(dcn_shared);  // [64][K]: weight[o, c0 + c, k]
+    const index_t slices = (cg + 63) / 64;
+    for (index_t unit = blockIdx.x - layout_blocks; unit < c_out * slices; unit += gridDim.x - layout_blocks) {
+        const index_t o = fast_div(unit, slices);
+        const int c0 = (int)(unit - o * slices) * 64, chunks = min(64, cg - c0) / 8;
+        __syncthreads();  // the previous slice's reads are done
+        const uint4* const src = reinterpret_cast<const uint4*>(weight + (o * cg + c0) * K);
+        for (int v = threadIdx.x; v < chunks * K; v += blockDim.x) reinterpret_cast<uint4*>(slab)[v] = __ldg(src + v);
+        __syncthreads();
+        for (int v = threadIdx.x; v < K * chunks; v += blockDim.x) {
+            const int k = v / chunks, c = (v - k * chunks) * 8;
+            __align__(16) T packed[8];
+#pragma unroll
+            for (int e = 0; e < 8; ++e) packed[e] = slab[(c + e) * K + k];
+            *reinterpret_cast<uint4*>(weight_r + (o * K + k) * cg + c0 + c) = *reinterpret_cast<const uint4*>(packed);
+        }
+    }
+}
+
+// A block per (image, weight group, tile of BN positions, tile of BM output channels), grid-
+// stride, the output-channel tiles of a position tile adjacent (their gathers meet in L2).
+// `input` is (N, H, W, C_in) with a plane of it within 32-bit indices (the host checks),
+// `weight` (C_out, K, Cg); Cg and C_in / offset_groups are multiples of 8. Output plus bias,
+// rounded once.
+template <typename T, int BN>
+__global__ void __launch_bounds__(dcn_fused::THREADS, 1)
+dcn_fused_wgmma(const T* __restrict__ input, const T* __restrict__ weight, const T* __restrict__ offset,
+                const T* __restrict__ mask, int use_mask, const T* __restrict__ bias, int use_bias, DCN_GEOMETRY,
+                index_t c_out, int groups, T* __restrict__ out) {
+#if CUDEFORM_WGMMA
+    using namespace dcn_fused;
+    constexpr int B_TILE = BN * BK, B_ROWS = BN / ROWS_APART, OUT_PITCH = BN + 8;
+    static_assert(B_ROWS * ROWS_APART == BN, "a thread's rows cover whole tiles");
+    extern __shared__ __align__(16) unsigned char dcn_shared[];
+    T* const a_base = reinterpret_cast<T*>(dcn_shared + ((1024 - (shared_address(dcn_shared) & 1023)) & 1023));
+    T* const b_base = a_base + STAGES * A_TILE;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wg = warp >> 2;
+    const int K = kh * kw, cg = (int)(channels / groups), og = (int)(c_out / groups);
+    const int per_offset_group = (int)(channels / offset_groups);
+    const index_t L = out_h * out_w, m_tiles = (og + BM - 1) / BM, n_tiles = (L + BN - 1) / BN;
+    const int stages = K * ((cg + BK - 1) / BK);
+    const int plane = (int)(height * width * channels), row_step = (int)(width * channels), C = (int)channels;
+    // The thread's rows and 8 elements of every tile, and where they land (the same for every
+    // row + ROWS_APART * t: the swizzle repeats every 8 rows).
+    const int row = tid / (BK / 8), chunk = tid % (BK / 8) * 8, at = swizzled(row, chunk);
+
+    // A thread's offset group changes inside a weight group only where C_in / offset_groups is
+    // not a multiple of Cg (then it is worked out every stage).
+    const bool group_moves = per_offset_group % cg != 0;
+
+    for (index_t tile = blockIdx.x; tile < batch * groups * n_tiles * m_tiles; tile += gridDim.x) {
+        const index_t q = fast_div(tile, m_tiles), ng = fast_div(q, n_tiles), n = fast_div(ng, groups);
+        const index_t g = ng - n * groups, img = n0 + n;
+        const int l0 = (int)(q - ng * n_tiles) * BN;
+        const int o0 = (int)(tile - q * m_tiles) * BM, a_rows = min(BM, og - o0);
+        const T* const a_src = weight + (g * og + o0 + row) * K * cg + chunk;
+        const T* const x = input + img * plane + g * cg + chunk;
+
+        // The input row and column of kernel point (0, 0) at the thread's positions; past L, a
+        // row no point brings inside.
+        int y_at[B_ROWS], x_at[B_ROWS];
+#pragma unroll
+        for (int t = 0; t < B_ROWS; ++t) {
+            const int l = l0 + row + ROWS_APART * t, y = l / (int)out_w;
+            y_at[t] = l < (int)L ? y * sh - ph : -(1 << 30);
+            x_at[t] = (l - y * (int)out_w) * sw - pw;
+        }
+        // The samples of those positions at the current kernel point and offset group: the
+        // (floor, floor) corner's offset in the image, the bilinear weights times the mask, and
+        // which corners lie inside (bit 4 t + corner).
+        int at00[B_ROWS];
+        float w00[B_ROWS], w01[B_ROWS], w10[B_ROWS], w11[B_ROWS];
+        unsigned inside = 0;
+        int sampled_k = -1, sampled_group = -1;
+        auto sample = [&](int k, int group) {
+            const int i = k / kw, j = k - i * kw;
+            const index_t gk = (img * offset_groups + group) * K + k;
+            const T* const off_h = offset + 2 * gk * L;
+            const T* const gate = mask + gk * L;
+            inside = 0;
+#pragma unroll
+            for (int t = 0; t < B_ROWS; ++t) {
+                const int l = l0 + row + ROWS_APART * t;
+                at00[t] = 0;
+                w00[t] = w01[t] = w10[t] = w11[t] = 0.0f;
+                if (y_at[t] < -(1 << 29)) continue;
+                const float h = (float)(y_at[t] + i * dh) + to_acc(off_h[l]);
+                const float w = (float)(x_at[t] + j * dw) + to_acc(off_h[L + l]);
+                if (!in_open_box(h, w, height, width)) continue;
+                const float fh = floorf(h), fw = floorf(w), lh = h - fh, lw = w - fw;
+                const float m = use_mask ? to_acc(gate[l]) : 1.0f;
+                const int y0 = (int)fh, x0 = (int)fw;
+                const bool top = y0 >= 0, bottom = y0 + 1 < (int)height, left = x0 >= 0, right = x0 + 1 < (int)width;
+                inside |= ((unsigned)(top && left) | (unsigned)(top && right) << 1 | (unsigned)(bottom && left) << 2
+                           | (unsigned)(bottom && right) << 3) << (4 * t);
+                w00[t] = m * ((1.0f - lh) * (1.0f - lw));
+                w01[t] = m * ((1.0f - lh) * lw);
+                w10[t] = m * (lh * (1.0f - lw));
+                w11[t] = m * (lh * lw);
+                at00[t] = y0 * row_step + x0 * C;
+            }
+            sampled_k = k;
+            sampled_group = group;
+        };
+        const int fixed_group = (int)(g * cg / per_offset_group);
+
+        int k = 0, c0 = 0;  // the next stage's kernel point and first channel
+        auto load_next = [&](int buf) {
+            const bool c_ok = c0 + chunk < cg;
+            T* const a_dst = a_base + buf * A_TILE + at;
+            const T* const a_stage = a_src + k * cg + c0;
+#pragma unroll
+            for (int t = 0; t < A_COPIES; ++t) {
+                const bool a = c_ok && row + ROWS_APART * t < a_rows;
+                copy_async_16(a_dst + ROWS_APART * t * 64, a ? a_stage + ROWS_APART * t * K * cg : weight, a);
+            }
+            copy_async_commit();
+            if (c_ok) {
+                const int group = group_moves ? (int)(g * cg + c0 + chunk) / per_offset_group : fixed_group;
+                if (k != sampled_k || group != sampled_group) sample(k, group);
+            }
+            // All corners' loads first, then the blends: the loads' latencies overlap.
+            const T* const xc = x + c0;
+            uint4 raw[B_ROWS][4];
+#pragma unroll
+            for (int t = 0; t < B_ROWS; ++t) {
+                const unsigned in = c_ok ? inside >> (4 * t) : 0u;
+                const T* const p = xc + at00[t];
+                raw[t][0] = in & 1 ? __ldg(reinterpret_cast<const uint4*>(p)) : make_uint4(0, 0, 0, 0);
+                raw[t][1] = in & 2 ? __ldg(reinterpret_cast<const uint4*>(p + C)) : make_uint4(0, 0, 0, 0);
+                raw[t][2] = in & 4 ? __ldg(reinterpret_cast<const uint4*>(p + row_step)) : make_uint4(0, 0, 0, 0);
+                raw[t][3] = in & 8 ? __ldg(reinterpret_cast<const uint4*>(p + row_step + C)) : make_uint4(0, 0, 0, 0);
+            }
+            T* const b_dst = b_base + buf * B_TILE + at;
+            if (!c_ok) {  // past the group's channels: zeros (A's are too, and 0 * NaN is not 0)
+#pragma unroll
+                for (int t = 0; t < B_ROWS; ++t)
+                    *reinterpret_cast<uint4*>(b_dst + ROWS_APART * t * 64) = make_uint4(0, 0, 0, 0);
+            }
+#pragma unroll
+            for (int t = 0; t < B_ROWS && c_ok; ++t) {
+                const T* e00 = reinterpret_cast<const T*>(&raw[t][0]);
+                const T* e01 = reinterpret_cast<const T*>(&raw[t][1]);
+                const T* e10 = reinterpret_cast<const T*>(&raw[t][2]);
+                const T* e11 = reinterpret_cast<const T*>(&raw[t][3]);
+                __align__(16) T packed[8];
+#pragma unroll
+                for (int e = 0; e < 8; ++e)
+                    packed[e] = from_acc<T>(w00[t] * to_acc(e00[e]) + w01[t] * to_acc(e01[e]) + w10[t] * to_acc(e10[e])
+                                            + w11[t] * to_acc(e11[e]));
+                *reinterpret_cast<uint4*>(b_dst + ROWS_APART * t * 64) = *reinterpret_cast<const uint4*>(packed);
+            }
+            c0 += BK;
+            if (c0 >= cg) c0 = 0, ++k;
+        };
+
+        float accum[BN / 2];
+#pragma unroll
+        for (int e = 0; e < BN / 2; ++e) accum[e] = 0.0f;
+        load_next(0);
+        for (int s = 0; s < stages; ++s) {
+            copy_async_wait<0>();
+            fence_proxy_async();
+            // Stage s is in shared memory for every thread; every warpgroup is done with s - 1.
+            __syncthreads();
+            const unsigned long long a_desc = wgmma_desc(a_base + (s % STAGES) * A_TILE + wg * 64 * BK, 1024, 16);
+            const unsigned long long b_desc = wgmma_desc(b_base + (s % STAGES) * B_TILE, 1024, 16);
+#pragma unroll
+            for (int e = 0; e < BN / 2; ++e) wgmma_operand(accum[e]);
+            wgmma_fence();
+#pragma unroll
+            for (int kk = 0; kk < BK / 16; ++kk) wgmma_k_major<T, BN>(accum, a_desc + kk * 2, b_desc + kk * 2);
+            wgmma_commit();
+            // The next stage's gather overlaps this one's MMAs.
+            if (s + 1 < stages) load_next((s + 1) % STAGES);
+            wgmma_wait<0>();
+#pragma unroll
+            for (int e = 0; e < BN / 2; ++e) wgmma_operand(accum[e]);
+        }
+
+        // Epilogue: the accumulators (thread: rows r and r + 8 of its warp's 16, two columns of
+        // each 8) plus bias into a shared tile, then stored a row at a time.
+        __syncthreads();
+        T* const tile_out = a_base;
+        const int r_lane = wg * 64 + (warp & 3) * 16 + (lane >> 2), c_lane = (lane & 3) * 2;
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            const int r = r_lane + half * 8;
+            const float add = use_bias && r < a_rows ? to_acc(bias[g * og + o0 + r]) : 0.0f;
+#pragma unroll
+            for (int j = 0; j < BN / 8; ++j)
+#pragma unroll
+                for (int e = 0; e < 2; ++e)
+                    tile_out[r * OUT_PITCH + j * 8 + c_lane + e] = from_acc<T>(accum[4 * j + half * 2 + e] + add);
+        }
+        __syncthreads();
+        store_tile(tile_out, OUT_PITCH, BM, BN, a_rows, out, img * c_out + g * og + o0, (index_t)l0, L, THREADS);
+        __syncthreads();  // the next tile's first stage reuses the memory
+    }
+#endif
 }

@@ -344,27 +344,6 @@ __global__ void dk_resample(const T* __restrict__ weight, const T* __restrict__ 
 // past the last channel) STAGES - 1 stages ahead of the tensor cores.
 // ---------------------------------------------------------------------------------------------
 
-// The tensor-core kernels' epilogue: a staged tile of rows x cols outputs (rows `pitch` elements
-// apart in shared memory) stored at out[row0 + r, l0 + col] of planes of L positions, a row at a
-// time by the block's `threads` threads, in 16-byte vectors where the planes' rows are whole
-// vectors; rows past `rows_valid` and positions past L are left alone.
-template <typename T>
-__device__ __forceinline__ void store_tile(const T* tile, int pitch, int rows, int cols, int rows_valid,
-                                           T* __restrict__ out, index_t row0, index_t l0, index_t L, int threads) {
-    const bool vectors = L % 8 == 0;
-    for (int v = threadIdx.x; v < rows * cols / 8; v += threads) {
-        const int r = v / (cols / 8), col = v % (cols / 8) * 8;
-        if (r >= rows_valid || l0 + col >= L) continue;
-        T* const dst = out + (row0 + r) * L + l0 + col;
-        const T* const src = tile + r * pitch + col;
-        if (vectors) {
-            *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
-        } else {
-            for (int e = 0; e < 8 && l0 + col + e < L; ++e) dst[e] = src[e];
-        }
-    }
-}
-
 namespace dk_mma {
 constexpr int BM = 128;  // output channels of a block tile
 constexpr int BN = 128;  // output positions of a block tile

@@ -185,6 +185,68 @@ template <int TRANS_A, int TRANS_B> struct Wgmma<__nv_bfloat16, TRANS_A, TRANS_B
     }
 };
 
+// d (64 x 64, float32, 32 registers a thread) += a (64 x 16) * b (16 x 64), both K-major.
+#define CUDEFORM_WGMMA_D32                                                                                    \
+    "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, "    \
+    "%22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
+#define CUDEFORM_WGMMA_OUTS32(d)                                                                               \
+    "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),           \
+    "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),     \
+    "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),   \
+    "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+template <typename T> struct WgmmaN64;
+template <> struct WgmmaN64<__half> {
+    static __device__ __forceinline__ void run(float* d, unsigned long long a, unsigned long long b) {
+#if CUDEFORM_WGMMA
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 " CUDEFORM_WGMMA_D32
+                     ", %32, %33, p, 1, 1, 0, 0;\n}\n"
+                     : CUDEFORM_WGMMA_OUTS32(d) : "l"(a), "l"(b), "r"(1));
+#endif
+    }
+};
+template <> struct WgmmaN64<__nv_bfloat16> {
+    static __device__ __forceinline__ void run(float* d, unsigned long long a, unsigned long long b) {
+#if CUDEFORM_WGMMA
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " CUDEFORM_WGMMA_D32
+                     ", %32, %33, p, 1, 1, 0, 0;\n}\n"
+                     : CUDEFORM_WGMMA_OUTS32(d) : "l"(a), "l"(b), "r"(1));
+#endif
+    }
+};
+// The 64 x N tile's product for N = 128 or 64 (K-major operands).
+template <typename T, int N>
+__device__ __forceinline__ void wgmma_k_major(float* d, unsigned long long a, unsigned long long b) {
+    if constexpr (N == 128) {
+        Wgmma<T, 0, 0>::run(d, a, b);
+    } else {
+        static_assert(N == 64, "wgmma tiles of 64 or 128 columns");
+        WgmmaN64<T>::run(d, a, b);
+    }
+}
+
+// The tensor-core kernels' epilogue: a staged tile of rows x cols outputs (rows `pitch` elements
+// apart in shared memory) stored at out[row0 + r, l0 + col] of planes of L positions, a row at a
+// time by the block's `threads` threads, in 16-byte vectors where the planes' rows are whole
+// vectors; rows past `rows_valid` and positions past L are left alone.
+template <typename T>
+__device__ __forceinline__ void store_tile(const T* tile, int pitch, int rows, int cols, int rows_valid,
+                                           T* __restrict__ out, index_t row0, index_t l0, index_t L, int threads) {
+    const bool vectors = L % 8 == 0;
+    for (int v = threadIdx.x; v < rows * cols / 8; v += threads) {
+        const int r = v / (cols / 8), col = v % (cols / 8) * 8;
+        if (r >= rows_valid || l0 + col >= L) continue;
+        T* const dst = out + (row0 + r) * L + l0 + col;
+        const T* const src = tile + r * pitch + col;
+        if (vectors) {
+            *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+        } else {
+            for (int e = 0; e < 8 && l0 + col + e < L; ++e) dst[e] = src[e];
+        }
+    }
+}
+
 }  // namespace cudeform
 
 // (N, C, P) -> (N, P, C) for C a multiple of 8: planes of P positions made channels-last,

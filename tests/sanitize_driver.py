@@ -36,8 +36,9 @@ SHARED_DETERMINISTIC = ("deform_conv2d", "deform_roi_pool_sampled")
 SHARED_DTYPES = ("float32", "float64")
 # Global DK's tensor-core path, which only the half types take: the forward (dk_mma_operands,
 # dk_global_mma: shared tiles filled by cp.async) and the backward through the resampling
-# (dk_resample_grad_sums' staged rows, dk_resample_grad_offsets' block sums).
-SHARED_HALF = ("dk_global_gemm",)
+# (dk_resample_grad_sums' staged rows, dk_resample_grad_offsets' block sums); deform_conv2d's
+# fused forward (dcn_fused_operands, dcn_fused_wgmma).
+SHARED_HALF = ("dk_global_gemm", "deform_conv2d_fused")
 CHUNKED = ("deform_conv2d", "deform_conv2d_v1", "dk_global_gemm")
 
 
@@ -97,7 +98,10 @@ def one_image_per_chunk():
 def main(selection):
     import cupy
 
+    from cudeform.cuda import deform_conv
+
     cupy.cuda.set_allocator(None)
+    deform_conv.FUSED_MIN_TILES = 0  # the fused forward at these tiny shapes too
     calls = 0
     if selection == "all":
         for dtype in DTYPES:

@@ -186,3 +186,117 @@ def test_matches_torchvision_float64(torch, name, with_mask):
     grads = cudeform.deform_conv2d_backward(grad_out, *split(plain)[0], **split(plain)[1], **geo)
     for k, want in zip(given, expected_grads):
         assert rel_err(getattr(grads, k).cpu().numpy(), want.cpu().numpy()) < 1e-10, k
+
+
+# Shapes on the fused tensor-core forward (float16/bfloat16 on sm_90; C_in/groups and
+# C_in/offset_groups multiples of 8), with deliberately awkward edges: partial tiles of
+# positions and of output channels, a half-empty channel stage (32 and 48 channels in stages of
+# 64, 136 in three), offset groups that change inside a stage, several tiles of each kind,
+# asymmetric geometry.
+FUSED_CONFIGS = {
+    "fused_plain": dict(N=3, C_in=32, C_out=24, groups=1, G=1, kernel=(3, 3), H=9, W=11,
+                        stride=1, padding=1, dilation=1),
+    "fused_grouped": dict(N=2, C_in=96, C_out=272, groups=2, G=3, kernel=(3, 2), H=10, W=7,
+                          stride=(2, 1), padding=(1, 0), dilation=(2, 1)),
+    "fused_offset_groups": dict(N=1, C_in=64, C_out=130, groups=1, G=4, kernel=(1, 3), H=6, W=40,
+                                stride=(1, 2), padding=(0, 2), dilation=(1, 3)),
+    "fused_long": dict(N=2, C_in=136, C_out=64, groups=1, G=1, kernel=(3, 3), H=20, W=17,
+                       stride=1, padding=1, dilation=1),
+}
+
+
+@pytest.fixture
+def fused_small(monkeypatch):
+    """The fused forward even for shapes too small to fill the GPU (which go to im2col)."""
+    from cudeform.cuda import deform_conv as gpu
+
+    monkeypatch.setattr(gpu, "FUSED_MIN_TILES", 0)
+
+
+def fused_case(torch, cfg, dtype, seed, **kwargs):
+    """A case whose forward takes the fused path (asserted: else the test would check the
+    im2col path again), as CUDA tensors and in float64."""
+    from cudeform.cuda import deform_conv as gpu
+
+    args, geo = make_case(cfg, seed=seed, **kwargs)
+    tensors = {k: None if v is None else torch.from_numpy(v).to("cuda", getattr(torch, dtype)) for k, v in args.items()}
+    exact = {k: None if v is None else v.to(torch.float64).cpu().numpy() for k, v in tensors.items()}
+    conv_geo = cudeform.deform_conv._geometry("deform_conv2d", {"input": tensors["input"], "offset": tensors["offset"],
+                                              "weight": tensors["weight"], "bias": tensors["bias"],
+                                              "mask": tensors["mask"]}, **geo)
+    shape = tuple(tensors["input"].shape)
+    assert gpu._fused_applies(conv_geo, shape, cfg["C_out"], dtype)
+    assert gpu._fused_plan(conv_geo, shape, cfg["C_out"], gpu.FUSED_FEW_TILES, gpu.FUSED_MIN_TILES) is not None
+    return tensors, exact, geo
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("name", FUSED_CONFIGS)
+@pytest.mark.parametrize("with_mask", [True, False])
+@pytest.mark.parametrize("positions", [64, 128])
+def test_fused_forward_against_float64(torch, monkeypatch, fused_small, dtype, name, with_mask, positions):
+    from cudeform.cuda import deform_conv as gpu
+
+    # The tiles' width: 128 positions unless that leaves SMs idle (these shapes would).
+    monkeypatch.setattr(gpu, "FUSED_FEW_TILES", 10**9 if positions == 64 else 0)
+    tensors, exact, geo = fused_case(torch, FUSED_CONFIGS[name], dtype, 30, mask=with_mask, bias=with_mask)
+    out = cudeform.deform_conv2d(*split(tensors)[0], **split(tensors)[1], **geo)
+    assert out.dtype == getattr(torch, dtype)
+    expected = ref.deform_conv2d(*split(exact)[0], **split(exact)[1], **geo)
+    assert l2_rel(out.double().cpu().numpy(), expected) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("name", FUSED_CONFIGS)
+def test_fused_forward_matches_im2col(torch, monkeypatch, fused_small, dtype, name):
+    """Against the reference backend (im2col and cuBLAS), offsets huge and non-finite among
+    them: a non-finite sampling point counts as outside on both paths. Both blend the same
+    samples, so only the GEMMs' summation order differs."""
+    from cudeform.cuda import deform_conv as gpu
+
+    tensors, _, geo = fused_case(torch, FUSED_CONFIGS[name], dtype, 31)
+    flat = tensors["offset"].view(-1)
+    picks = torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(32))[: 4 * (flat.numel() // 10)]
+    for value, part in zip((float("nan"), float("inf"), -float("inf"), 1e4), picks.view(4, -1)):
+        flat[part.cuda()] = value
+    before = {k: None if v is None else v.clone() for k, v in tensors.items()}
+    fused = cudeform.deform_conv2d(*split(tensors)[0], **split(tensors)[1], **geo)
+    monkeypatch.setattr(gpu, "FUSED", False)
+    plain = cudeform.deform_conv2d(*split(tensors)[0], **split(tensors)[1], **geo)
+    assert torch.isfinite(fused).all() and torch.isfinite(plain).all()
+    assert l2_rel(fused.double().cpu().numpy(), plain.double().cpu().numpy()) < TOLERANCE[dtype] / 4
+    for k, v in before.items():
+        assert v is None or torch.equal(tensors[k].view(torch.int16), v.view(torch.int16)), k  # left alone
+
+
+def test_fused_forward_workspace(torch):
+    """The fused forward's extra memory is the channels-last input and the reordered weight:
+    nothing proportional to C_in * kh * kw * H_out * W_out."""
+    n, c, h, w = 8, 64, 48, 48
+    x = torch.randn(n, c, h, w, device="cuda", dtype=torch.float16)
+    weight = torch.randn(c, c, 3, 3, device="cuda", dtype=torch.float16)
+    offset = torch.rand(n, 18, h, w, device="cuda", dtype=torch.float16)
+    mask = torch.rand(n, 9, h, w, device="cuda", dtype=torch.float16)
+    from cudeform.cuda import deform_conv as gpu
+
+    geo = cudeform.deform_conv._geometry("deform_conv2d", {"input": x, "offset": offset, "weight": weight,
+                                                           "bias": None, "mask": mask}, 1, 1, 1)
+    assert gpu._fused_plan(geo, tuple(x.shape), c, gpu.FUSED_FEW_TILES, gpu.FUSED_MIN_TILES) is not None
+    extra, out = peak_extra_memory(lambda: cudeform.deform_conv2d(x, offset, weight, padding=1, mask=mask))
+    assert out.shape == (n, c, h, w)
+    assert extra <= (x.numel() + weight.numel()) * 2 + 2**20
+
+
+def test_fused_forward_takes_misaligned_weights(torch, fused_small):
+    """A weight view that does not start on 16 bytes (the fused path reads 16-byte vectors of
+    it) goes by the im2col path, with the same result."""
+    tensors, exact, geo = fused_case(torch, FUSED_CONFIGS["fused_plain"], "float16", 33)
+    w = tensors["weight"]
+    storage = torch.empty(w.numel() + 1, device="cuda", dtype=w.dtype)
+    shifted = storage[1:].view(w.shape)
+    shifted.copy_(w)
+    assert shifted.data_ptr() % 16 != 0
+    tensors["weight"] = shifted
+    out = cudeform.deform_conv2d(*split(tensors)[0], **split(tensors)[1], **geo)
+    expected = ref.deform_conv2d(*split(exact)[0], **split(exact)[1], **geo)
+    assert l2_rel(out.double().cpu().numpy(), expected) < TOLERANCE["float16"]

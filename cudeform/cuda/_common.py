@@ -1,6 +1,7 @@
 """Host pieces the op modules share: the reductions at the end of kernels/common.cuh, which every
 op module's source compiles (each module lists COMMON_KERNELS among its NAME_EXPRESSIONS), and
-the chunks of images of the columns paths."""
+the chunks of images of the columns paths, and the channels-last copy of tensor_core.cuh that the
+tensor-core paths run."""
 
 from __future__ import annotations
 
@@ -14,6 +15,18 @@ COMMON_KERNELS = ("plane_sums", "sum_partials")
 # plane_sums gives a plane of grad_output a warp up to this many elements (a block beyond: few
 # long planes would leave the GPU idle).
 PLANE_WARP_MAX = 8192
+
+# The tensor-core paths' dtypes, and tensor_core.cuh's channels_last: 64 x 64 tiles, each block
+# with CHANNELS_LAST_SHARED bytes of shared memory; the kernels running it give it at most
+# LAYOUT_BLOCKS blocks (grid-stride over the tiles beyond).
+TENSOR_CORE_DTYPES = ("float16", "bfloat16")
+CHANNELS_LAST_SHARED_BYTES = 64 * 65 * 2
+LAYOUT_BLOCKS = 4096
+
+
+def channels_last_tiles(images: int, channels: int, positions: int) -> int:
+    """channels_last's 64 x 64 tiles for (images, channels, positions)."""
+    return images * -(-channels // 64) * -(-positions // 64)
 
 
 def image_chunks(n_images: int, bytes_per_image: int, budget: int) -> tuple[int, list]:

@@ -11,6 +11,11 @@ Backward, per chunk: GEMM for the columns' gradient -> col2im (input gradient) a
 col2im_coord (offset and mask gradients) -> im2col again into the same buffer -> GEMM
 accumulating the weight gradient in float32 (float64 for float64).
 
+The half types' forward on sm_90 (FUSED) is one implicit GEMM on Hopper's warpgroup MMA,
+dcn_fused_wgmma, which gathers and blends the samples straight into the tensor cores' operands:
+no columns, no cuBLAS. Its workspace is the input made channels-last and the weight reordered
+(C_out, kh*kw, C_in/groups), made by one launch of dcn_fused_operands.
+
 Workspace: one columns buffer of at most COLUMNS_BYTES (always at least one image), plus a
 (C_out, images, pitch) GEMM buffer for a chunk when the forward does not write the output
 directly, and in the backward for a chunk of several images; the backward adds a float32
@@ -30,6 +35,7 @@ import numpy as np
 
 from .. import _arrays
 from . import _blas, _common, _compile
+from ._common import TENSOR_CORE_DTYPES
 from ._compile import ACC_DTYPES, CXX_TYPES, MAX_ABS_THREADS, STORAGE_DTYPES, WARP, launch
 
 SOURCE = "deform_conv.cu"
@@ -38,6 +44,8 @@ _KERNELS = ("dcn_im2col", "dcn_col2im", "dcn_col2im_max_abs", "dcn_col2im_fixed"
 NAME_EXPRESSIONS = (
     [f"{k}<{t}>" for t in CXX_TYPES.values() for k in _KERNELS]
     + ["cast_from_acc<__half>", "cast_from_acc<__nv_bfloat16>", "fixed_point_add<float>", "fixed_point_add<double>"]
+    + [f"dcn_fused_operands<{CXX_TYPES[t]}>" for t in TENSOR_CORE_DTYPES]
+    + [f"dcn_fused_wgmma<{CXX_TYPES[t]}, {bn}>" for t in TENSOR_CORE_DTYPES for bn in (64, 128)]
 )
 
 COLUMNS_BYTES = 128 * 2**20
@@ -46,6 +54,21 @@ PITCH = 8  # elements: 16 bytes of fp16/bf16, the alignment cuBLAS's vectorised 
 # group): the bilinear taps are computed once per run. The longest run per dtype, as measured on
 # an H200 over the benchmark shapes (runs of 1-16; fewer, longer threads win up to these).
 MAX_RUN = {"float16": 16, "bfloat16": 16, "float32": 8, "float64": 8}
+
+# The half types' forward on sm_90: dcn_fused_wgmma where _fused_applies. False: im2col and
+# cuBLAS everywhere (the reference backend the tests compare with).
+FUSED = True
+FUSED_TILE = (256, 128)  # dcn_fused::BM (output channels) and BN (positions), its largest
+FUSED_THREADS = 512  # dcn_fused::THREADS
+FUSED_SHARED_BYTES = 1024 + 2 * sum(FUSED_TILE) * 64 * 2  # dcn_fused::SHARED_BYTES
+# Tiles of 64 positions where those of 128 would be fewer than this many (an SM each), and
+# im2col and cuBLAS where even those would be: on an H200 at N=2, C=512, 25x38 (60 tiles)
+# the fused forward took 96 us of device time, im2col and cuBLAS 58.
+FUSED_FEW_TILES = 100
+FUSED_MIN_TILES = 100
+# dcn_fused_operands' weight reordering: at most this many blocks, a slice of 64 channels of an
+# output channel each.
+REORDER_BLOCKS = 2048
 
 
 def _kernel(name: str, dtype: str):
@@ -121,8 +144,80 @@ def _forward_plan(geo, shape, c_out, dtype) -> _ForwardPlan:
 _FLAGS = (np.int32(0), np.int32(1))
 
 
+def _fused_applies(geo, shape, c_out, dtype) -> bool:
+    """Whether the forward is dcn_fused_wgmma: a half type on sm_90, whole 16-byte vectors of
+    channels per weight group and per offset group, an image channels-last and a plane of
+    positions within 32-bit indices, and a kernel of at most 384 points (dcn_fused_operands'
+    shared memory)."""
+    c_in, height, width = shape[1:]
+    return (FUSED and dtype in TENSOR_CORE_DTYPES and (c_in // geo.groups) % 8 == 0
+            and (c_in // geo.offset_groups) % 8 == 0 and c_in * height * width < 2**31
+            and geo.out_size[0] * geo.out_size[1] < 2**30 and geo.kernel[0] * geo.kernel[1] <= 384
+            and _compile.has_wgmma())
+
+
+class _FusedPlan(NamedTuple):
+    out_shape: tuple
+    input_cl: int  # elements of the channels-last input, the workspace's first part
+    weight_r: int  # of the reordered weight after it
+    operand_blocks: int  # dcn_fused_operands': the layout's, then the reordering's
+    operand_args: tuple
+    operand_shared: int
+    tiles: int  # dcn_fused_wgmma's
+    positions: int  # in a tile: its BN
+    geometry: tuple  # dcn_fused_wgmma's DCN_GEOMETRY arguments
+    groups: np.int32
+
+
+@functools.lru_cache(maxsize=1024)
+def _fused_plan(geo, shape, c_out, few_tiles: int, min_tiles: int) -> _FusedPlan | None:
+    """Tiles of 64 positions where FUSED_TILE's would be fewer than `few_tiles`; None (the
+    im2col path) where even those would be fewer than `min_tiles`."""
+    n, c_in, height, width = shape
+    g, K, L = geo.groups, geo.kernel[0] * geo.kernel[1], geo.out_size[0] * geo.out_size[1]
+    cg = c_in // g
+    layout_blocks = min(_common.channels_last_tiles(n, c_in, height * width), _common.LAYOUT_BLOCKS)
+    weight_r = c_out * K * cg
+    reorder_blocks = min(c_out * -(-cg // 64), REORDER_BLOCKS)
+    m_tiles = n * g * -(-(c_out // g) // FUSED_TILE[0])
+    positions = FUSED_TILE[1] if m_tiles * -(-L // FUSED_TILE[1]) >= few_tiles else FUSED_TILE[1] // 2
+    if m_tiles * -(-L // positions) < min_tiles:
+        return None
+    args = (np.int32(layout_blocks), *_int64s(n, c_in, height * width, c_out), np.int32(cg), np.int32(K))
+    shared = max(_common.CHANNELS_LAST_SHARED_BYTES, 64 * K * 2)
+    return _FusedPlan((n, c_out, *geo.out_size), n * c_in * height * width, weight_r, layout_blocks + reorder_blocks,
+                      args, shared, m_tiles * -(-L // positions), positions, _geometry_args(geo, shape, n, 0),
+                      np.int32(g))
+
+
+def _fused_forward(x, offset, weight, bias, mask, plan, dtype):
+    """The forward by dcn_fused_operands and dcn_fused_wgmma."""
+    out = _arrays.empty(plan.out_shape, dtype)
+    if x.shape[0] == 0:
+        return out
+    # The channels-last input, then the reordered weight (16-byte aligned: input_cl is a
+    # multiple of 8 elements).
+    workspace = _arrays.empty(plan.input_cl + plan.weight_r, dtype)
+    weight_r = _compile.Pointer(workspace.data.ptr + plan.input_cl * workspace.itemsize)
+    launch(_kernel("dcn_fused_operands", dtype), plan.operand_blocks * _compile.BLOCK,
+           (x, weight, *plan.operand_args, workspace, weight_r), shared_mem=plan.operand_shared)
+    kernel = _compile.function(sys.modules[__name__], f"dcn_fused_wgmma<{CXX_TYPES[dtype]}, {plan.positions}>",
+                               dynamic_shared=FUSED_SHARED_BYTES)
+    launch(kernel, plan.tiles * FUSED_THREADS,
+           (workspace, weight_r, offset, x if mask is None else mask, _FLAGS[mask is not None],
+            x if bias is None else bias, _FLAGS[bias is not None], *plan.geometry,
+            np.int64(weight.shape[0]), np.int32(plan.groups), out),
+           block=FUSED_THREADS, shared_mem=FUSED_SHARED_BYTES)
+    return out
+
+
 def forward(input, offset, weight, bias, mask, *, geo, dtype):
     x = input
+    # dcn_fused_operands reads the weight in 16-byte vectors.
+    if _fused_applies(geo, x.shape, weight.shape[0], dtype) and weight.data.ptr % 16 == 0:
+        plan = _fused_plan(geo, x.shape, weight.shape[0], FUSED_FEW_TILES, FUSED_MIN_TILES)
+        if plan is not None:
+            return _fused_forward(x, offset, weight, bias, mask, plan, dtype)
     plan = _forward_plan(geo, x.shape, weight.shape[0], dtype)
     out = _arrays.empty(plan.out_shape, dtype)
     if x.shape[0] == 0:

@@ -42,6 +42,7 @@ import numpy as np
 
 from .. import _arrays
 from . import _blas, _common, _compile
+from ._common import TENSOR_CORE_DTYPES
 from ._compile import ACC_DTYPES, CXX_TYPES, STORAGE_DTYPES, launch
 
 SOURCE = "deform_kernel_conv.cu"
@@ -51,8 +52,6 @@ _KERNELS = ("dk_resample", "dk_global_input_grad", "dk_im2col",
 # Kernel sizes the direct kernels are compiled for (unrolled), besides any size (0):
 # dk_global_conv's heights, dk_global_kernel_grad's square kernels.
 COMPILED_SIZES = (0, 3)
-# The tensor-core path (tensor_core.cuh's mma.sync) exists for the half types only.
-TENSOR_CORE_DTYPES = ("float16", "bfloat16")
 _TENSOR_CORE_KERNELS = ("dk_mma_operands", "dk_resample_grad_sums", "dk_resample_grad_offsets")
 NAME_EXPRESSIONS = ([f"{k}<{t}>" for t in CXX_TYPES.values() for k in _KERNELS]
                     + [f"{k}<{t}, {size}>" for t in CXX_TYPES.values() for size in COMPILED_SIZES
@@ -116,10 +115,6 @@ WGMMA_THREADS = 256  # dk_wgmma::THREADS
 WGMMA_SHARED_BYTES = 1024 + 3 * 2 * MMA_TILE * 64 * 2 + MMA_TILE * 8  # dk_wgmma::SHARED_BYTES
 TAP_BYTES = 32  # sizeof(ScopeTap<float>)
 RESAMPLE_BLOCKS = 1024
-# dk_mma_operands' channels-last copy: at most this many blocks (grid-stride over the 64 x 64
-# tiles beyond), each with CHANNELS_LAST_SHARED (tensor_core.cuh) bytes of shared memory.
-LAYOUT_BLOCKS = 4096
-CHANNELS_LAST_SHARED_BYTES = 64 * 65 * 2
 # dk_mma_operands' scope taps (the backward): at most this many blocks, a thread per table row.
 TAPS_BLOCKS = 1024
 
@@ -303,9 +298,9 @@ def _mma_plan(s, geo, backward: bool, wgmma: bool) -> _MmaPlan:
     kernel_grad = backward and wgmma and _wgmma_kernel_grad(s)
     input_cl = s.n * s.hw * s.c_in if not backward or kernel_grad else 0
     grad_output_cl = s.n * s.L * s.c_out if input_grad else 0
-    copy_tiles = ((s.n * -(-s.c_in // 64) * -(-s.hw // 64) if input_cl else 0)
-                  + (s.n * -(-s.c_out // 64) * -(-s.L // 64) if grad_output_cl else 0))  # of 64 x 64
-    layout_blocks = min(copy_tiles, LAYOUT_BLOCKS)
+    copy_tiles = ((_common.channels_last_tiles(s.n, s.c_in, s.hw) if input_cl else 0)
+                  + (_common.channels_last_tiles(s.n, s.c_out, s.L) if grad_output_cl else 0))
+    layout_blocks = min(copy_tiles, _common.LAYOUT_BLOCKS)
     taps_blocks = min(-(-geo.offset_groups * s.n * s.K // _compile.BLOCK), TAPS_BLOCKS) if backward else 0
     if not backward:
         mma_tiles = _mma_tiles(s, geo.groups, s.c_out, s.L)
@@ -314,7 +309,7 @@ def _mma_plan(s, geo, backward: bool, wgmma: bool) -> _MmaPlan:
     kernel_grad_tiles = _mma_tiles(s, geo.groups, s.c_out, MMA_TILE) * s.K * -(-s.cg // MMA_TILE) if kernel_grad else 0
     return _MmaPlan(input_cl, grad_output_cl, layout_blocks + taps_blocks + resample_blocks,
                     (slice_, pass_, np.int32(layout_blocks), np.int32(taps_blocks)),
-                    max(resample_shared, CHANNELS_LAST_SHARED_BYTES), mma_tiles, kernel_grad_tiles)
+                    max(resample_shared, _common.CHANNELS_LAST_SHARED_BYTES), mma_tiles, kernel_grad_tiles)
 
 
 @functools.lru_cache(maxsize=256)
