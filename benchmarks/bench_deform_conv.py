@@ -5,7 +5,10 @@ torchvision.ops.deform_conv2d and cuDNN's dense conv2d of the same shape, in one
 
 For each shape and dtype: forward and forward+backward times (CUDA events; cudeform,
 torchvision and the dense convolution take turns, five rounds of 20 calls, the smallest round
-median counts: see timed_ms), the ratios
+median counts: see timed_ms), the forward's device time alone (the torch profiler's kernel
+times: short calls are host-bound, and the events then time the host), cudeform's reference
+backend (im2col and cuBLAS) beside its default (the fused tensor-core forward of the half types
+on sm_90), the ratios
 cudeform/torchvision and cudeform/dense, the peak extra memory of each forward (beyond its
 inputs and output), and cudeform's backward alone in its default and its deterministic mode
 (the bar: deterministic within 1.5x of the default). CuPy allocates through PyTorch's caching
@@ -57,6 +60,31 @@ def timed_ms(fns: dict, warmup=3, reps=20, rounds=5) -> dict:
             torch.cuda.synchronize()
             medians[name].append(float(np.median([start.elapsed_time(end) for start, end in events])))
     return {name: min(values) for name, values in medians.items()}
+
+
+def device_ms(fn, reps=20):
+    """The device time of one call of fn: the sum of its kernels' times (torch profiler)."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    return sum(e.device_time_total for e in prof.key_averages()) / reps / 1000
+
+
+def reference_backend(fn):
+    """fn on cudeform's im2col + cuBLAS path (the fused forward switched off)."""
+    from cudeform.cuda import deform_conv as gpu
+
+    def run():
+        gpu.FUSED = False
+        try:
+            return fn()
+        finally:
+            gpu.FUSED = True
+    return run
 
 
 def median_ms(fn, **kw):
@@ -112,7 +140,7 @@ def bench_shape(shape, dtype):
     def dense_both():
         dense_fwd().backward(go)
 
-    fns = {"cd fwd": cd_fwd, "cd both": cd_both, "cd bwd": cd_bwd, "cd det bwd": lambda: cd_bwd(deterministic=True),
+    fns = {"cd fwd": cd_fwd, "im2col fwd": reference_backend(cd_fwd), "cd both": cd_both, "cd bwd": cd_bwd, "cd det bwd": lambda: cd_bwd(deterministic=True),
            "dense fwd": dense_fwd_no_grad, "dense both": dense_both}
     try:
         tv_fwd_no_grad()
@@ -121,6 +149,7 @@ def bench_shape(shape, dtype):
         pass
     t = timed_ms(fns)
     row = {"cd": (t["cd fwd"], t["cd both"], extra_mib(cd_fwd)), "cd bwd": (t["cd bwd"], t["cd det bwd"]),
+           "im2col": t["im2col fwd"], "device": (device_ms(cd_fwd), device_ms(dense_fwd_no_grad)),
            "tv": (t["tv fwd"], t["tv both"], extra_mib(tv_fwd_no_grad)) if "tv fwd" in t else None,
            "dense": (t["dense fwd"], t["dense both"], None)}
     return row
@@ -143,18 +172,20 @@ def main():
     print(f"\n{name}, {datetime.date.today()}, torch {torch.__version__}, "
           f"cudeform {cudeform.__version__}; "
           f"3x3, stride 1, padding 1, with mask and bias; ms, smallest of 5 interleaved round medians of 20 calls")
-    print("| shape (N,C,H,W) | dtype | cudeform fwd | tv fwd | dense fwd | fwd vs tv | fwd vs dense "
-          "| cudeform fwd+bwd | tv fwd+bwd | dense fwd+bwd | f+b vs tv | f+b vs dense "
+    print("| shape (N,C,H,W) | dtype | cudeform fwd | im2col fwd | tv fwd | dense fwd | fwd vs tv | fwd vs dense "
+          "| device fwd vs dense | cudeform fwd+bwd | tv fwd+bwd | dense fwd+bwd | f+b vs tv | f+b vs dense "
           "| cudeform fwd extra MiB | tv fwd extra MiB | cudeform bwd | det bwd | det vs default |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     fmt = lambda v, spec=".3f": "n/a" if v is None else format(v, spec)
     ratio = lambda a, b: "n/a" if a is None or b is None else f"{a / b:.2f}"
     for shape in shapes:
         for dtype in dtypes:
             r = bench_shape(shape, dtype)
             cd, tv, dense, bwd = r["cd"], r["tv"] or (None, None, None), r["dense"], r["cd bwd"]
-            print(f"| {','.join(map(str, shape))} | {dtype} | {fmt(cd[0])} | {fmt(tv[0])} | {fmt(dense[0])} "
-                  f"| {ratio(cd[0], tv[0])} | {ratio(cd[0], dense[0])} | {fmt(cd[1])} | {fmt(tv[1])} "
+            device = r["device"]
+            print(f"| {','.join(map(str, shape))} | {dtype} | {fmt(cd[0])} | {fmt(r['im2col'])} | {fmt(tv[0])} "
+                  f"| {fmt(dense[0])} | {ratio(cd[0], tv[0])} | {ratio(cd[0], dense[0])} "
+                  f"| {ratio(device[0], device[1])} ({device[0] * 1000:.0f} us) | {fmt(cd[1])} | {fmt(tv[1])} "
                   f"| {fmt(dense[1])} | {ratio(cd[1], tv[1])} | {ratio(cd[1], dense[1])} "
                   f"| {fmt(cd[2], '.0f')} | {fmt(tv[2], '.0f')} | {fmt(bwd[0])} | {fmt(bwd[1])} "
                   f"| {ratio(bwd[1], bwd[0])} |", flush=True)
