@@ -133,7 +133,10 @@ def deform_conv2d(input, offset, weight, bias=None, *, stride=1, padding=0, dila
     NumPy arrays run on the CPU (float32, float64); CuPy arrays and CUDA tensors on the GPU
     (float16, bfloat16, float32, float64). The CPU path works on a few images at a time: its
     columns workspace holds ``C_in*kh*kw*H_out*W_out`` elements per image for as many images
-    as fit in 32 MiB (at least one).
+    as fit in 32 MiB (at least one). The GPU's is at most 128 MiB of columns, except for the
+    fused tensor-core forward of float16/bfloat16 on sm_90 (C_in/groups and
+    C_in/offset_groups multiples of 8, enough output tiles to fill the GPU), which needs no
+    columns: its workspace is a channels-last copy of ``input`` and the weight reordered.
     """
     op = "deform_conv2d"
     p = _arrays.prepare(op, ("bias", "mask"), input=input, offset=offset, weight=weight, bias=bias, mask=mask)
