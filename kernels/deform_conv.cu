@@ -251,9 +251,9 @@ __global__ void dcn_gather_grad_output(const T* __restrict__ grad_output, index_
 // while the tensor cores multiply the previous stage. Both are K-major in wgmma's 128-byte
 // swizzle, two stages deep.
 // The sampling: a thread blends 8 channels (one 16-byte vector per corner, the input made
-// channels-last) of 2 positions a stage, keeping each position's corners and bilinear weights
-// (the mask folded in) from one kernel point (and offset group) to the next; float32 blends,
-// rounded once.
+// channels-last) of BN / 64 positions a stage, keeping each position's corners and bilinear
+// weights (the mask folded in) from one kernel point (and offset group) to the next; float32
+// blends, rounded once.
 // ---------------------------------------------------------------------------------------------
 namespace dcn_fused {
 // 4 warpgroups, each 64 output channels of the tile by all its BN positions (128, or 64 where
