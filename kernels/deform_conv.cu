@@ -323,7 +323,7 @@ dcn_fused_wgmma(const T* __restrict__ input, const T* __restrict__ weight, const
     extern __shared__ __align__(16) unsigned char dcn_shared[];
     T* const a_base = reinterpret_cast<T*>(dcn_shared + ((1024 - (shared_address(dcn_shared) & 1023)) & 1023));
     T* const b_base = a_base + STAGES * A_TILE;
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wg = warp >> 2;
+    const int tid = threadIdx.x, wg = tid >> 7;  // its warpgroup
     const int K = kh * kw, cg = (int)(channels / groups), og = (int)(c_out / groups);
     const int per_offset_group = (int)(channels / offset_groups);
     const index_t L = out_h * out_w, m_tiles = (og + BM - 1) / BM, n_tiles = (L + BN - 1) / BN;
@@ -458,7 +458,7 @@ dcn_fused_wgmma(const T* __restrict__ input, const T* __restrict__ weight, const
             for (int e = 0; e < BN / 2; ++e) wgmma_operand(accum[e]);
             wgmma_fence();
 #pragma unroll
-            for (int kk = 0; kk < BK / 16; ++kk) wgmma_k_major<T, BN>(accum, a_desc + kk * 2, b_desc + kk * 2);
+            for (int kk = 0; kk < BK / 16; ++kk) Wgmma<T, BN, 0, 0>::run(accum, a_desc + kk * 2, b_desc + kk * 2);
             wgmma_commit();
             // The next stage's gather overlaps this one's MMAs.
             if (s + 1 < stages) load_next((s + 1) % STAGES);
@@ -467,21 +467,10 @@ dcn_fused_wgmma(const T* __restrict__ input, const T* __restrict__ weight, const
             for (int e = 0; e < BN / 2; ++e) wgmma_operand(accum[e]);
         }
 
-        // Epilogue: the accumulators (thread: rows r and r + 8 of its warp's 16, two columns of
-        // each 8) plus bias into a shared tile, then stored a row at a time.
+        // Epilogue: the accumulators plus bias into a shared tile, then stored a row at a time.
         __syncthreads();
         T* const tile_out = a_base;
-        const int r_lane = wg * 64 + (warp & 3) * 16 + (lane >> 2), c_lane = (lane & 3) * 2;
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-            const int r = r_lane + half * 8;
-            const float add = use_bias && r < a_rows ? to_acc(bias[g * og + o0 + r]) : 0.0f;
-#pragma unroll
-            for (int j = 0; j < BN / 8; ++j)
-#pragma unroll
-                for (int e = 0; e < 2; ++e)
-                    tile_out[r * OUT_PITCH + j * 8 + c_lane + e] = from_acc<T>(accum[4 * j + half * 2 + e] + add);
-        }
+        stage_accumulators<T, BN>(accum, bias + g * og + o0, use_bias, a_rows, tile_out, OUT_PITCH);
         __syncthreads();
         store_tile(tile_out, OUT_PITCH, BM, BN, a_rows, out, img * c_out + g * og + o0, (index_t)l0, L, THREADS);
         __syncthreads();  // the next tile's first stage reuses the memory

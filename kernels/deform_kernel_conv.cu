@@ -854,7 +854,7 @@ dk_global_wgmma(const T* __restrict__ b_in, const T* __restrict__ a_in, const T*
             wgmma_fence();
 #pragma unroll
             for (int kk = 0; kk < BK / 16; ++kk)
-                Wgmma<T, A_MN, B_MN>::run(accum, a_desc + (A_MN ? kk * 128 : kk * 2),
+                Wgmma<T, 128, A_MN, B_MN>::run(accum, a_desc + (A_MN ? kk * 128 : kk * 2),
                                           b_desc + (B_MN ? kk * 128 : kk * 2));
             wgmma_commit();
             wgmma_wait<0>();
@@ -867,8 +867,8 @@ dk_global_wgmma(const T* __restrict__ b_in, const T* __restrict__ a_in, const T*
         // are whole vectors.
         copy_async_wait<0>();
         __syncthreads();
-        const int r_lane = wg * 64 + (warp & 3) * 16 + (lane >> 2), c_lane = (lane & 3) * 2;
         if constexpr (MODE == DK_WG_KERNEL_GRAD) {
+            const int r_lane = wg * 64 + (warp & 3) * 16 + (lane >> 2), c_lane = (lane & 3) * 2;
             constexpr int PITCH = BN + 4;
             float* const tile_out = reinterpret_cast<float*>(a_base);
 #pragma unroll
@@ -888,16 +888,7 @@ dk_global_wgmma(const T* __restrict__ b_in, const T* __restrict__ a_in, const T*
         } else {
             constexpr int PITCH = BN + 8;
             T* const tile_out = a_base;
-#pragma unroll
-            for (int half = 0; half < 2; ++half) {
-                const int r = r_lane + half * 8;
-                const float add = use_bias && o0 + r < og ? to_acc(bias[g * og + o0 + r]) : 0.0f;
-#pragma unroll
-                for (int j = 0; j < 16; ++j)
-#pragma unroll
-                    for (int e = 0; e < 2; ++e)
-                        tile_out[r * PITCH + j * 8 + c_lane + e] = from_acc<T>(accum[4 * j + half * 2 + e] + add);
-            }
+            stage_accumulators<T, BN>(accum, bias + g * og + o0, use_bias, a_rows, tile_out, PITCH);
             __syncthreads();
             store_tile(tile_out, PITCH, BM, BN, a_rows, static_cast<T*>(out), n * c_out + g * og + o0, l0, L,
                        THREADS);

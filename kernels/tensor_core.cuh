@@ -148,81 +148,72 @@ __device__ __forceinline__ void fence_proxy_async() {
 // Keeps the compiler from moving accesses of v across the asynchronous MMAs.
 __device__ __forceinline__ void wgmma_operand(float& v) { asm volatile("" : "+f"(v)::"memory"); }
 
-// d (64 x 128, float32) += a (64 x 16) * b (16 x 128): each K-major (b's rows the 128 columns
-// of d), or MN-major where TRANS_A / TRANS_B.
+// d (64 x N, float32, N / 2 registers a thread) += a (64 x 16) * b (16 x N), N = 128 or 64:
+// each operand K-major (b's rows the N columns of d), or MN-major where TRANS_A / TRANS_B. One
+// specialisation per type and N, made by CUDEFORM_WGMMA_RUN: they differ in the PTX type and
+// in the accumulators' operand list (then a, b, the scale-d predicate and the transposes).
+#define CUDEFORM_WGMMA_D32                                                                                    \
+    "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, "    \
+    "%22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
 #define CUDEFORM_WGMMA_D64                                                                                    \
     "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, "    \
     "%22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, " \
     "%43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}"
-#define CUDEFORM_WGMMA_OUTS(d)                                                                                 \
-    "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),           \
-    "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),     \
-    "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),   \
-    "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),   \
-    "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),   \
-    "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),   \
-    "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),   \
-    "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-template <typename T, int TRANS_A, int TRANS_B> struct Wgmma;
-template <int TRANS_A, int TRANS_B> struct Wgmma<__half, TRANS_A, TRANS_B> {
-    static __device__ __forceinline__ void run(float* d, unsigned long long a, unsigned long long b) {
-#if CUDEFORM_WGMMA
-        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-                     "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 " CUDEFORM_WGMMA_D64
-                     ", %64, %65, p, 1, 1, %67, %68;\n}\n"
-                     : CUDEFORM_WGMMA_OUTS(d) : "l"(a), "l"(b), "r"(1), "n"(TRANS_A), "n"(TRANS_B));
-#endif
-    }
-};
-template <int TRANS_A, int TRANS_B> struct Wgmma<__nv_bfloat16, TRANS_A, TRANS_B> {
-    static __device__ __forceinline__ void run(float* d, unsigned long long a, unsigned long long b) {
-#if CUDEFORM_WGMMA
-        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-                     "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " CUDEFORM_WGMMA_D64
-                     ", %64, %65, p, 1, 1, %67, %68;\n}\n"
-                     : CUDEFORM_WGMMA_OUTS(d) : "l"(a), "l"(b), "r"(1), "n"(TRANS_A), "n"(TRANS_B));
-#endif
-    }
-};
-
-// d (64 x 64, float32, 32 registers a thread) += a (64 x 16) * b (16 x 64), both K-major.
-#define CUDEFORM_WGMMA_D32                                                                                    \
-    "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, "    \
-    "%22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
 #define CUDEFORM_WGMMA_OUTS32(d)                                                                               \
     "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),           \
     "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),     \
     "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),   \
     "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-template <typename T> struct WgmmaN64;
-template <> struct WgmmaN64<__half> {
-    static __device__ __forceinline__ void run(float* d, unsigned long long a, unsigned long long b) {
+#define CUDEFORM_WGMMA_OUTS64(d)                                                                               \
+    CUDEFORM_WGMMA_OUTS32(d),                                                                                  \
+    "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),   \
+    "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),   \
+    "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),   \
+    "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+// The operands after the accumulators: a, b, the predicate's source, the two transposes.
+#define CUDEFORM_WGMMA_TAIL32 ", %32, %33, p, 1, 1, %35, %36;\n}\n"
+#define CUDEFORM_WGMMA_TAIL64 ", %64, %65, p, 1, 1, %67, %68;\n}\n"
+#define CUDEFORM_WGMMA_P32 "%34"
+#define CUDEFORM_WGMMA_P64 "%66"
 #if CUDEFORM_WGMMA
-        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-                     "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 " CUDEFORM_WGMMA_D32
-                     ", %32, %33, p, 1, 1, 0, 0;\n}\n"
-                     : CUDEFORM_WGMMA_OUTS32(d) : "l"(a), "l"(b), "r"(1));
+#define CUDEFORM_WGMMA_ASM(PTX_TYPE, N, REGS)                                                                  \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " CUDEFORM_WGMMA_P##REGS ", 0;\n"                          \
+                 "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." PTX_TYPE "." PTX_TYPE " "                 \
+                 CUDEFORM_WGMMA_D##REGS CUDEFORM_WGMMA_TAIL##REGS                                             \
+                 : CUDEFORM_WGMMA_OUTS##REGS(d) : "l"(a), "l"(b), "r"(1), "n"(TRANS_A), "n"(TRANS_B))
+#else
+#define CUDEFORM_WGMMA_ASM(PTX_TYPE, N, REGS)
 #endif
-    }
-};
-template <> struct WgmmaN64<__nv_bfloat16> {
-    static __device__ __forceinline__ void run(float* d, unsigned long long a, unsigned long long b) {
-#if CUDEFORM_WGMMA
-        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-                     "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " CUDEFORM_WGMMA_D32
-                     ", %32, %33, p, 1, 1, 0, 0;\n}\n"
-                     : CUDEFORM_WGMMA_OUTS32(d) : "l"(a), "l"(b), "r"(1));
-#endif
-    }
-};
-// The 64 x N tile's product for N = 128 or 64 (K-major operands).
+#define CUDEFORM_WGMMA_RUN(T, PTX_TYPE, N, REGS)                                                               \
+    template <int TRANS_A, int TRANS_B> struct Wgmma<T, N, TRANS_A, TRANS_B> {                                \
+        static __device__ __forceinline__ void run(float* d, unsigned long long a, unsigned long long b) {    \
+            CUDEFORM_WGMMA_ASM(PTX_TYPE, N, REGS);                                                             \
+        }                                                                                                      \
+    };
+template <typename T, int N, int TRANS_A, int TRANS_B> struct Wgmma;
+CUDEFORM_WGMMA_RUN(__half, "f16", 128, 64)
+CUDEFORM_WGMMA_RUN(__nv_bfloat16, "bf16", 128, 64)
+CUDEFORM_WGMMA_RUN(__half, "f16", 64, 32)
+CUDEFORM_WGMMA_RUN(__nv_bfloat16, "bf16", 64, 32)
+
+// The wgmma kernels' epilogue, its first half: each warpgroup's 64 x N float32 accumulators
+// (thread: rows r and r + 8 of its warp's 16, two columns of each 8; warpgroup w's rows from
+// 64 w) plus bias[r] (where use_bias, on rows below rows_valid) into a shared tile of T, rows
+// `pitch` elements apart, rounded once. The block then stores the tile with store_tile.
 template <typename T, int N>
-__device__ __forceinline__ void wgmma_k_major(float* d, unsigned long long a, unsigned long long b) {
-    if constexpr (N == 128) {
-        Wgmma<T, 0, 0>::run(d, a, b);
-    } else {
-        static_assert(N == 64, "wgmma tiles of 64 or 128 columns");
-        WgmmaN64<T>::run(d, a, b);
+__device__ __forceinline__ void stage_accumulators(const float* accum, const T* bias, int use_bias, int rows_valid,
+                                                   T* tile, int pitch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int r_lane = (warp >> 2) * 64 + (warp & 3) * 16 + (lane >> 2), c_lane = (lane & 3) * 2;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        const int r = r_lane + half * 8;
+        const float add = use_bias && r < rows_valid ? to_acc(bias[r]) : 0.0f;
+#pragma unroll
+        for (int j = 0; j < N / 8; ++j)
+#pragma unroll
+            for (int e = 0; e < 2; ++e)
+                tile[r * pitch + j * 8 + c_lane + e] = from_acc<T>(accum[4 * j + half * 2 + e] + add);
     }
 }
 
