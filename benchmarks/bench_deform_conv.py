@@ -6,9 +6,9 @@ torchvision.ops.deform_conv2d and cuDNN's dense conv2d of the same shape, in one
 For each shape and dtype: forward and forward+backward times (CUDA events; cudeform,
 torchvision and the dense convolution take turns, five rounds of 20 calls, the smallest round
 median counts: see timed_ms), the forward's device time alone (the torch profiler's kernel
-times: short calls are host-bound, and the events then time the host), cudeform's reference
-backend (im2col and cuBLAS) beside its default (the fused tensor-core forward of the half types
-on sm_90), the ratios
+times: short calls are host-bound, and the events then time the host) and the forward+backward's
+likewise, cudeform's reference backend (im2col and cuBLAS, NCHW) beside its default (for the half
+types on sm_90: the fused tensor-core forward and the channels-last backward), the ratios
 cudeform/torchvision and cudeform/dense, the peak extra memory of each forward (beyond its
 inputs and output), and cudeform's backward alone in its default and its deterministic mode
 (the bar: deterministic within 1.5x of the default). CuPy allocates through PyTorch's caching
@@ -75,7 +75,8 @@ def device_ms(fn, reps=20):
 
 
 def reference_backend(fn):
-    """fn on cudeform's im2col + cuBLAS path (the fused forward switched off)."""
+    """fn on cudeform's im2col + cuBLAS path (the fused forward and the channels-last backward
+    switched off)."""
     from cudeform.cuda import deform_conv as gpu
 
     def run():
@@ -140,7 +141,9 @@ def bench_shape(shape, dtype):
     def dense_both():
         dense_fwd().backward(go)
 
-    fns = {"cd fwd": cd_fwd, "im2col fwd": reference_backend(cd_fwd), "cd both": cd_both, "cd bwd": cd_bwd, "cd det bwd": lambda: cd_bwd(deterministic=True),
+    fns = {"cd fwd": cd_fwd, "im2col fwd": reference_backend(cd_fwd), "cd both": cd_both,
+           "im2col both": reference_backend(cd_both), "cd bwd": cd_bwd,
+           "cd det bwd": lambda: cd_bwd(deterministic=True),
            "dense fwd": dense_fwd_no_grad, "dense both": dense_both}
     try:
         tv_fwd_no_grad()
@@ -149,7 +152,8 @@ def bench_shape(shape, dtype):
         pass
     t = timed_ms(fns)
     row = {"cd": (t["cd fwd"], t["cd both"], extra_mib(cd_fwd)), "cd bwd": (t["cd bwd"], t["cd det bwd"]),
-           "im2col": t["im2col fwd"], "device": (device_ms(cd_fwd), device_ms(dense_fwd_no_grad)),
+           "im2col": (t["im2col fwd"], t["im2col both"]), "device": (device_ms(cd_fwd), device_ms(dense_fwd_no_grad)),
+           "device both": (device_ms(cd_both), device_ms(dense_both)),
            "tv": (t["tv fwd"], t["tv both"], extra_mib(tv_fwd_no_grad)) if "tv fwd" in t else None,
            "dense": (t["dense fwd"], t["dense both"], None)}
     return row
@@ -173,20 +177,22 @@ def main():
           f"cudeform {cudeform.__version__}; "
           f"3x3, stride 1, padding 1, with mask and bias; ms, smallest of 5 interleaved round medians of 20 calls")
     print("| shape (N,C,H,W) | dtype | cudeform fwd | im2col fwd | tv fwd | dense fwd | fwd vs tv | fwd vs dense "
-          "| device fwd vs dense | cudeform fwd+bwd | tv fwd+bwd | dense fwd+bwd | f+b vs tv | f+b vs dense "
-          "| cudeform fwd extra MiB | tv fwd extra MiB | cudeform bwd | det bwd | det vs default |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| device fwd vs dense | cudeform fwd+bwd | im2col fwd+bwd | tv fwd+bwd | dense fwd+bwd | f+b vs tv "
+          "| f+b vs dense | device f+b vs dense | cudeform fwd extra MiB | tv fwd extra MiB | cudeform bwd | det bwd "
+          "| det vs default |")
+    print("|---" * 21 + "|")
     fmt = lambda v, spec=".3f": "n/a" if v is None else format(v, spec)
     ratio = lambda a, b: "n/a" if a is None or b is None else f"{a / b:.2f}"
     for shape in shapes:
         for dtype in dtypes:
             r = bench_shape(shape, dtype)
             cd, tv, dense, bwd = r["cd"], r["tv"] or (None, None, None), r["dense"], r["cd bwd"]
-            device = r["device"]
-            print(f"| {','.join(map(str, shape))} | {dtype} | {fmt(cd[0])} | {fmt(r['im2col'])} | {fmt(tv[0])} "
+            device, both = r["device"], r["device both"]
+            print(f"| {','.join(map(str, shape))} | {dtype} | {fmt(cd[0])} | {fmt(r['im2col'][0])} | {fmt(tv[0])} "
                   f"| {fmt(dense[0])} | {ratio(cd[0], tv[0])} | {ratio(cd[0], dense[0])} "
-                  f"| {ratio(device[0], device[1])} ({device[0] * 1000:.0f} us) | {fmt(cd[1])} | {fmt(tv[1])} "
-                  f"| {fmt(dense[1])} | {ratio(cd[1], tv[1])} | {ratio(cd[1], dense[1])} "
+                  f"| {ratio(device[0], device[1])} ({device[0] * 1000:.0f} us) | {fmt(cd[1])} | {fmt(r['im2col'][1])} "
+                  f"| {fmt(tv[1])} | {fmt(dense[1])} | {ratio(cd[1], tv[1])} | {ratio(cd[1], dense[1])} "
+                  f"| {ratio(both[0], both[1])} ({both[0] * 1000:.0f} us) "
                   f"| {fmt(cd[2], '.0f')} | {fmt(tv[2], '.0f')} | {fmt(bwd[0])} | {fmt(bwd[1])} "
                   f"| {ratio(bwd[1], bwd[0])} |", flush=True)
 

@@ -315,6 +315,14 @@ def _cupy_stream(ptr: int):
 _call = threading.local()  # .tensors, .device: the torch CUDA call in progress on this thread (see empty)
 
 
+def _bound_devices() -> set:
+    """The devices whose context this thread has bound (by _DeviceContext)."""
+    bound = getattr(_call, "bound", None)
+    if bound is None:
+        bound = _call.bound = set()
+    return bound
+
+
 class _DeviceContext:
     """Makes a call's device current, and the caller's stream (where given) and for torch
     callers torch's memory pool and :func:`empty`'s tensors: a plain class rather than an
@@ -335,6 +343,12 @@ class _DeviceContext:
             cuda = cupy_module().cuda
             if cuda.runtime.getDevice() != self.device.index:
                 self._enter(cuda.Device(self.device.index))
+            elif self.device.index not in _bound_devices():
+                # The device is current but this thread may not have its context yet (PyTorch's
+                # autograd threads, for one): the kernels launch through the driver API, which
+                # needs it, and setDevice binds it.
+                cuda.runtime.setDevice(self.device.index)
+                _call.bound.add(self.device.index)
             if self.stream_ptr is not None and cuda.get_current_stream().ptr != self.stream_ptr:
                 self._enter(_cupy_stream(self.stream_ptr))
             if self.torch_pool:

@@ -153,6 +153,18 @@ __device__ __forceinline__ void atomic_add_pair(double* address, double a, doubl
     atomicAdd(address + 1, b);
 }
 
+// address[0..3] += v, address 16-byte aligned: one vector atomic on sm_90, else four.
+__device__ __forceinline__ void atomic_add_quad(float* address, float4 v) {
+#if __CUDA_ARCH__ >= 900
+    atomicAdd(reinterpret_cast<float4*>(address), v);
+#else
+    atomicAdd(address, v.x);
+    atomicAdd(address + 1, v.y);
+    atomicAdd(address + 2, v.z);
+    atomicAdd(address + 3, v.w);
+#endif
+}
+
 // Largest finite |v| seen, as the bits of a non-negative float (which order like unsigned ints).
 template <typename A>
 __device__ __forceinline__ void atomic_max_abs(unsigned int* bits, A v) {

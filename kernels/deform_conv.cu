@@ -477,3 +477,256 @@ dcn_fused_wgmma(const T* __restrict__ input, const T* __restrict__ weight, const
     }
 #endif
 }
+
+// ---------------------------------------------------------------------------------------------
+// The half types' backward on sm_90 (default mode; host: _fused_backward). The column
+// gradients and the columns are (positions, K, Cg) per weight group, channels contiguous, made
+// and consumed by cuBLAS, and the input is channels-last (dcn_fused_operands), so a thread's 8
+// channels at a sampling point are one 16-byte vector of each: the corners' loads, the column
+// gradient's, the columns' stores, and the input gradient's float32 atomics (two 16-byte
+// vector atomics per corner, into a channels-last accumulator). The NCHW kernels above scatter
+// a scalar atomic per channel plane: on an H200 at 16 x 128 x 64 x 64, dcn_col2im alone took
+// 1.7 ms of a 2.7 ms forward+backward.
+// ---------------------------------------------------------------------------------------------
+
+// A sampling point inside the box where it sees the image: its (floor, floor) corner, the
+// bilinear weights, and which of the corners 00, 01, 10, 11 (bit q) lie inside the image.
+struct ClPoint {
+    int y0, x0;
+    float lh, lw, w[4];
+    unsigned inside;
+    __device__ __forceinline__ ClPoint(float h, float w_, index_t height, index_t width) {
+        const float fh = floorf(h), fw = floorf(w_);
+        y0 = (int)fh;
+        x0 = (int)fw;
+        lh = h - fh;
+        lw = w_ - fw;
+        w[0] = (1.0f - lh) * (1.0f - lw);
+        w[1] = (1.0f - lh) * lw;
+        w[2] = lh * (1.0f - lw);
+        w[3] = lh * lw;
+        const bool top = y0 >= 0, bottom = y0 + 1 < height, left = x0 >= 0, right = x0 + 1 < width;
+        inside = (unsigned)(top && left) | (unsigned)(top && right) << 1 | (unsigned)(bottom && left) << 2
+               | (unsigned)(bottom && right) << 3;
+    }
+    // Element offset of corner q in a channels-last image of C channels (an image is within
+    // 32-bit indices: the host checks).
+    __device__ __forceinline__ int corner(int q, int width, int C) const {
+        return ((y0 + (q >> 1)) * width + x0 + (q & 1)) * C;
+    }
+};
+
+// E channels (a vector V of them) from `image` (channels-last, at the first of them) at each
+// corner, as float; 0 outside the image.
+template <int E, typename V, typename T>
+__device__ __forceinline__ void load_corners(const T* image, const ClPoint& p, int width, int C, float v[4][E]) {
+    static_assert(sizeof(V) == E * sizeof(T), "V holds E channels");
+    V raw[4];
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+        if (p.inside >> q & 1) {
+            raw[q] = __ldg(reinterpret_cast<const V*>(image + p.corner(q, width, C)));
+        } else {
+            raw[q] = V{};
+        }
+    }
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+        const T* e = reinterpret_cast<const T*>(&raw[q]);
+#pragma unroll
+        for (int i = 0; i < E; ++i) v[q][i] = to_acc(e[i]);
+    }
+}
+
+// Where a thread of the two kernels below samples: a position (l, fastest, as in offset and
+// mask) of image n, walking the kernel points with pointers into offset and mask (the index
+// arithmetic once per thread, not per point).
+struct ClPosition {
+    index_t n, l;
+    int y, x;
+    __device__ __forceinline__ ClPosition(index_t nl, DCN_GEOMETRY) {
+        const index_t L = out_h * out_w, yy = fast_div(nl, out_w);
+        n = fast_div(nl, L);
+        l = nl - n * L;
+        y = (int)(yy - n * out_h) * sh - ph;
+        x = (int)(nl - yy * out_w) * sw - pw;
+    }
+    // The offset group's planes of kernel point 0 in offset and mask, at the position.
+    __device__ __forceinline__ index_t first_point(int group, DCN_GEOMETRY) const {
+        return ((n0 + n) * offset_groups + group) * kh * kw;
+    }
+};
+
+// Kernel point (i, j)'s sampling point and mask value, from pointers at its planes.
+template <typename T>
+__device__ __forceinline__ void cl_point(const T* off, const T* gate, index_t L, int use_mask, const ClPosition& at,
+                                         int i, int j, int dh, int dw, float& h, float& w, float& m) {
+    h = (float)(at.y + i * dh) + to_acc(off[0]);
+    w = (float)(at.x + j * dw) + to_acc(off[L]);
+    m = use_mask ? to_acc(gate[0]) : 1.0f;
+}
+
+// Input, offset and mask gradients from the column gradients `gcols` of a chunk of images. A
+// thread item is a position of an offset group, `slices` adjacent threads (a power of two, at
+// most a warp) sharing it: each takes 4 channels of every stretch of 4 * slices, so each
+// 16-byte atomic of a warp lands beside its neighbour's (whole 32-byte sectors: with 8
+// contiguous channels a thread, every other 16 bytes, L2 took ~1.5 sectors per atomic). They
+// sum the offset and mask gradients with shuffles, and one writes them. `grad` is the
+// (N, H, W, C) float32 accumulator. closed_low: the "torchvision" border rule, as in
+// dcn_col2im_coord.
+template <typename T>
+__global__ void __launch_bounds__(256) dcn_col2im_cl(const T* __restrict__ gcols, const T* __restrict__ input,
+                                                     const T* __restrict__ offset, const T* __restrict__ mask,
+                                                     int use_mask, int closed_low, DCN_GEOMETRY, int groups,
+                                                     int slices, float* __restrict__ grad,
+                                                     T* __restrict__ grad_offset, T* __restrict__ grad_mask) {
+    const index_t L = out_h * out_w, bL = batch * L, items = batch * offset_groups * L;
+    const int K = kh * kw, C = (int)channels, W = (int)width, cg = C / groups;
+    const int per_group = (int)(channels / offset_groups), quads = per_group / (4 * slices);
+    // Whole warps: the shuffles need every lane.
+    CUDEFORM_LOOP(t, (items * slices + WARP_SIZE - 1) / WARP_SIZE * WARP_SIZE) {
+        const bool valid = t < items * slices;
+        const index_t item = fast_div(valid ? t : 0, slices), ng = fast_div(item, L);
+        const int s = (int)((valid ? t : 0) - item * slices);
+        const index_t n = fast_div(ng, offset_groups);
+        const int group = (int)(ng - n * offset_groups);
+        const ClPosition at(n * L + item - ng * L, DCN_GEOMETRY_ARGS);
+        const index_t plane = at.first_point(group, DCN_GEOMETRY_ARGS) * L + at.l;
+        const T* off = offset + 2 * plane - at.l;  // 2 * gk * L + l
+        const T* gate = mask + plane;
+        T* g_off = grad_offset + 2 * plane - at.l;
+        T* g_gate = grad_mask + plane;
+        const T* const image = input + (n0 + n) * height * width * C;
+        float* const g_image = grad + (n0 + n) * height * width * C;
+        // The thread's first channel and its weight group; the column gradients of the position.
+        const int c_first = group * per_group + s * 4, wg_first = c_first / cg;
+        const T* const gpos = gcols + (n * L + at.l) * K * cg;
+        for (int i = 0, k = 0; i < kh; ++i) {
+            for (int j = 0; j < kw; ++j, ++k, off += 2 * L, gate += L, g_off += 2 * L, g_gate += L) {
+                float h, w, m, grad_h = 0.0f, grad_w = 0.0f, grad_m = 0.0f;
+                cl_point(off, gate, L, use_mask, at, i, j, dh, dw, h, w, m);
+                const bool live = valid && (h > -1.0f || (closed_low && h == -1.0f)) && h < (float)height
+                               && (w > -1.0f || (closed_low && w == -1.0f)) && w < (float)width;
+                if (live) {
+                    const bool open = in_open_box(h, w, height, width);
+                    const ClPoint p(h, w, height, width);
+                    int c = c_first, wg = wg_first, c_wg = c_first - wg_first * cg;  // c = wg * cg + c_wg
+                    for (int r = 0; r < quads; ++r) {
+                        const T* const gq = gpos + wg * bL * K * cg + k * cg + c_wg;
+                        const uint2 graw = __ldg(reinterpret_cast<const uint2*>(gq));
+                        const T* ge = reinterpret_cast<const T*>(&graw);
+                        float v[4][4], gc[4];
+                        load_corners<4, uint2>(image + c, p, W, C, v);
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) {
+                            gc[e] = to_acc(ge[e]);
+                            grad_h += gc[e] * ((1.0f - p.lw) * (v[2][e] - v[0][e]) + p.lw * (v[3][e] - v[1][e]));
+                            grad_w += gc[e] * ((1.0f - p.lh) * (v[1][e] - v[0][e]) + p.lh * (v[3][e] - v[2][e]));
+                            grad_m += gc[e] * (p.w[0] * v[0][e] + p.w[1] * v[1][e] + p.w[2] * v[2][e]
+                                               + p.w[3] * v[3][e]);
+                        }
+                        if (open) {
+#pragma unroll
+                            for (int q = 0; q < 4; ++q) {
+                                const float f = m * p.w[q];
+                                if (p.inside >> q & 1)
+                                    atomic_add_quad(g_image + p.corner(q, W, C) + c,
+                                                    make_float4(f * gc[0], f * gc[1], f * gc[2], f * gc[3]));
+                            }
+                        }
+                        c += 4 * slices;
+                        for (c_wg += 4 * slices; c_wg >= cg; c_wg -= cg) ++wg;
+                    }
+                }
+                for (int d = 1; d < slices; d <<= 1) {
+                    grad_h += __shfl_xor_sync(0xffffffffu, grad_h, d);
+                    grad_w += __shfl_xor_sync(0xffffffffu, grad_w, d);
+                    grad_m += __shfl_xor_sync(0xffffffffu, grad_m, d);
+                }
+                if (valid && s == 0) {
+                    g_off[0] = from_acc<T>(m * grad_h);
+                    g_off[L] = from_acc<T>(m * grad_w);
+                    if (use_mask) g_gate[0] = from_acc<T>(grad_m);
+                }
+            }
+        }
+    }
+}
+
+// Columns for the weight gradient, (positions, K, Cg) per weight group: a thread per 8
+// channels of a position, adjacent threads adjacent channels (whole 16-byte stores), walking
+// the kernel points. Float32 blends with the mask folded into the weights, rounded once, as
+// dcn_fused_wgmma.
+template <typename T>
+__global__ void __launch_bounds__(256) dcn_im2col_cl(const T* __restrict__ input, const T* __restrict__ offset,
+                                                     const T* __restrict__ mask, int use_mask, DCN_GEOMETRY,
+                                                     int groups, T* __restrict__ cols) {
+    const index_t L = out_h * out_w, bL = batch * L;
+    const int K = kh * kw, C = (int)channels, runs = C / 8, cg = C / groups;
+    const int per_group = (int)(channels / offset_groups);
+    CUDEFORM_LOOP(t, bL * runs) {
+        const index_t nl = fast_div(t, runs);
+        const int c = (int)(t - nl * runs) * 8, wg = c / cg;
+        const ClPosition at(nl, DCN_GEOMETRY_ARGS);
+        const index_t plane = at.first_point(c / per_group, DCN_GEOMETRY_ARGS) * L + at.l;
+        const T* off = offset + 2 * plane - at.l;
+        const T* gate = mask + plane;
+        const T* const image = input + (n0 + at.n) * height * width * C + c;
+        T* const dst = cols + (wg * bL + nl) * K * cg + c - wg * cg;
+        for (int i = 0, k = 0; i < kh; ++i) {
+            for (int j = 0; j < kw; ++j, ++k, off += 2 * L, gate += L) {
+                float h, w, m;
+                cl_point(off, gate, L, use_mask, at, i, j, dh, dw, h, w, m);
+                __align__(16) T packed[8];
+                if (in_open_box(h, w, height, width)) {
+                    const ClPoint p(h, w, height, width);
+                    float v[4][8];
+                    load_corners<8, uint4>(image, p, (int)width, C, v);
+#pragma unroll
+                    for (int e = 0; e < 8; ++e)
+                        packed[e] = from_acc<T>(m * p.w[0] * v[0][e] + m * p.w[1] * v[1][e] + m * p.w[2] * v[2][e]
+                                                + m * p.w[3] * v[3][e]);
+                } else {
+#pragma unroll
+                    for (int e = 0; e < 8; ++e) packed[e] = from_acc<T>(0.0f);
+                }
+                *reinterpret_cast<uint4*>(dst + k * cg) = *reinterpret_cast<const uint4*>(packed);
+            }
+        }
+    }
+}
+
+// The weight gradient from its float32 accumulator in weight_r's layout (C_out, K, Cg).
+template <typename T>
+__global__ void dcn_weight_grad_cl(const float* __restrict__ acc_r, index_t c_out, int cg, int K,
+                                   T* __restrict__ grad_weight) {
+    CUDEFORM_LOOP(idx, c_out * cg * K) {
+        const index_t oc = fast_div(idx, K), o = fast_div(oc, cg);
+        const int k = (int)(idx - oc * K), c = (int)(oc - o * cg);
+        grad_weight[idx] = from_acc<T>(acc_r[(o * K + k) * cg + c]);
+    }
+}
+
+// The input gradient from its (N, H*W, C) float32 accumulator: (N, C, H*W) in T, through
+// 32 x 32 tiles in shared memory (both sides' accesses whole rows of a warp).
+template <typename T>
+__global__ void __launch_bounds__(256) dcn_input_grad_cl(const float* __restrict__ acc, index_t images,
+                                                         index_t channels, index_t positions, T* __restrict__ grad) {
+    __shared__ float tile[32][33];
+    const int lane = threadIdx.x & 31, row0 = threadIdx.x >> 5;
+    const index_t ct = (channels + 31) / 32, pt = (positions + 31) / 32;
+    for (index_t t = blockIdx.x; t < images * ct * pt; t += gridDim.x) {
+        const index_t n = fast_div(t, ct * pt), rest = t - n * ct * pt, cq = fast_div(rest, pt);
+        const index_t c0 = cq * 32, p0 = (rest - cq * pt) * 32;
+        __syncthreads();  // the previous tile's reads are done
+        for (int r = row0; r < 32; r += 8) {
+            if (p0 + r < positions && c0 + lane < channels)
+                tile[r][lane] = acc[(n * positions + p0 + r) * channels + c0 + lane];
+        }
+        __syncthreads();
+        for (int r = row0; r < 32; r += 8) {
+            if (c0 + r < channels && p0 + lane < positions)
+                grad[(n * channels + c0 + r) * positions + p0 + lane] = from_acc<T>(tile[lane][r]);
+        }
+    }
+}

@@ -37,7 +37,8 @@ SHARED_DTYPES = ("float32", "float64")
 # Global DK's tensor-core path, which only the half types take: the forward (dk_mma_operands,
 # dk_global_mma: shared tiles filled by cp.async) and the backward through the resampling
 # (dk_resample_grad_sums' staged rows, dk_resample_grad_offsets' block sums); deform_conv2d's
-# fused forward (dcn_fused_operands, dcn_fused_wgmma).
+# fused forward (dcn_fused_operands, dcn_fused_wgmma) and its backward's shuffles
+# (dcn_col2im_cl) and shared tiles (dcn_input_grad_cl).
 SHARED_HALF = ("dk_global_gemm", "deform_conv2d_fused")
 CHUNKED = ("deform_conv2d", "deform_conv2d_v1", "dk_global_gemm")
 

@@ -269,6 +269,87 @@ def test_fused_forward_matches_im2col(torch, monkeypatch, fused_small, dtype, na
         assert v is None or torch.equal(tensors[k].view(torch.int16), v.view(torch.int16)), k  # left alone
 
 
+@pytest.fixture
+def fused_backward_calls(monkeypatch):
+    """The calls that took the fused backend's backward (asserted by the tests: else they would
+    check the reference backward again)."""
+    from cudeform.cuda import deform_conv as gpu
+
+    calls = []
+    inner = gpu._fused_backward
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return inner(*args, **kwargs)
+
+    monkeypatch.setattr(gpu, "_fused_backward", spy)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("name", FUSED_CONFIGS)
+@pytest.mark.parametrize("with_mask", [True, False])
+@pytest.mark.parametrize("border_grad", ["torchvision", "mmcv"])
+def test_fused_backward_against_float64(torch, fused_small, fused_backward_calls, dtype, name, with_mask,
+                                        border_grad):
+    tensors, exact, geo = fused_case(torch, FUSED_CONFIGS[name], dtype, 34, mask=with_mask, bias=with_mask)
+    go = torch.from_numpy(np.random.default_rng(35).standard_normal(
+        (FUSED_CONFIGS[name]["N"], FUSED_CONFIGS[name]["C_out"], *out_size(FUSED_CONFIGS[name])))).to("cuda")
+    go = go.to(getattr(torch, dtype))
+    grads = cudeform.deform_conv2d_backward(go, *split(tensors)[0], **split(tensors)[1], **geo,
+                                            border_grad=border_grad)
+    assert fused_backward_calls
+    want = ref.deform_conv2d_backward(go.double().cpu().numpy(), *split(exact)[0], **split(exact)[1], **geo,
+                                      border_grad=border_grad)
+    for field, got, w in zip(grads._fields, grads, want):
+        assert (got is None) == (w is None), field
+        if got is None:
+            continue
+        assert got.dtype == getattr(torch, dtype) and got.shape == w.shape, field
+        tol = TOLERANCE[dtype] * (4 if field == "offset" else 1)
+        assert l2_rel(got.double().cpu().numpy(), w) < tol, field
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("name", FUSED_CONFIGS)
+@pytest.mark.parametrize("border_grad", ["torchvision", "mmcv"])
+def test_fused_backward_matches_im2col(torch, monkeypatch, fused_small, fused_backward_calls, dtype, name,
+                                       border_grad):
+    """Against the reference backend, with sampling points exactly on the border h = -1 or
+    w = -1 (where the two border rules differ) and huge and non-finite offsets; the inputs are
+    left unchanged."""
+    from cudeform.cuda import deform_conv as gpu
+
+    cfg = FUSED_CONFIGS[name]
+    tensors, _, geo = fused_case(torch, cfg, dtype, 36)
+    ph, pw = (geo["padding"],) * 2 if isinstance(geo["padding"], int) else geo["padding"]
+    # Offset group 0's kernel point (0, 0) samples row y * stride - ph + offset: ph - 1 puts output
+    # row 0 on h = -1, and pw - 1 output column 0 on w = -1.
+    off = tensors["offset"]
+    off[:, 0, 0, :] = ph - 1
+    off[:, 1, :, 0] = pw - 1
+    flat = off.view(-1)
+    picks = torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(37))[: 4 * (flat.numel() // 20)]
+    for value, part in zip((float("nan"), float("inf"), -float("inf"), 1e4), picks.view(4, -1)):
+        flat[part.cuda()] = value
+    go = torch.randn(cfg["N"], cfg["C_out"], *out_size(cfg), generator=torch.Generator().manual_seed(38))
+    go = go.to("cuda", getattr(torch, dtype))
+    before = {k: None if v is None else v.clone() for k, v in tensors.items()}
+    fused = cudeform.deform_conv2d_backward(go, *split(tensors)[0], **split(tensors)[1], **geo, border_grad=border_grad)
+    assert fused_backward_calls
+    monkeypatch.setattr(gpu, "FUSED", False)
+    plain = cudeform.deform_conv2d_backward(go, *split(tensors)[0], **split(tensors)[1], **geo, border_grad=border_grad)
+    assert len(fused_backward_calls) == 1
+    for field, a, b in zip(fused._fields, fused, plain):
+        if a is None:
+            continue
+        assert torch.equal(torch.isfinite(a), torch.isfinite(b)), field
+        assert l2_rel(a.double().nan_to_num().cpu().numpy(), b.double().nan_to_num().cpu().numpy()) \
+            < TOLERANCE[dtype] / 2, field
+    for k, v in before.items():
+        assert v is None or torch.equal(tensors[k].view(torch.int16), v.view(torch.int16)), k  # left alone
+
+
 def test_fused_forward_workspace(torch):
     """The fused forward's extra memory is the channels-last input and the reordered weight:
     nothing proportional to C_in * kh * kw * H_out * W_out."""

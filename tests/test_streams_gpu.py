@@ -60,6 +60,33 @@ def test_threads_with_their_own_streams_match_one_thread(monkeypatch):
             assert_same_results(got[name, det], want, exact=det, what=(i, name, det))
 
 
+# PyTorch runs a backward on its own thread, where the device is current but its context may
+# not be bound yet; cudeform launches through the driver API, which needs it. The thread lives
+# as long as the process, hence a fresh one; the half-type forward and backward on sm_90 begin
+# with a launch of dcn_fused_operands, and the gradient is given, so no PyTorch kernel runs first.
+AUTOGRAD_THREAD = """
+import torch, cudeform.torch as ct
+x = torch.randn(2, 16, 12, 12, device="cuda", dtype=torch.float16, requires_grad=True)
+w = torch.randn(16, 16, 3, 3, device="cuda", dtype=torch.float16, requires_grad=True)
+off = torch.rand(2, 18, 12, 12, device="cuda", dtype=torch.float16, requires_grad=True)
+y = ct.deform_conv2d(x, off, w, padding=1)
+grads = torch.autograd.grad(y, (x, off, w), torch.ones_like(y))
+torch.cuda.synchronize()
+assert all(torch.isfinite(g).all() for g in grads)
+"""
+
+
+def test_a_torch_backward_runs_on_the_autograd_thread():
+    pytest.importorskip("torch")
+    import os
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", AUTOGRAD_THREAD], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
 _CUBLAS_CAPTURE = pytest.mark.xfail(strict=True, raises=AssertionError,
                                     reason="CuPy refuses cuBLAS calls during stream capture")
 

@@ -14,12 +14,20 @@ accumulating the weight gradient in float32 (float64 for float64).
 The half types' forward on sm_90 (FUSED) is one implicit GEMM on Hopper's warpgroup MMA,
 dcn_fused_wgmma, which gathers and blends the samples straight into the tensor cores' operands:
 no columns, no cuBLAS. Its workspace is the input made channels-last and the weight reordered
-(C_out, kh*kw, C_in/groups), made by one launch of dcn_fused_operands.
+(C_out, kh*kw, C_in/groups), made by one launch of dcn_fused_operands. Their default-mode
+backward (_fused_backward) works on the same two: per chunk, the column gradients as
+grad_output^T @ weight_r, (positions, kh*kw, C_in/groups) with channels contiguous ->
+dcn_col2im_cl (the input gradient by 16-byte float32 vector atomics into a channels-last
+accumulator, and the offset and mask gradients) -> dcn_im2col_cl, the columns in the same
+layout and buffer -> GEMM accumulating the reordered weight's gradient in float32; then
+dcn_input_grad_cl and dcn_weight_grad_cl lay the two accumulators out as NCHW and (C_out,
+C_in/groups, kh, kw) in the storage type. The deterministic mode takes the NCHW kernels.
 
 Workspace: one columns buffer of at most COLUMNS_BYTES (always at least one image), plus a
 (C_out, images, pitch) GEMM buffer for a chunk when the forward does not write the output
 directly, and in the backward for a chunk of several images; the backward adds a float32
-input-gradient accumulator for the half types and, in deterministic mode, a 64-bit fixed-point
+input-gradient accumulator for the half types (channels-last in _fused_backward, which adds
+the channels-last input and the reordered weight) and, in deterministic mode, a 64-bit fixed-point
 accumulator of one chunk's input gradient. Chunks are balanced: the fewest that fit, of equal
 size.
 """
@@ -41,10 +49,11 @@ from ._compile import ACC_DTYPES, CXX_TYPES, MAX_ABS_THREADS, STORAGE_DTYPES, WA
 SOURCE = "deform_conv.cu"
 _KERNELS = ("dcn_im2col", "dcn_col2im", "dcn_col2im_max_abs", "dcn_col2im_fixed", "dcn_col2im_coord",
             "dcn_output_epilogue", "dcn_gather_grad_output", "add_bias", *_common.COMMON_KERNELS)
+_FUSED_KERNELS = ("dcn_fused_operands", "dcn_col2im_cl", "dcn_im2col_cl", "dcn_weight_grad_cl", "dcn_input_grad_cl")
 NAME_EXPRESSIONS = (
     [f"{k}<{t}>" for t in CXX_TYPES.values() for k in _KERNELS]
     + ["cast_from_acc<__half>", "cast_from_acc<__nv_bfloat16>", "fixed_point_add<float>", "fixed_point_add<double>"]
-    + [f"dcn_fused_operands<{CXX_TYPES[t]}>" for t in TENSOR_CORE_DTYPES]
+    + [f"{k}<{CXX_TYPES[t]}>" for t in TENSOR_CORE_DTYPES for k in _FUSED_KERNELS]
     + [f"dcn_fused_wgmma<{CXX_TYPES[t]}, {bn}>" for t in TENSOR_CORE_DTYPES for bn in (64, 128)]
 )
 
@@ -249,8 +258,73 @@ def _int64s(*values):
     return tuple(np.int64(v) for v in values)
 
 
+def _slices(geo, channels):
+    """dcn_col2im_cl's threads per item: a power of two, at most a warp, each taking at least
+    two quads of channels: on an H200 in fp16, one quad a thread took 1.13-1.14x as long as two
+    at C = 128, four quads 1.04-1.12x as long as two at C = 256; at C = 512 four (this rule)
+    were within 10% of the best of two to eight."""
+    return math.gcd(channels // geo.offset_groups // 8, WARP)
+
+
+def _fused_backward(go, x, offset, weight, bias, mask, *, geo, dtype, border_grad):
+    """The default-mode backward of the half types on sm_90: cuBLAS for the column gradients
+    and the weight gradient, dcn_col2im_cl and dcn_im2col_cl between (channels-last)."""
+    import cupy
+
+    n, c_in, height, width = x.shape
+    c_out, g = weight.shape[0], geo.groups
+    cg, og, K, L = c_in // g, c_out // g, geo.kernel[0] * geo.kernel[1], geo.out_size[0] * geo.out_size[1]
+    plan = _fused_plan(geo, x.shape, c_out, 0, 0)
+    operands = _arrays.empty(plan.input_cl + plan.weight_r, dtype)
+    x_cl, weight_r = operands[: plan.input_cl], operands[plan.input_cl:]
+    launch(_kernel("dcn_fused_operands", dtype), plan.operand_blocks * _compile.BLOCK,
+           (x, weight, *plan.operand_args, x_cl, weight_r), shared_mem=plan.operand_shared)
+    grad_cl = cupy.zeros(x.size, np.float32)
+    grad_weight_r = cupy.zeros(weight.size, np.float32)
+    grad_offset = _arrays.empty(offset.shape, dtype)
+    grad_mask = _arrays.empty(mask.shape, dtype) if mask is not None else None
+    mask_arg, use_mask = (x, _FLAGS[0]) if mask is None else (mask, _FLAGS[1])
+    step, chunks = _common.image_chunks(n, c_in * K * L * x.itemsize, COLUMNS_BYTES)
+    cols = _arrays.empty(c_in * K * step * L, dtype)
+    go_buffer = _arrays.empty(c_out * step * L, dtype) if step > 1 else None
+    slices = _slices(geo, c_in)
+    for n0, n1 in chunks:
+        b = n1 - n0
+        geo_args = _geometry_args(geo, x.shape, b, n0)
+        if b == 1:
+            go_chunk = go[n0]
+        else:
+            go_chunk = go_buffer
+            launch(_kernel("dcn_gather_grad_output", dtype), b * c_out * L, (go, *_int64s(c_out, b, L, n0), go_chunk))
+        # The column gradients, grad_output^T @ weight_r, per weight group.
+        _blas.matmul(go_chunk, weight_r, cols, m=b * L, n=K * cg, k=og, dtype=dtype, trans_a=True, batch=g,
+                     stride_a=og * b * L, stride_b=og * K * cg, stride_c=b * L * K * cg)
+        launch(_kernel("dcn_col2im_cl", dtype), -(-geo.offset_groups * b * L * slices // WARP) * WARP,
+               (cols, x_cl, offset, mask_arg, use_mask, _FLAGS[border_grad == "torchvision"], *geo_args,
+                np.int32(g), np.int32(slices), grad_cl, grad_offset, grad_offset if mask is None else grad_mask))
+        # The columns, in the same buffer, for the weight gradient.
+        launch(_kernel("dcn_im2col_cl", dtype), b * L * (c_in // 8),
+               (x_cl, offset, mask_arg, use_mask, *geo_args, np.int32(g), cols))
+        _blas.matmul(go_chunk, cols, grad_weight_r, m=og, n=K * cg, k=b * L, dtype=dtype, c_dtype="float32", batch=g,
+                     beta=1.0, stride_a=og * b * L, stride_b=b * L * K * cg, stride_c=og * K * cg)
+
+    grad_input = _arrays.empty(x.shape, dtype)
+    launch(_kernel("dcn_input_grad_cl", dtype), n * -(-c_in // 32) * -(-(height * width) // 32) * _compile.BLOCK,
+           (grad_cl, *_int64s(n, c_in, height * width), grad_input))
+    grad_weight = _arrays.empty(weight.shape, dtype)
+    launch(_kernel("dcn_weight_grad_cl", dtype), weight.size, (grad_weight_r, *_int64s(c_out), np.int32(cg),
+                                                               np.int32(K), grad_weight))
+    grad_bias = None if bias is None else _common.bias_grad(sys.modules[__name__], go, n, c_out, L, dtype)
+    return grad_input, grad_offset, grad_weight, grad_bias, grad_mask
+
+
 def backward(grad_output, input, offset, weight, bias, mask, *, geo, dtype, border_grad, deterministic):
     import cupy
+
+    if (not deterministic and input.shape[0] and _fused_applies(geo, input.shape, weight.shape[0], dtype)
+            and weight.data.ptr % 16 == 0):
+        return _fused_backward(grad_output, input, offset, weight, bias, mask, geo=geo, dtype=dtype,
+                               border_grad=border_grad)
 
     x, go = input, grad_output
     n, c_in, height, width = x.shape
