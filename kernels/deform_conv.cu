@@ -566,6 +566,22 @@ __device__ __forceinline__ void cl_point(const T* off, const T* gate, index_t L,
     m = use_mask ? to_acc(gate[0]) : 1.0f;
 }
 
+// Four adjacent lanes (j = lane % 4; the four, and only they, call together) hold the rows of
+// a 4 x 4 matrix, a[e] = M[j][e]; t[i] = M[i][j] gets its column. Round r, lane j reads lane
+// (j + r) % 4's element j, which that lane offers as its element (own - r) % 4.
+__device__ __forceinline__ void quad_transpose(const float a[4], float t[4], int j) {
+    const int first = threadIdx.x & (WARP_SIZE - 4);
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+        const int give = (j - r) & 3, from = (j + r) & 3;
+        const float offer = give == 0 ? a[0] : give == 1 ? a[1] : give == 2 ? a[2] : a[3];
+        const float got = __shfl_sync(0xfu << first, offer, first | from);
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+            if (i == from) t[i] = got;
+    }
+}
+
 // Input, offset and mask gradients from the column gradients `gcols` of a chunk of images. A
 // thread item is a position of an offset group, `slices` adjacent threads (a power of two, at
 // most a warp) sharing it: each takes 4 channels of every stretch of 4 * slices, so each
@@ -574,15 +590,24 @@ __device__ __forceinline__ void cl_point(const T* off, const T* gate, index_t L,
 // sum the offset and mask gradients with shuffles, and one writes them. `grad` is the
 // (N, H, W, C) float32 accumulator. closed_low: the "torchvision" border rule, as in
 // dcn_col2im_coord.
-template <typename T>
+// MODE: CL_FLOAT, float atomics into `grad`; deterministic mode's two passes (as the NCHW
+// kernels'), CL_MAX_ABS, the largest finite |mask * column gradient| of the chunk into
+// `max_abs_bits` (nothing else), then CL_FIXED, 64-bit fixed-point atomics into `fixed`
+// (batch, H, W, C), non-finite contributions into `grad`.
+enum { CL_FLOAT, CL_MAX_ABS, CL_FIXED };
+template <typename T, int MODE>
 __global__ void __launch_bounds__(256) dcn_col2im_cl(const T* __restrict__ gcols, const T* __restrict__ input,
                                                      const T* __restrict__ offset, const T* __restrict__ mask,
                                                      int use_mask, int closed_low, DCN_GEOMETRY, int groups,
                                                      int slices, float* __restrict__ grad,
+                                                     unsigned int* __restrict__ max_abs_bits,
+                                                     unsigned long long* __restrict__ fixed,
                                                      T* __restrict__ grad_offset, T* __restrict__ grad_mask) {
     const index_t L = out_h * out_w, bL = batch * L, items = batch * offset_groups * L;
     const int K = kh * kw, C = (int)channels, W = (int)width, cg = C / groups;
     const int per_group = (int)(channels / offset_groups), quads = per_group / (4 * slices);
+    const double scale = MODE == CL_FIXED ? fixed_point_scale(*max_abs_bits, (index_t)K * L) : 0.0;
+    float largest = 0.0f;  // CL_MAX_ABS
     // Whole warps: the shuffles need every lane.
     CUDEFORM_LOOP(t, (items * slices + WARP_SIZE - 1) / WARP_SIZE * WARP_SIZE) {
         const bool valid = t < items * slices;
@@ -598,11 +623,27 @@ __global__ void __launch_bounds__(256) dcn_col2im_cl(const T* __restrict__ gcols
         T* g_gate = grad_mask + plane;
         const T* const image = input + (n0 + n) * height * width * C;
         float* const g_image = grad + (n0 + n) * height * width * C;
+        unsigned long long* const f_image = fixed + n * height * width * C;
         // The thread's first channel and its weight group; the column gradients of the position.
         const int c_first = group * per_group + s * 4, wg_first = c_first / cg;
         const T* const gpos = gcols + (n * L + at.l) * K * cg;
         for (int i = 0, k = 0; i < kh; ++i) {
             for (int j = 0; j < kw; ++j, ++k, off += 2 * L, gate += L, g_off += 2 * L, g_gate += L) {
+                if (MODE == CL_MAX_ABS) {
+                    // Every kernel point, those whose sample misses the image included: a bound
+                    // is all the fixed point needs.
+                    const float m = use_mask && valid ? to_acc(gate[0]) : 1.0f;
+                    int c_wg = c_first - wg_first * cg, wg = wg_first;
+                    for (int r = 0; r < quads && valid; ++r) {
+                        const T* const gq = gpos + wg * bL * K * cg + k * cg + c_wg;
+                        const uint2 graw = __ldg(reinterpret_cast<const uint2*>(gq));
+                        const T* ge = reinterpret_cast<const T*>(&graw);
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) keep_max_abs(largest, m * to_acc(ge[e]));
+                        for (c_wg += 4 * slices; c_wg >= cg; c_wg -= cg) ++wg;
+                    }
+                    continue;
+                }
                 float h, w, m, grad_h = 0.0f, grad_w = 0.0f, grad_m = 0.0f;
                 cl_point(off, gate, L, use_mask, at, i, j, dh, dw, h, w, m);
                 const bool live = valid && (h > -1.0f || (closed_low && h == -1.0f)) && h < (float)height
@@ -625,13 +666,33 @@ __global__ void __launch_bounds__(256) dcn_col2im_cl(const T* __restrict__ gcols
                             grad_m += gc[e] * (p.w[0] * v[0][e] + p.w[1] * v[1][e] + p.w[2] * v[2][e]
                                                + p.w[3] * v[3][e]);
                         }
+                        // CL_FIXED: the 64-bit atomics of a lane's 4 channels would each fill a
+                        // quarter of a sector; four adjacent lanes (16 channels) trade their
+                        // column gradients so that lane s % 4 holds channel 4 e + s % 4 in gt[e].
+                        float gt[4];
+                        if (MODE == CL_FIXED && slices % 4 == 0) quad_transpose(gc, gt, s & 3);
                         if (open) {
 #pragma unroll
                             for (int q = 0; q < 4; ++q) {
                                 const float f = m * p.w[q];
-                                if (p.inside >> q & 1)
-                                    atomic_add_quad(g_image + p.corner(q, W, C) + c,
-                                                    make_float4(f * gc[0], f * gc[1], f * gc[2], f * gc[3]));
+                                if (!(p.inside >> q & 1)) continue;
+                                const int at_c = p.corner(q, W, C) + c;
+                                if (MODE == CL_FLOAT) {
+                                    atomic_add_quad(g_image + at_c, make_float4(f * gc[0], f * gc[1], f * gc[2],
+                                                                                f * gc[3]));
+                                } else if (slices % 4 == 0) {
+                                    // gt holds channel 4 e + s % 4 of the lanes' 16 (see below): one
+                                    // atomic instruction fills whole 32-byte sectors.
+#pragma unroll
+                                    for (int e = 0; e < 4; ++e) {
+                                        const int at_e = at_c - 4 * (s & 3) + 4 * e + (s & 3);
+                                        atomic_add_fixed(f_image + at_e, g_image + at_e, f * gt[e], scale);
+                                    }
+                                } else {
+#pragma unroll
+                                    for (int e = 0; e < 4; ++e)
+                                        atomic_add_fixed(f_image + at_c + e, g_image + at_c + e, f * gc[e], scale);
+                                }
                             }
                         }
                         c += 4 * slices;
@@ -651,6 +712,7 @@ __global__ void __launch_bounds__(256) dcn_col2im_cl(const T* __restrict__ gcols
             }
         }
     }
+    if (MODE == CL_MAX_ABS) warp_atomic_max_abs(max_abs_bits, largest);
 }
 
 // Columns for the weight gradient, (positions, K, Cg) per weight group: a thread per 8

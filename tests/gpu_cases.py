@@ -67,8 +67,8 @@ DK_WIDE_SCOPE = dict(N=2, C_in=4, C_out=4, groups=2, G=2, kernel=(3, 2), scope=(
                      padding=(1, 0), dilation=(2, 1))
 
 # Whole 16-byte vectors of channels per group and per offset group: in the half types on sm_90
-# the forward is dcn_fused_wgmma (an offset group of 16 channels, half of a weight group's 32).
-DCN_FUSED = dict(N=2, C_in=32, C_out=24, groups=1, G=2, kernel=(3, 3), H=7, W=9, stride=1, padding=1, dilation=1)
+# the forward is dcn_fused_wgmma (an offset group of 32 channels, half of a weight group's 64).
+DCN_FUSED = dict(N=2, C_in=64, C_out=24, groups=1, G=2, kernel=(3, 3), H=7, W=9, stride=1, padding=1, dilation=1)
 
 # Cases that call cuBLAS: CuPy refuses cuBLAS calls while a stream captures a CUDA graph
 # (NotImplementedError), so these cannot be captured (a known limitation, see README).
@@ -77,7 +77,7 @@ USES_CUBLAS = ("deform_conv2d", "deform_conv2d_v1", "deform_conv2d_fused", "dk_g
 CASES = {
     "deform_conv2d": _conv(tdc.CONFIGS["grouped"]),
     "deform_conv2d_v1": _conv(tdc.CONFIGS["plain3x3"], mask=False, bias=False),
-    "deform_conv2d_fused": _conv(DCN_FUSED),  # its default backward: dcn_col2im_cl (2 threads a position)
+    "deform_conv2d_fused": _conv(DCN_FUSED),  # its backward: dcn_col2im_cl, 4 threads a position
     "dk_global_direct": _dk(tdk.CONFIGS["depthwise"], "global"),
     "dk_global_direct_3x3": _dk(tdk.CONFIGS["plain"], "global"),  # dk_global_conv's compiled height
     "dk_global_gemm": _dk(DK_GEMM, "global"),

@@ -38,7 +38,7 @@ SHARED_DTYPES = ("float32", "float64")
 # dk_global_mma: shared tiles filled by cp.async) and the backward through the resampling
 # (dk_resample_grad_sums' staged rows, dk_resample_grad_offsets' block sums); deform_conv2d's
 # fused forward (dcn_fused_operands, dcn_fused_wgmma) and its backward's shuffles
-# (dcn_col2im_cl) and shared tiles (dcn_input_grad_cl).
+# (dcn_col2im_cl, in both modes) and shared tiles (dcn_input_grad_cl).
 SHARED_HALF = ("dk_global_gemm", "deform_conv2d_fused")
 CHUNKED = ("deform_conv2d", "deform_conv2d_v1", "dk_global_gemm")
 
@@ -124,7 +124,7 @@ def main(selection):
             for name in SHARED_DETERMINISTIC:
                 calls += exercise(f"{name} (deterministic)", CASES[name], dtype, forward=False, modes=(True,))
         for name in SHARED_HALF:
-            calls += exercise(f"{name} (tensor cores)", CASES[name], "float16", modes=(False,))
+            calls += exercise(f"{name} (tensor cores)", CASES[name], "float16", modes=(False, True))
     else:
         raise SystemExit(f"usage: {sys.argv[0]} all|shared (got {selection!r})")
     print(f"sanitize driver: {calls} calls ({selection})", flush=True)

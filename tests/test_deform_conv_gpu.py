@@ -290,14 +290,15 @@ def fused_backward_calls(monkeypatch):
 @pytest.mark.parametrize("name", FUSED_CONFIGS)
 @pytest.mark.parametrize("with_mask", [True, False])
 @pytest.mark.parametrize("border_grad", ["torchvision", "mmcv"])
+@pytest.mark.parametrize("deterministic", [False, True])
 def test_fused_backward_against_float64(torch, fused_small, fused_backward_calls, dtype, name, with_mask,
-                                        border_grad):
+                                        border_grad, deterministic):
     tensors, exact, geo = fused_case(torch, FUSED_CONFIGS[name], dtype, 34, mask=with_mask, bias=with_mask)
     go = torch.from_numpy(np.random.default_rng(35).standard_normal(
         (FUSED_CONFIGS[name]["N"], FUSED_CONFIGS[name]["C_out"], *out_size(FUSED_CONFIGS[name])))).to("cuda")
     go = go.to(getattr(torch, dtype))
     grads = cudeform.deform_conv2d_backward(go, *split(tensors)[0], **split(tensors)[1], **geo,
-                                            border_grad=border_grad)
+                                            border_grad=border_grad, deterministic=deterministic)
     assert fused_backward_calls
     want = ref.deform_conv2d_backward(go.double().cpu().numpy(), *split(exact)[0], **split(exact)[1], **geo,
                                       border_grad=border_grad)
@@ -313,11 +314,12 @@ def test_fused_backward_against_float64(torch, fused_small, fused_backward_calls
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("name", FUSED_CONFIGS)
 @pytest.mark.parametrize("border_grad", ["torchvision", "mmcv"])
+@pytest.mark.parametrize("deterministic", [False, True])
 def test_fused_backward_matches_im2col(torch, monkeypatch, fused_small, fused_backward_calls, dtype, name,
-                                       border_grad):
-    """Against the reference backend, with sampling points exactly on the border h = -1 or
-    w = -1 (where the two border rules differ) and huge and non-finite offsets; the inputs are
-    left unchanged."""
+                                       border_grad, deterministic):
+    """Against the reference backend in the same mode, with sampling points exactly on the
+    border h = -1 or w = -1 (where the two border rules differ) and huge and non-finite
+    offsets; the inputs are left unchanged."""
     from cudeform.cuda import deform_conv as gpu
 
     cfg = FUSED_CONFIGS[name]
@@ -335,10 +337,11 @@ def test_fused_backward_matches_im2col(torch, monkeypatch, fused_small, fused_ba
     go = torch.randn(cfg["N"], cfg["C_out"], *out_size(cfg), generator=torch.Generator().manual_seed(38))
     go = go.to("cuda", getattr(torch, dtype))
     before = {k: None if v is None else v.clone() for k, v in tensors.items()}
-    fused = cudeform.deform_conv2d_backward(go, *split(tensors)[0], **split(tensors)[1], **geo, border_grad=border_grad)
+    modes = dict(border_grad=border_grad, deterministic=deterministic)
+    fused = cudeform.deform_conv2d_backward(go, *split(tensors)[0], **split(tensors)[1], **geo, **modes)
     assert fused_backward_calls
     monkeypatch.setattr(gpu, "FUSED", False)
-    plain = cudeform.deform_conv2d_backward(go, *split(tensors)[0], **split(tensors)[1], **geo, border_grad=border_grad)
+    plain = cudeform.deform_conv2d_backward(go, *split(tensors)[0], **split(tensors)[1], **geo, **modes)
     assert len(fused_backward_calls) == 1
     for field, a, b in zip(fused._fields, fused, plain):
         if a is None:
@@ -348,6 +351,26 @@ def test_fused_backward_matches_im2col(torch, monkeypatch, fused_small, fused_ba
             < TOLERANCE[dtype] / 2, field
     for k, v in before.items():
         assert v is None or torch.equal(tensors[k].view(torch.int16), v.view(torch.int16)), k  # left alone
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("name", ["fused_plain", "fused_offset_groups"])
+def test_fused_deterministic_backward_is_bitwise(torch, fused_small, fused_backward_calls, dtype, name):
+    """Offsets that pile many samples onto few pixels make the atomics race on one address."""
+    cfg = FUSED_CONFIGS[name]
+    tensors, exact, geo = fused_case(torch, cfg, dtype, 39)
+    tensors["offset"] = (tensors["offset"] * 0.1).contiguous()
+    exact["offset"] = tensors["offset"].double().cpu().numpy()
+    go = torch.randn(cfg["N"], cfg["C_out"], *out_size(cfg), device="cuda", dtype=getattr(torch, dtype))
+    first = cudeform.deform_conv2d_backward(go, *split(tensors)[0], **split(tensors)[1], **geo, deterministic=True)
+    for _ in range(5):
+        again = cudeform.deform_conv2d_backward(go, *split(tensors)[0], **split(tensors)[1], **geo,
+                                                deterministic=True)
+        for field, a, b in zip(first._fields, first, again):
+            assert torch.equal(a, b), field
+    assert len(fused_backward_calls) == 6
+    want = ref.deform_conv2d_backward(go.double().cpu().numpy(), *split(exact)[0], **split(exact)[1], **geo)
+    assert l2_rel(first.input.double().cpu().numpy(), want[0]) < TOLERANCE[dtype]
 
 
 def test_fused_forward_workspace(torch):

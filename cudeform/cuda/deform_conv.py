@@ -21,7 +21,9 @@ dcn_col2im_cl (the input gradient by 16-byte float32 vector atomics into a chann
 accumulator, and the offset and mask gradients) -> dcn_im2col_cl, the columns in the same
 layout and buffer -> GEMM accumulating the reordered weight's gradient in float32; then
 dcn_input_grad_cl and dcn_weight_grad_cl lay the two accumulators out as NCHW and (C_out,
-C_in/groups, kh, kw) in the storage type. The deterministic mode takes the NCHW kernels.
+C_in/groups, kh, kw) in the storage type. Its deterministic mode runs dcn_col2im_cl twice, as
+the NCHW kernels do: a bound on the contributions, then 64-bit fixed-point atomics (four lanes
+trade their values so that each atomic instruction fills whole sectors).
 
 Workspace: one columns buffer of at most COLUMNS_BYTES (always at least one image), plus a
 (C_out, images, pitch) GEMM buffer for a chunk when the forward does not write the output
@@ -49,11 +51,13 @@ from ._compile import ACC_DTYPES, CXX_TYPES, MAX_ABS_THREADS, STORAGE_DTYPES, WA
 SOURCE = "deform_conv.cu"
 _KERNELS = ("dcn_im2col", "dcn_col2im", "dcn_col2im_max_abs", "dcn_col2im_fixed", "dcn_col2im_coord",
             "dcn_output_epilogue", "dcn_gather_grad_output", "add_bias", *_common.COMMON_KERNELS)
-_FUSED_KERNELS = ("dcn_fused_operands", "dcn_col2im_cl", "dcn_im2col_cl", "dcn_weight_grad_cl", "dcn_input_grad_cl")
+_FUSED_KERNELS = ("dcn_fused_operands", "dcn_im2col_cl", "dcn_weight_grad_cl", "dcn_input_grad_cl")
+_CL_FLOAT, _CL_MAX_ABS, _CL_FIXED = range(3)  # dcn_col2im_cl's modes
 NAME_EXPRESSIONS = (
     [f"{k}<{t}>" for t in CXX_TYPES.values() for k in _KERNELS]
     + ["cast_from_acc<__half>", "cast_from_acc<__nv_bfloat16>", "fixed_point_add<float>", "fixed_point_add<double>"]
     + [f"{k}<{CXX_TYPES[t]}>" for t in TENSOR_CORE_DTYPES for k in _FUSED_KERNELS]
+    + [f"dcn_col2im_cl<{CXX_TYPES[t]}, {mode}>" for t in TENSOR_CORE_DTYPES for mode in range(3)]
     + [f"dcn_fused_wgmma<{CXX_TYPES[t]}, {bn}>" for t in TENSOR_CORE_DTYPES for bn in (64, 128)]
 )
 
@@ -266,9 +270,13 @@ def _slices(geo, channels):
     return math.gcd(channels // geo.offset_groups // 8, WARP)
 
 
-def _fused_backward(go, x, offset, weight, bias, mask, *, geo, dtype, border_grad):
-    """The default-mode backward of the half types on sm_90: cuBLAS for the column gradients
-    and the weight gradient, dcn_col2im_cl and dcn_im2col_cl between (channels-last)."""
+def _col2im_cl(dtype, mode):
+    return _compile.function(sys.modules[__name__], f"dcn_col2im_cl<{CXX_TYPES[dtype]}, {mode}>")
+
+
+def _fused_backward(go, x, offset, weight, bias, mask, *, geo, dtype, border_grad, deterministic):
+    """The backward of the half types on sm_90: cuBLAS for the column gradients and the weight
+    gradient, dcn_col2im_cl and dcn_im2col_cl between (channels-last)."""
     import cupy
 
     n, c_in, height, width = x.shape
@@ -288,6 +296,12 @@ def _fused_backward(go, x, offset, weight, bias, mask, *, geo, dtype, border_gra
     cols = _arrays.empty(c_in * K * step * L, dtype)
     go_buffer = _arrays.empty(c_out * step * L, dtype) if step > 1 else None
     slices = _slices(geo, c_in)
+    plane = c_in * height * width
+    if deterministic:
+        fixed = cupy.empty(step * plane, np.uint64)
+        max_abs_bits = cupy.empty(1, np.uint32)
+    else:
+        fixed, max_abs_bits = grad_cl, grad_cl  # not read
     for n0, n1 in chunks:
         b = n1 - n0
         geo_args = _geometry_args(geo, x.shape, b, n0)
@@ -299,9 +313,19 @@ def _fused_backward(go, x, offset, weight, bias, mask, *, geo, dtype, border_gra
         # The column gradients, grad_output^T @ weight_r, per weight group.
         _blas.matmul(go_chunk, weight_r, cols, m=b * L, n=K * cg, k=og, dtype=dtype, trans_a=True, batch=g,
                      stride_a=og * b * L, stride_b=og * K * cg, stride_c=b * L * K * cg)
-        launch(_kernel("dcn_col2im_cl", dtype), -(-geo.offset_groups * b * L * slices // WARP) * WARP,
-               (cols, x_cl, offset, mask_arg, use_mask, _FLAGS[border_grad == "torchvision"], *geo_args,
-                np.int32(g), np.int32(slices), grad_cl, grad_offset, grad_offset if mask is None else grad_mask))
+        col2im_args = (cols, x_cl, offset, mask_arg, use_mask, _FLAGS[border_grad == "torchvision"], *geo_args,
+                       np.int32(g), np.int32(slices), grad_cl, max_abs_bits, fixed, grad_offset,
+                       grad_offset if mask is None else grad_mask)
+        col2im_threads = -(-geo.offset_groups * b * L * slices // WARP) * WARP
+        if deterministic:
+            max_abs_bits.fill(0)
+            fixed[: b * plane].fill(0)
+            launch(_col2im_cl(dtype, _CL_MAX_ABS), col2im_threads, col2im_args)
+            launch(_col2im_cl(dtype, _CL_FIXED), col2im_threads, col2im_args)
+            launch(_kernel("fixed_point_add", "float32"), b * plane,
+                   (fixed, max_abs_bits, *_int64s(K * L, b * plane), grad_cl[n0 * plane:n1 * plane]))
+        else:
+            launch(_col2im_cl(dtype, _CL_FLOAT), col2im_threads, col2im_args)
         # The columns, in the same buffer, for the weight gradient.
         launch(_kernel("dcn_im2col_cl", dtype), b * L * (c_in // 8),
                (x_cl, offset, mask_arg, use_mask, *geo_args, np.int32(g), cols))
@@ -321,10 +345,9 @@ def _fused_backward(go, x, offset, weight, bias, mask, *, geo, dtype, border_gra
 def backward(grad_output, input, offset, weight, bias, mask, *, geo, dtype, border_grad, deterministic):
     import cupy
 
-    if (not deterministic and input.shape[0] and _fused_applies(geo, input.shape, weight.shape[0], dtype)
-            and weight.data.ptr % 16 == 0):
+    if input.shape[0] and _fused_applies(geo, input.shape, weight.shape[0], dtype) and weight.data.ptr % 16 == 0:
         return _fused_backward(grad_output, input, offset, weight, bias, mask, geo=geo, dtype=dtype,
-                               border_grad=border_grad)
+                               border_grad=border_grad, deterministic=deterministic)
 
     x, go = input, grad_output
     n, c_in, height, width = x.shape
