@@ -262,6 +262,13 @@ def _int64s(*values):
     return tuple(np.int64(v) for v in values)
 
 
+def _gather_grad_output(go, c_out, images, L, n0, buffer, dtype):
+    """Images n0..n0+images of grad_output (N, C_out, L) into `buffer` as (C_out, images, L)."""
+    launch(_kernel("dcn_gather_grad_output", dtype), c_out * images * _compile.BLOCK,
+           (go, *_int64s(c_out, images, L, n0), _FLAGS[L % (16 // go.itemsize) == 0 and go.data.ptr % 16 == 0],
+            buffer))
+
+
 def _slices(geo, channels):
     """dcn_col2im_cl's threads per item: a power of two, at most a warp, each taking at least
     two quads of channels: on an H200 in fp16, one quad a thread took 1.13-1.14x as long as two
@@ -309,7 +316,7 @@ def _fused_backward(go, x, offset, weight, bias, mask, *, geo, dtype, border_gra
             go_chunk = go[n0]
         else:
             go_chunk = go_buffer
-            launch(_kernel("dcn_gather_grad_output", dtype), b * c_out * L, (go, *_int64s(c_out, b, L, n0), go_chunk))
+            _gather_grad_output(go, c_out, b, L, n0, go_chunk, dtype)
         # The column gradients, grad_output^T @ weight_r, per weight group.
         _blas.matmul(go_chunk, weight_r, cols, m=b * L, n=K * cg, k=og, dtype=dtype, trans_a=True, batch=g,
                      stride_a=og * b * L, stride_b=og * K * cg, stride_c=b * L * K * cg)
@@ -382,8 +389,7 @@ def backward(grad_output, input, offset, weight, bias, mask, *, geo, dtype, bord
             go_chunk = go[n0]
         else:
             go_chunk = go_buffer
-            launch(kernels["dcn_gather_grad_output"], b * c_out * L,
-                   (go, *_int64s(c_out, b, L, n0), go_chunk))
+            _gather_grad_output(go, c_out, b, L, n0, go_chunk, dtype)
         # The columns' gradient, W^T @ grad_output, per weight group.
         _blas.matmul(weight, go_chunk, cols, m=rows, n=b * L, k=c_out // g, dtype=dtype, trans_a=True, batch=g,
                      stride_a=(c_out // g) * rows, stride_b=(c_out // g) * b * L, stride_c=rows * b * L)
