@@ -489,14 +489,14 @@ dcn_fused_wgmma(const T* __restrict__ input, const T* __restrict__ weight, const
 }
 
 // ---------------------------------------------------------------------------------------------
-// The half types' backward on sm_90 (default mode; host: _fused_backward). The column
-// gradients and the columns are (positions, K, Cg) per weight group, channels contiguous, made
-// and consumed by cuBLAS, and the input is channels-last (dcn_fused_operands), so a thread's 8
-// channels at a sampling point are one 16-byte vector of each: the corners' loads, the column
-// gradient's, the columns' stores, and the input gradient's float32 atomics (two 16-byte
-// vector atomics per corner, into a channels-last accumulator). The NCHW kernels above scatter
-// a scalar atomic per channel plane: on an H200 at 16 x 128 x 64 x 64, dcn_col2im alone took
-// 1.7 ms of a 2.7 ms forward+backward.
+// The half types' backward on sm_90 (host: _fused_backward). The column gradients and the
+// columns are (positions, K, Cg) per weight group, channels contiguous, made and consumed by
+// cuBLAS, and the input is channels-last (dcn_fused_operands), so a thread's run of channels at
+// a sampling point is one vector of each: the corners' loads, the column gradient's, the
+// columns' stores (8 channels, 16 bytes), and the input gradient's float32 atomics (4 channels,
+// one 16-byte vector atomic per corner, into a channels-last accumulator). The NCHW kernels
+// above scatter a scalar atomic per channel plane: on an H200 at 16 x 128 x 64 x 64, dcn_col2im
+// alone took 1.7 ms of a 2.7 ms forward+backward.
 // ---------------------------------------------------------------------------------------------
 
 // A sampling point inside the box where it sees the image: its (floor, floor) corner, the

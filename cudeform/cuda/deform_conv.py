@@ -14,8 +14,8 @@ accumulating the weight gradient in float32 (float64 for float64).
 The half types' forward on sm_90 (FUSED) is one implicit GEMM on Hopper's warpgroup MMA,
 dcn_fused_wgmma, which gathers and blends the samples straight into the tensor cores' operands:
 no columns, no cuBLAS. Its workspace is the input made channels-last and the weight reordered
-(C_out, kh*kw, C_in/groups), made by one launch of dcn_fused_operands. Their default-mode
-backward (_fused_backward) works on the same two: per chunk, the column gradients as
+(C_out, kh*kw, C_in/groups), made by one launch of dcn_fused_operands. Their backward
+(_fused_backward) works on the same two: per chunk, the column gradients as
 grad_output^T @ weight_r, (positions, kh*kw, C_in/groups) with channels contiguous ->
 dcn_col2im_cl (the input gradient by 16-byte float32 vector atomics into a channels-last
 accumulator, and the offset and mask gradients) -> dcn_im2col_cl, the columns in the same
@@ -262,11 +262,16 @@ def _int64s(*values):
     return tuple(np.int64(v) for v in values)
 
 
-def _gather_grad_output(go, c_out, images, L, n0, buffer, dtype):
-    """Images n0..n0+images of grad_output (N, C_out, L) into `buffer` as (C_out, images, L)."""
-    launch(_kernel("dcn_gather_grad_output", dtype), c_out * images * _compile.BLOCK,
-           (go, *_int64s(c_out, images, L, n0), _FLAGS[L % (16 // go.itemsize) == 0 and go.data.ptr % 16 == 0],
+def _grad_output_chunk(go, n0, n1, L, buffer, dtype):
+    """Images n0..n1 of grad_output (N, C_out, H_out, W_out) as a (C_out, images * L) GEMM
+    operand: the image itself, or the images gathered into `buffer`."""
+    if n1 - n0 == 1:
+        return go[n0]
+    c_out = go.shape[1]
+    launch(_kernel("dcn_gather_grad_output", dtype), c_out * (n1 - n0) * _compile.BLOCK,
+           (go, *_int64s(c_out, n1 - n0, L, n0), _FLAGS[L % (16 // go.itemsize) == 0 and go.data.ptr % 16 == 0],
             buffer))
+    return buffer
 
 
 def _slices(geo, channels):
@@ -278,6 +283,7 @@ def _slices(geo, channels):
 
 
 def _col2im_cl(dtype, mode):
+    """dcn_col2im_cl in one of its modes (_CL_FLOAT, _CL_MAX_ABS, _CL_FIXED)."""
     return _compile.function(sys.modules[__name__], f"dcn_col2im_cl<{CXX_TYPES[dtype]}, {mode}>")
 
 
@@ -312,11 +318,7 @@ def _fused_backward(go, x, offset, weight, bias, mask, *, geo, dtype, border_gra
     for n0, n1 in chunks:
         b = n1 - n0
         geo_args = _geometry_args(geo, x.shape, b, n0)
-        if b == 1:
-            go_chunk = go[n0]
-        else:
-            go_chunk = go_buffer
-            _gather_grad_output(go, c_out, b, L, n0, go_chunk, dtype)
+        go_chunk = _grad_output_chunk(go, n0, n1, L, go_buffer, dtype)
         # The column gradients, grad_output^T @ weight_r, per weight group.
         _blas.matmul(go_chunk, weight_r, cols, m=b * L, n=K * cg, k=og, dtype=dtype, trans_a=True, batch=g,
                      stride_a=og * b * L, stride_b=og * K * cg, stride_c=b * L * K * cg)
@@ -385,11 +387,7 @@ def backward(grad_output, input, offset, weight, bias, mask, *, geo, dtype, bord
     for n0, n1 in chunks:
         b = n1 - n0
         geo_args = _geometry_args(geo, x.shape, b, n0)
-        if b == 1:
-            go_chunk = go[n0]
-        else:
-            go_chunk = go_buffer
-            _gather_grad_output(go, c_out, b, L, n0, go_chunk, dtype)
+        go_chunk = _grad_output_chunk(go, n0, n1, L, go_buffer, dtype)
         # The columns' gradient, W^T @ grad_output, per weight group.
         _blas.matmul(weight, go_chunk, cols, m=rows, n=b * L, k=c_out // g, dtype=dtype, trans_a=True, batch=g,
                      stride_a=(c_out // g) * rows, stride_b=(c_out // g) * b * L, stride_c=rows * b * L)
