@@ -173,7 +173,11 @@ def deform_conv2d_backward(
         DeformConv2dGrads(input, offset, weight, bias, mask), each shaped like its argument;
         ``bias`` and ``mask`` are None when not given.
 
-    The CPU path's workspace is two columns buffers of the size the forward documents.
+    The CPU path's workspace is two columns buffers of the size the forward documents. The
+    GPU's is one (at most 128 MiB, at least one image) and a float32 accumulator of the input
+    gradient for the half types (channels-last, with a channels-last copy of ``input`` and the
+    weight reordered, on sm_90 where C_in/groups and C_in/offset_groups are multiples of 8);
+    ``deterministic`` adds a 64-bit one for the images of a columns buffer.
     """
     op = "deform_conv2d_backward"
     check.choice(op, "border_grad", border_grad, BORDER_GRADS)
