@@ -491,12 +491,12 @@ dcn_fused_wgmma(const T* __restrict__ input, const T* __restrict__ weight, const
 // ---------------------------------------------------------------------------------------------
 // The half types' backward on sm_90 (host: _fused_backward). The column gradients and the
 // columns are (positions, K, Cg) per weight group, channels contiguous, made and consumed by
-// cuBLAS, and the input is channels-last (dcn_fused_operands), so a thread's run of channels at
-// a sampling point is one vector of each: the corners' loads, the column gradient's, the
-// columns' stores (8 channels, 16 bytes), and the input gradient's float32 atomics (4 channels,
-// one 16-byte vector atomic per corner, into a channels-last accumulator). The NCHW kernels
-// above scatter a scalar atomic per channel plane: on an H200 at 16 x 128 x 64 x 64, dcn_col2im
-// alone took 1.7 ms of a 2.7 ms forward+backward.
+// cuBLAS, and the input is channels-last (dcn_fused_operands), so a thread's 4 channels at a
+// sampling point are one 8-byte vector of each: the corners' loads, the column gradient's, the
+// columns' store, and the input gradient's float32 atomic (one 16-byte vector atomic per corner,
+// into a channels-last accumulator). The NCHW kernels above scatter a scalar atomic per
+// channel plane: on an H200 at 16 x 128 x 64 x 64, dcn_col2im alone took 1.7 ms of a 2.7 ms
+// forward+backward.
 // ---------------------------------------------------------------------------------------------
 
 // A sampling point inside the box where it sees the image: its (floor, floor) corner, the
@@ -526,31 +526,26 @@ struct ClPoint {
     }
 };
 
-// E channels (a vector V of them) from `image` (channels-last, at the first of them) at each
-// corner, as float; 0 outside the image.
-template <int E, typename V, typename T>
-__device__ __forceinline__ void load_corners(const T* image, const ClPoint& p, int width, int C, float v[4][E]) {
-    static_assert(sizeof(V) == E * sizeof(T), "V holds E channels");
-    V raw[4];
+// 4 channels (8 bytes) from `image` (channels-last, at the first of them) at each corner, as
+// float; 0 outside the image.
+template <typename T>
+__device__ __forceinline__ void load_corners(const T* image, const ClPoint& p, int width, int C, float v[4][4]) {
+    uint2 raw[4];
 #pragma unroll
-    for (int q = 0; q < 4; ++q) {
-        if (p.inside >> q & 1) {
-            raw[q] = __ldg(reinterpret_cast<const V*>(image + p.corner(q, width, C)));
-        } else {
-            raw[q] = V{};
-        }
-    }
+    for (int q = 0; q < 4; ++q)
+        raw[q] = p.inside >> q & 1 ? __ldg(reinterpret_cast<const uint2*>(image + p.corner(q, width, C)))
+                                   : make_uint2(0, 0);
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
         const T* e = reinterpret_cast<const T*>(&raw[q]);
 #pragma unroll
-        for (int i = 0; i < E; ++i) v[q][i] = to_acc(e[i]);
+        for (int i = 0; i < 4; ++i) v[q][i] = to_acc(e[i]);
     }
 }
 
-// Where a thread of the two kernels below samples: a position (l, fastest, as in offset and
-// mask) of image n, walking the kernel points with pointers into offset and mask (the index
-// arithmetic once per thread, not per point).
+// Where a thread of dcn_col2im_cl samples: a position (l, fastest, as in offset and mask) of
+// image n, walking the kernel points with pointers into offset and mask (the index arithmetic
+// once per thread, not per point).
 struct ClPosition {
     index_t n, l;
     int y, x;
@@ -592,7 +587,10 @@ __device__ __forceinline__ void quad_transpose(const float a[4], float t[4], int
     }
 }
 
-// Input, offset and mask gradients from the column gradients `gcols` of a chunk of images. A
+// Input, offset and mask gradients from the column gradients in `cols` (a chunk of images),
+// which it replaces with the columns of the weight gradient (but in CL_MAX_ABS): the corners it
+// loads for the offset gradient are those the samples blend (a separate im2col, loading them
+// again, took 93 of a 660 us backward at 16,128,64,64 in fp16 on an H200). A
 // thread item is a position of an offset group, `slices` adjacent threads (a power of two, at
 // most a warp) sharing it: each takes 4 channels of every stretch of 4 * slices, so each
 // 16-byte atomic of a warp lands beside its neighbour's (whole 32-byte sectors: with 8
@@ -604,9 +602,12 @@ __device__ __forceinline__ void quad_transpose(const float a[4], float t[4], int
 // kernels'), CL_MAX_ABS, the largest finite |mask * column gradient| of the chunk into
 // `max_abs_bits` (nothing else), then CL_FIXED, 64-bit fixed-point atomics into `fixed`
 // (batch, H, W, C), non-finite contributions into `grad`.
+// Three blocks an SM (80 registers): at 112 registers (two blocks) the forward+backward took
+// 1.03-1.04x as long at 16,128,64,64 and 2,256,100,152 in fp16 on an H200, though the float mode
+// spills 48 bytes at 80.
 enum { CL_FLOAT, CL_MAX_ABS, CL_FIXED };
 template <typename T, int MODE>
-__global__ void __launch_bounds__(256) dcn_col2im_cl(const T* __restrict__ gcols, const T* __restrict__ input,
+__global__ void __launch_bounds__(256, 3) dcn_col2im_cl(T* __restrict__ cols, const T* __restrict__ input,
                                                      const T* __restrict__ offset, const T* __restrict__ mask,
                                                      int use_mask, int closed_low, DCN_GEOMETRY, int groups,
                                                      int slices, float* __restrict__ grad,
@@ -636,7 +637,7 @@ __global__ void __launch_bounds__(256) dcn_col2im_cl(const T* __restrict__ gcols
         unsigned long long* const f_image = fixed + n * height * width * C;
         // The thread's first channel and its weight group; the column gradients of the position.
         const int c_first = group * per_group + s * 4, wg_first = c_first / cg;
-        const T* const gpos = gcols + (n * L + at.l) * K * cg;
+        T* const gpos = cols + (n * L + at.l) * K * cg;
         for (int i = 0, k = 0; i < kh; ++i) {
             for (int j = 0; j < kw; ++j, ++k, off += 2 * L, gate += L, g_off += 2 * L, g_gate += L) {
                 if (MODE == CL_MAX_ABS) {
@@ -645,8 +646,7 @@ __global__ void __launch_bounds__(256) dcn_col2im_cl(const T* __restrict__ gcols
                     const float m = use_mask && valid ? to_acc(gate[0]) : 1.0f;
                     int c_wg = c_first - wg_first * cg, wg = wg_first;
                     for (int r = 0; r < quads && valid; ++r) {
-                        const T* const gq = gpos + wg * bL * K * cg + k * cg + c_wg;
-                        const uint2 graw = __ldg(reinterpret_cast<const uint2*>(gq));
+                        const uint2 graw = *reinterpret_cast<const uint2*>(gpos + wg * bL * K * cg + k * cg + c_wg);
                         const T* ge = reinterpret_cast<const T*>(&graw);
 #pragma unroll
                         for (int e = 0; e < 4; ++e) keep_max_abs(largest, m * to_acc(ge[e]));
@@ -663,11 +663,21 @@ __global__ void __launch_bounds__(256) dcn_col2im_cl(const T* __restrict__ gcols
                     const ClPoint p(h, w, height, width);
                     int c = c_first, wg = wg_first, c_wg = c_first - wg_first * cg;  // c = wg * cg + c_wg
                     for (int r = 0; r < quads; ++r) {
-                        const T* const gq = gpos + wg * bL * K * cg + k * cg + c_wg;
-                        const uint2 graw = __ldg(reinterpret_cast<const uint2*>(gq));
+                        T* const gq = gpos + wg * bL * K * cg + k * cg + c_wg;
+                        const uint2 graw = *reinterpret_cast<const uint2*>(gq);
                         const T* ge = reinterpret_cast<const T*>(&graw);
                         float v[4][4], gc[4];
-                        load_corners<4, uint2>(image + c, p, W, C, v);
+                        load_corners(image + c, p, W, C, v);
+                        // The columns of the weight gradient take the place of the column
+                        // gradients just read (no other thread reads these): float32 blends with
+                        // the mask folded into the weights, rounded once, as dcn_fused_wgmma.
+                        __align__(8) T col[4];
+#pragma unroll
+                        for (int e = 0; e < 4; ++e)
+                            col[e] = from_acc<T>(open ? m * p.w[0] * v[0][e] + m * p.w[1] * v[1][e]
+                                                            + m * p.w[2] * v[2][e] + m * p.w[3] * v[3][e]
+                                                      : 0.0f);
+                        *reinterpret_cast<uint2*>(gq) = *reinterpret_cast<const uint2*>(col);
 #pragma unroll
                         for (int e = 0; e < 4; ++e) {
                             gc[e] = to_acc(ge[e]);
@@ -691,7 +701,7 @@ __global__ void __launch_bounds__(256) dcn_col2im_cl(const T* __restrict__ gcols
                                     atomic_add_quad(g_image + at_c, make_float4(f * gc[0], f * gc[1], f * gc[2],
                                                                                 f * gc[3]));
                                 } else if (slices % 4 == 0) {
-                                    // gt holds channel 4 e + s % 4 of the lanes' 16 (see below): one
+                                    // gt holds channel 4 e + s % 4 of the lanes' 16 (see above): one
                                     // atomic instruction fills whole 32-byte sectors.
 #pragma unroll
                                     for (int e = 0; e < 4; ++e) {
@@ -706,6 +716,12 @@ __global__ void __launch_bounds__(256) dcn_col2im_cl(const T* __restrict__ gcols
                             }
                         }
                         c += 4 * slices;
+                        for (c_wg += 4 * slices; c_wg >= cg; c_wg -= cg) ++wg;
+                    }
+                } else if (valid) {  // a sample that misses the image: columns of zeros
+                    int wg = wg_first, c_wg = c_first - wg_first * cg;
+                    for (int r = 0; r < quads; ++r) {
+                        *reinterpret_cast<uint2*>(gpos + wg * bL * K * cg + k * cg + c_wg) = make_uint2(0, 0);
                         for (c_wg += 4 * slices; c_wg >= cg; c_wg -= cg) ++wg;
                     }
                 }
@@ -723,49 +739,6 @@ __global__ void __launch_bounds__(256) dcn_col2im_cl(const T* __restrict__ gcols
         }
     }
     if (MODE == CL_MAX_ABS) warp_atomic_max_abs(max_abs_bits, largest);
-}
-
-// Columns for the weight gradient, (positions, K, Cg) per weight group: a thread per 8
-// channels of a position, adjacent threads adjacent channels (whole 16-byte stores), walking
-// the kernel points. Float32 blends with the mask folded into the weights, rounded once, as
-// dcn_fused_wgmma.
-template <typename T>
-__global__ void __launch_bounds__(256) dcn_im2col_cl(const T* __restrict__ input, const T* __restrict__ offset,
-                                                     const T* __restrict__ mask, int use_mask, DCN_GEOMETRY,
-                                                     int groups, T* __restrict__ cols) {
-    const index_t L = out_h * out_w, bL = batch * L;
-    const int K = kh * kw, C = (int)channels, runs = C / 8, cg = C / groups;
-    const int per_group = (int)(channels / offset_groups);
-    CUDEFORM_LOOP(t, bL * runs) {
-        const index_t nl = fast_div(t, runs);
-        const int c = (int)(t - nl * runs) * 8, wg = c / cg;
-        const ClPosition at(nl, DCN_GEOMETRY_ARGS);
-        const index_t plane = at.first_point(c / per_group, DCN_GEOMETRY_ARGS) * L + at.l;
-        const T* off = offset + 2 * plane - at.l;
-        const T* gate = mask + plane;
-        const T* const image = input + (n0 + at.n) * height * width * C + c;
-        T* const dst = cols + (wg * bL + nl) * K * cg + c - wg * cg;
-        for (int i = 0, k = 0; i < kh; ++i) {
-            for (int j = 0; j < kw; ++j, ++k, off += 2 * L, gate += L) {
-                float h, w, m;
-                cl_point(off, gate, L, use_mask, at, i, j, dh, dw, h, w, m);
-                __align__(16) T packed[8];
-                if (in_open_box(h, w, height, width)) {
-                    const ClPoint p(h, w, height, width);
-                    float v[4][8];
-                    load_corners<8, uint4>(image, p, (int)width, C, v);
-#pragma unroll
-                    for (int e = 0; e < 8; ++e)
-                        packed[e] = from_acc<T>(m * p.w[0] * v[0][e] + m * p.w[1] * v[1][e] + m * p.w[2] * v[2][e]
-                                                + m * p.w[3] * v[3][e]);
-                } else {
-#pragma unroll
-                    for (int e = 0; e < 8; ++e) packed[e] = from_acc<T>(0.0f);
-                }
-                *reinterpret_cast<uint4*>(dst + k * cg) = *reinterpret_cast<const uint4*>(packed);
-            }
-        }
-    }
 }
 
 // The weight gradient from its float32 accumulator in weight_r's layout (C_out, K, Cg).

@@ -18,8 +18,8 @@ no columns, no cuBLAS. Its workspace is the input made channels-last and the wei
 (_fused_backward) works on the same two: per chunk, the column gradients as
 grad_output^T @ weight_r, (positions, kh*kw, C_in/groups) with channels contiguous ->
 dcn_col2im_cl (the input gradient by 16-byte float32 vector atomics into a channels-last
-accumulator, and the offset and mask gradients) -> dcn_im2col_cl, the columns in the same
-layout and buffer -> GEMM accumulating the reordered weight's gradient in float32; then
+accumulator, the offset and mask gradients, and the columns in place of the column gradients)
+-> GEMM accumulating the reordered weight's gradient in float32; then
 dcn_input_grad_cl and dcn_weight_grad_cl lay the two accumulators out as NCHW and (C_out,
 C_in/groups, kh, kw) in the storage type. Its deterministic mode runs dcn_col2im_cl twice, as
 the NCHW kernels do: a bound on the contributions, then 64-bit fixed-point atomics (four lanes
@@ -51,7 +51,7 @@ from ._compile import ACC_DTYPES, CXX_TYPES, MAX_ABS_THREADS, STORAGE_DTYPES, WA
 SOURCE = "deform_conv.cu"
 _KERNELS = ("dcn_im2col", "dcn_col2im", "dcn_col2im_max_abs", "dcn_col2im_fixed", "dcn_col2im_coord",
             "dcn_output_epilogue", "dcn_gather_grad_output", "add_bias", *_common.COMMON_KERNELS)
-_FUSED_KERNELS = ("dcn_fused_operands", "dcn_im2col_cl", "dcn_weight_grad_cl", "dcn_input_grad_cl")
+_FUSED_KERNELS = ("dcn_fused_operands", "dcn_weight_grad_cl", "dcn_input_grad_cl")
 _CL_FLOAT, _CL_MAX_ABS, _CL_FIXED = range(3)  # dcn_col2im_cl's modes
 NAME_EXPRESSIONS = (
     [f"{k}<{t}>" for t in CXX_TYPES.values() for k in _KERNELS]
@@ -289,7 +289,7 @@ def _col2im_cl(dtype, mode):
 
 def _fused_backward(go, x, offset, weight, bias, mask, *, geo, dtype, border_grad, deterministic):
     """The backward of the half types on sm_90: cuBLAS for the column gradients and the weight
-    gradient, dcn_col2im_cl and dcn_im2col_cl between (channels-last)."""
+    gradient, dcn_col2im_cl between (channels-last)."""
     import cupy
 
     n, c_in, height, width = x.shape
@@ -335,9 +335,7 @@ def _fused_backward(go, x, offset, weight, bias, mask, *, geo, dtype, border_gra
                    (fixed, max_abs_bits, *_int64s(K * L, b * plane), grad_cl[n0 * plane:n1 * plane]))
         else:
             launch(_col2im_cl(dtype, _CL_FLOAT), col2im_threads, col2im_args)
-        # The columns, in the same buffer, for the weight gradient.
-        launch(_kernel("dcn_im2col_cl", dtype), b * L * (c_in // 8),
-               (x_cl, offset, mask_arg, use_mask, *geo_args, np.int32(g), cols))
+        # dcn_col2im_cl left the columns in the buffer, for the weight gradient.
         _blas.matmul(go_chunk, cols, grad_weight_r, m=og, n=K * cg, k=b * L, dtype=dtype, c_dtype="float32", batch=g,
                      beta=1.0, stride_a=og * b * L, stride_b=b * L * K * cg, stride_c=og * K * cg)
 
