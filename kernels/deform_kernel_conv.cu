@@ -479,6 +479,52 @@ __global__ void __launch_bounds__(256) dk_mma_operands(const T* __restrict__ inp
     }
 }
 
+// The implicit GEMMs' (dk_global_mma, dk_global_wgmma) pieces of B, the input on the rigid grid:
+// rigid[p] = the input row and column of kernel point (0, 0) at position first + p, p < COUNT
+// (a row no point brings inside past L), made by the block between two barriers.
+template <int COUNT, int THREADS>
+__device__ __forceinline__ void dk_rigid_rows(int2* rigid, index_t first, index_t L, index_t out_w, int sh, int sw,
+                                              int ph, int pw) {
+    __syncthreads();  // the previous users of rigid are done
+    for (int p = threadIdx.x; p < COUNT; p += THREADS) {
+        const index_t l = first + p;
+        const int y = (int)(l / out_w), x = (int)(l - (index_t)y * out_w);
+        rigid[p] = l < L ? make_int2(y * sh - ph, x * sw - pw) : make_int2(-(1 << 30), 0);
+    }
+    __syncthreads();
+}
+
+// A thread's B rows rigid[first + apart * t] at kernel point k: their offsets in the
+// channels-last image (0 outside it) and, as the returned bits, which lie inside.
+template <int COPIES>
+__device__ __forceinline__ unsigned dk_rigid_taps(const int2* rigid, int first, int apart, int k, int kw, int dh,
+                                                  int dw, index_t height, index_t width, index_t channels,
+                                                  int off[COPIES]) {
+    const int i = k / kw, j = k - i * kw;
+    unsigned valid = 0;
+#pragma unroll
+    for (int t = 0; t < COPIES; ++t) {
+        const int2 p = rigid[first + apart * t];
+        const int iy = p.x + i * dh, ix = p.y + j * dw;
+        const bool ok = iy >= 0 && iy < (int)height && ix >= 0 && ix < (int)width;
+        off[t] = ok ? (iy * (int)width + ix) * (int)channels : 0;
+        valid |= (unsigned)ok << t;
+    }
+    return valid;
+}
+
+// Those rows' 16 bytes at channel c0 into dst + step * t, zeros for rows outside the image or
+// where !c_ok (cp.async, not committed).
+template <int COPIES, typename T>
+__device__ __forceinline__ void dk_copy_rows(T* dst, int step, const T* src, const int off[COPIES], unsigned valid,
+                                             bool c_ok, int c0, const T* any) {
+#pragma unroll
+    for (int t = 0; t < COPIES; ++t) {
+        const bool b = c_ok && (valid >> t & 1);
+        copy_async_16(dst + step * t, b ? src + off[t] + c0 : any, b);
+    }
+}
+
 // A block per (image, weight group, tile of BM output channels, tile of BN positions),
 // grid-stride. `input` is (N, H, W, C_in), `kernels` (N, C_out, K, Cg); every in-plane
 // coordinate and K * Cg fit 32 bits (the host checks). Output plus bias, rounded once.
@@ -525,13 +571,7 @@ dk_global_mma(const T* __restrict__ input, const T* __restrict__ kernels, const 
         const index_t n = fast_div(ng, groups), g = ng - n * groups;
         const index_t o0 = (ngm - ng * m_tiles) * BM, l0 = (tile - ngm * n_tiles) * BN;
 
-        __syncthreads();  // the previous tile is done with the shared memory
-        for (int p = tid; p < BN; p += THREADS) {
-            const index_t l = l0 + p;
-            const int y = (int)(l / out_w), x = (int)(l - (index_t)y * out_w);
-            rigid[p] = l < L ? make_int2(y * sh - ph, x * sw - pw) : make_int2(-(1 << 30), 0);
-        }
-        __syncthreads();
+        dk_rigid_rows<BN, THREADS>(rigid, l0, L, out_w, sh, sw, ph, pw);  // after the previous tile
 
         const T* const a_src = TRANSPOSED ? kernels + ((n * channels + g * cg + a_row) * K) * og + o0 + a_chunk
                                           : kernels + ((n * c_out + g * og + o0 + row) * K) * cg + chunk;
@@ -542,16 +582,7 @@ dk_global_mma(const T* __restrict__ input, const T* __restrict__ kernels, const 
         unsigned b_valid = 0;
         int k = 0, c0 = 0;  // the next stage to load
         auto point = [&]() {  // b_off and b_valid at kernel point k
-            const int i = k / kw, j = k - i * kw;
-            b_valid = 0;
-#pragma unroll
-            for (int t = 0; t < COPIES; ++t) {
-                const int2 p = rigid[row + ROWS_APART * t];
-                const int iy = p.x + i * dh, ix = p.y + j * dw;
-                const bool ok = iy >= 0 && iy < (int)height && ix >= 0 && ix < (int)width;
-                b_off[t] = ok ? (iy * (int)width + ix) * (int)channels : 0;
-                b_valid |= (unsigned)ok << t;
-            }
+            b_valid = dk_rigid_taps<COPIES>(rigid, row, ROWS_APART, k, kw, dh, dw, height, width, channels, b_off);
         };
         point();
         auto load_next = [&](int buf) {
@@ -576,11 +607,7 @@ dk_global_mma(const T* __restrict__ input, const T* __restrict__ kernels, const 
                     copy_async_16(a_dst + ROWS_APART * t * PITCH, a ? a_src + t * a_step + a_off : kernels, a);
                 }
             }
-#pragma unroll
-            for (int t = 0; t < COPIES; ++t) {
-                const bool b = c_ok && (b_valid >> t & 1);
-                copy_async_16(b_dst + ROWS_APART * t * PITCH, b ? b_src + b_off[t] + c0 : input, b);
-            }
+            dk_copy_rows<COPIES>(b_dst, ROWS_APART * PITCH, b_src, b_off, b_valid, c_ok, c0, input);
             c0 += BK;
             if (c0 >= cg) {
                 c0 = 0;
@@ -736,15 +763,7 @@ dk_global_wgmma(const T* __restrict__ b_in, const T* __restrict__ a_in, const T*
         const index_t l0 = MODE == DK_WG_KERNEL_GRAD ? 0 : nt * BN;
         const index_t c0n = MODE == DK_WG_KERNEL_GRAD ? (nt - kt * c_tiles) * BN : 0;
 
-        auto rigid_rows = [&](index_t first) {  // rigid[p] for positions first + p
-            __syncthreads();  // the previous users of rigid are done
-            for (int p = tid; p < BN; p += THREADS) {
-                const index_t l = first + p;
-                const int y = (int)(l / out_w), x = (int)(l - (index_t)y * out_w);
-                rigid[p] = l < L ? make_int2(y * sh - ph, x * sw - pw) : make_int2(-(1 << 30), 0);
-            }
-            __syncthreads();
-        };
+        auto rigid_rows = [&](index_t first) { dk_rigid_rows<BN, THREADS>(rigid, first, L, out_w, sh, sw, ph, pw); };
         if (MODE != DK_WG_KERNEL_GRAD) rigid_rows(l0);
 
         // The sources of this thread's copies: A's rows and B's (their offsets from b_src moved
@@ -767,17 +786,8 @@ dk_global_wgmma(const T* __restrict__ b_in, const T* __restrict__ a_in, const T*
         int k = MODE == DK_WG_KERNEL_GRAD ? kt : 0, c0 = 0;  // the next stage: kernel point, channel
         index_t p0 = 0;                                     // KERNEL_GRAD: the next stage's positions
         auto point = [&]() {  // b_off and b_valid of B's rows at kernel point k
-            const int i = k / kw, j = k - i * kw;
-            b_valid = 0;
-#pragma unroll
-            for (int t = 0; t < COPIES; ++t) {
-                const int2 p = rigid[(MODE == DK_WG_KERNEL_GRAD ? (int)(p0 & (2 * BK - 1)) : 0) + b_row
-                                     + b_rows_apart * t];
-                const int iy = p.x + i * dh, ix = p.y + j * dw;
-                const bool ok = iy >= 0 && iy < (int)height && ix >= 0 && ix < (int)width;
-                b_off[t] = ok ? (iy * (int)width + ix) * (int)channels : 0;
-                b_valid |= (unsigned)ok << t;
-            }
+            b_valid = dk_rigid_taps<COPIES>(rigid, (MODE == DK_WG_KERNEL_GRAD ? (int)(p0 & (2 * BK - 1)) : 0) + b_row,
+                                            b_rows_apart, k, kw, dh, dw, height, width, channels, b_off);
         };
         if (MODE != DK_WG_KERNEL_GRAD) point();
         auto load_next = [&](int buf) {
@@ -815,11 +825,7 @@ dk_global_wgmma(const T* __restrict__ b_in, const T* __restrict__ a_in, const T*
                         copy_async_16(a_dst + ROWS_APART * t * 64, a ? a_src + t * a_step + a_off : a_in, a);
                     }
                 }
-#pragma unroll
-                for (int t = 0; t < COPIES; ++t) {
-                    const bool b = c_ok && (b_valid >> t & 1);
-                    copy_async_16(b_dst + ROWS_APART * t * 64, b ? b_src + b_off[t] + c0 : b_in, b);
-                }
+                dk_copy_rows<COPIES>(b_dst, ROWS_APART * 64, b_src, b_off, b_valid, c_ok, c0, b_in);
                 c0 += BK;
                 if (c0 >= cg) {
                     c0 = 0;
